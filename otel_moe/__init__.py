@@ -1,0 +1,1 @@
+from otel_moe.config import ConfigError  # noqa: F401

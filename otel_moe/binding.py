@@ -1,0 +1,237 @@
+"""Binding to vLLM: the only module that knows vLLM's internals.
+
+Two wraps on the model runner classes, found by feature detection (vLLM 0.26
+to 0.33; Model Runner V1, V2 and the CPU runner):
+  - ``load_model``: after the model is built (and before torch.compile traces
+    it or CUDA graphs are captured) find the MoE layers, allocate the capture
+    buffers and bind every selected router to them.
+  - ``execute_model``: after a real step's forward (a scheduler output with
+    tokens; never a profile, warm-up, dummy or capture run) hand the step to
+    the recorder.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing.util
+import os
+import re
+import time
+from typing import Any, Callable, Optional
+
+from otel_moe.capture import RoutingBuffers
+from otel_moe.config import Config, NUM_MOE_LAYERS
+
+logger = logging.getLogger("vllm.otel_moe")
+
+RUNNER_CLASSES = (
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),  # Model Runner V1
+    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner"),  # Model Runner V2
+)
+_WRAPPED = "_otel_moe_wrapped"
+_RECORDER = "_otel_moe_recorder"
+_LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def install(config: Config) -> int:
+    """Wrap every runner class this vLLM has; returns how many were wrapped."""
+    wrapped = 0
+    for module_name, class_name in RUNNER_CLASSES:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except Exception as err:  # absent in this version or platform
+            logger.debug("otel-moe: %s.%s not available: %s", module_name, class_name, err)
+            continue
+        for method, wrapper in (("load_model", _wrap_load_model), ("execute_model", _wrap_execute_model)):
+            original = cls.__dict__.get(method)
+            if original is not None and not getattr(original, _WRAPPED, False):
+                patched = wrapper(original, config)
+                setattr(patched, _WRAPPED, True)
+                setattr(cls, method, patched)
+                wrapped += 1
+    if wrapped == 0:
+        logger.warning("otel-moe: no vLLM model runner found; routing will not be recorded")
+    return wrapped
+
+
+def _wrap_load_model(original: Callable, config: Config) -> Callable:
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if getattr(self, _RECORDER, None) is None:
+            setattr(self, _RECORDER, attach(self, config) or False)
+        return result
+
+    load_model.__wrapped__ = original
+    return load_model
+
+
+def _wrap_execute_model(original: Callable, config: Config) -> Callable:
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        recorder = getattr(self, _RECORDER, None)
+        if (
+            not recorder
+            or kwargs.get("dummy_run")
+            or scheduler_output is None
+            or not getattr(scheduler_output, "total_num_scheduled_tokens", 0)
+        ):
+            return original(self, scheduler_output, *args, **kwargs)
+        start_ns = time.time_ns()
+        result = original(self, scheduler_output, *args, **kwargs)
+        end_ns = time.time_ns()
+        try:
+            recorder.on_step(scheduler_output, batch_order(self), start_ns, end_ns)
+        except Exception:  # telemetry never fails a step
+            recorder.failed_steps += 1
+            if recorder.failed_steps == 1:
+                logger.exception("otel-moe: recording a step failed; later failures are only counted")
+        return result
+
+    execute_model.__wrapped__ = original
+    return execute_model
+
+
+def batch_order(runner: Any) -> list[str]:
+    """Request ids in the order the step's tokens were laid out in the batch."""
+    state = getattr(runner, "execute_model_state", None)
+    batch = getattr(state, "input_batch", None)  # Model Runner V2
+    if batch is None:
+        batch = runner.input_batch  # Model Runner V1 / CPU (persistent batch)
+    return list(batch.req_ids)
+
+
+def find_moe_layers(model: Any) -> dict[int, Any]:
+    """Decoder layer index -> MoE module (one that owns a router), by module walk.
+
+    Routers are not nn.Modules; the MoE layer module that owns one is, and its
+    name (``model.layers.N.mlp.experts``) gives N.
+    """
+    layers: dict[int, Any] = {}
+    for name, module in model.named_modules():
+        router = getattr(module, "router", None)
+        if router is None or not callable(getattr(router, "select_experts", None)):
+            continue
+        match = _LAYER_IN_NAME.search(getattr(module, "layer_name", None) or name)
+        if match is None:
+            logger.warning("otel-moe: MoE module %s has no layer index in its name; skipped", name)
+            continue
+        layers[int(match.group(1))] = module
+    return layers
+
+
+def attach(runner: Any, config: Config) -> Optional[Any]:
+    """Allocate buffers and bind routers for this worker; returns its recorder."""
+    moe_layers = find_moe_layers(runner.get_model())
+    if not moe_layers:
+        logger.warning("otel-moe: the model has no MoE layers; nothing to record")
+        return None
+    config.layers.check_against(set(moe_layers))
+    vllm_config = runner.vllm_config
+    parallel = vllm_config.parallel_config
+    if (
+        config.expected_moe_layers is not None
+        and parallel.pipeline_parallel_size == 1
+        and config.expected_moe_layers != len(moe_layers)
+    ):
+        logger.warning(
+            "otel-moe: %s=%d but the model has %d MoE layers; the model's count is used",
+            NUM_MOE_LAYERS, config.expected_moe_layers, len(moe_layers),
+        )
+    if _tensor_parallel_rank() != 0:
+        return None  # every TP rank routes the same tokens: rank 0 records them once
+    selected = sorted(layer for layer in moe_layers if config.layers.wants(layer))
+    if not selected:
+        return None  # another pipeline stage holds the selected layers
+    first_router = moe_layers[selected[0]].router
+    buffers = RoutingBuffers(
+        layers=selected,
+        max_tokens=_max_tokens_per_forward(vllm_config),
+        top_k=first_router.top_k,
+        num_experts=first_router.global_num_experts,
+        device=runner.device,
+    )
+    for slot, layer in enumerate(selected):
+        bind_router(moe_layers[layer], buffers, slot)
+
+    from otel_moe.recorder import StepRecorder
+    from otel_moe.sinks import open_sink
+
+    dp_rank = getattr(parallel, "data_parallel_rank", 0) or 0
+    resource = {
+        "otel_moe.run_id": os.environ.get("OTEL_MOE_RUN_ID", ""),
+        "vllm.model": str(vllm_config.model_config.model),
+        "vllm.data_parallel_rank": dp_rank,
+        "process.pid": os.getpid(),
+    }
+    recorder = StepRecorder(
+        buffers,
+        config,
+        open_sink(config, resource),
+        dp_rank=dp_rank,
+        randomized_request_ids=not _request_id_randomization_disabled(),
+    )
+    # Spawned vLLM processes leave through multiprocessing, which skips atexit
+    # but runs its own finalizers; the main process runs those at exit too.
+    multiprocessing.util.Finalize(recorder, recorder.close, exitpriority=100)
+    logger.info(
+        "otel-moe: recording %s layers %s (top_k=%d, %d experts) to %s",
+        config.mode, selected, buffers.top_k, buffers.num_experts, config.destination,
+    )
+    return recorder
+
+
+def bind_router(moe_module: Any, buffers: RoutingBuffers, slot: int) -> None:
+    """Make this layer's router write its ids and weights into ``slot``."""
+    router = moe_module.router
+    if getattr(moe_module, "is_monolithic", False):
+        logger.warning(
+            "otel-moe: layer %d uses a monolithic MoE kernel that routes inside the kernel; "
+            "it may not be captured", buffers.layers[slot],
+        )
+    write_ids = buffers.ids_writer(slot)
+    write_weights = buffers.weights_writer(slot)
+    ids_from_hook = callable(getattr(router, "set_capture_fn", None)) and hasattr(router, "capture_fn")
+    if ids_from_hook:
+        # vLLM's hook sees logical ids, before any EPLB mapping; keep a hook already set.
+        previous = router.capture_fn
+
+        def capture_ids(topk_ids):
+            write_ids(topk_ids)
+            if previous is not None:
+                previous(topk_ids)
+
+        router.set_capture_fn(capture_ids)
+    select_experts = router.select_experts
+
+    def select_experts_and_capture(*args, **kwargs):
+        topk_weights, topk_ids = select_experts(*args, **kwargs)
+        write_weights(topk_weights)
+        if not ids_from_hook:
+            write_ids(topk_ids)
+        return topk_weights, topk_ids
+
+    router.select_experts = select_experts_and_capture
+
+
+def _max_tokens_per_forward(vllm_config: Any) -> int:
+    tokens = vllm_config.scheduler_config.max_num_batched_tokens
+    capture = getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0
+    return max(tokens, capture)
+
+
+def _tensor_parallel_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except Exception:
+        return 0
+
+
+def _request_id_randomization_disabled() -> bool:
+    try:
+        import vllm.envs as envs
+
+        return bool(getattr(envs, "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", False))
+    except Exception:
+        return False

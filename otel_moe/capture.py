@@ -1,0 +1,63 @@
+"""Routing capture buffers: the only otel-moe code that runs inside the model's forward.
+
+One ``RoutingBuffers`` per worker holds, for every logged MoE layer, the expert
+ids and weights the router chose for each token of the current forward.
+
+Invariants:
+  - Shape is fixed when the model is loaded, before torch.compile traces and
+    before CUDA graphs are captured: ``ids`` is ``(max_tokens, num_layers, top_k)``
+    int32, ``weights`` the same in float32, on the model's device. Row ``t`` is
+    the ``t``-th token of the forward's batch, so ``ids[:n]`` is contiguous and
+    one copy takes a whole step.
+  - The forward only ever does ``buffer[:n, slot].copy_(x[:n])``: a tensor write,
+    no host sync, no Python side effect, so it is traced by Dynamo and recorded
+    into CUDA graphs, and graph replays keep writing the same addresses.
+  - Every forward overwrites rows ``0..n-1`` of each captured layer, padding rows
+    included. Which rows are real tokens is decided on the host, once per engine
+    step, from the scheduler's output (see ``step.py``); dummy, profile and
+    warm-up forwards are simply never read.
+  - Ids are written before any EPLB logical->physical mapping where vLLM offers
+    the ``set_capture_fn`` hook (vLLM >= 0.26).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+NOT_CAPTURED = -1  # the ids buffer starts filled with this: a layer never written shows it
+
+
+class RoutingBuffers:
+    def __init__(
+        self,
+        layers: Sequence[int],
+        max_tokens: int,
+        top_k: int,
+        num_experts: int,
+        device: torch.device | str,
+    ) -> None:
+        self.layers = list(layers)  # decoder layer index of each slot
+        self.max_tokens = max_tokens
+        self.top_k = top_k
+        self.num_experts = num_experts
+        shape = (max_tokens, len(self.layers), top_k)
+        self.ids = torch.full(shape, NOT_CAPTURED, dtype=torch.int32, device=device)
+        self.weights = torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def slot_of(self, layer: int) -> int:
+        return self.layers.index(layer)
+
+    def ids_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
+        return _row_writer(self.ids[:, slot], self.max_tokens)
+
+    def weights_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
+        return _row_writer(self.weights[:, slot], self.max_tokens)
+
+
+def _row_writer(target: torch.Tensor, max_tokens: int) -> Callable[[torch.Tensor], None]:
+    def write(values: torch.Tensor) -> None:
+        n = min(values.shape[0], max_tokens)
+        target[:n].copy_(values[:n])
+
+    return write

@@ -1,0 +1,144 @@
+"""Hands step snapshots from the engine thread to a sink on a background thread.
+
+The engine thread only snapshots and enqueues; a bounded queue sits between
+the two, and when it is full the step is dropped and counted, never waited for.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Optional
+
+from otel_moe.capture import NOT_CAPTURED, RoutingBuffers
+from otel_moe.config import Config
+from otel_moe.sinks import Sink
+from otel_moe.snapshot import Snapshotter
+from otel_moe.step import LayoutError, RequestTracker, StepRecord, external_request_id
+
+logger = logging.getLogger("vllm.otel_moe")
+_STOP = object()
+DROP_WARNING_INTERVAL_S = 60.0
+
+
+class StepRecorder:
+    def __init__(
+        self,
+        buffers: RoutingBuffers,
+        config: Config,
+        sink: Sink,
+        dp_rank: int = 0,
+        randomized_request_ids: bool = True,
+    ) -> None:
+        self.buffers = buffers
+        self.config = config
+        self.sink = sink
+        self.dp_rank = dp_rank
+        self.randomized_request_ids = randomized_request_ids
+        self.tracker = RequestTracker()
+        self.snapshotter = Snapshotter(buffers, counts_only=config.mode == "counts")
+        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=config.queue_steps)
+        self.steps = 0
+        self.dropped_steps = 0
+        self.dropped_tokens = 0
+        self.failed_steps = 0
+        self._checked_capture = False
+        self._last_drop_warning = 0.0
+        self._thread = threading.Thread(target=self._drain, name="otel-moe-sink", daemon=True)
+        self._thread.start()
+
+    # ---- engine thread -------------------------------------------------
+    def on_step(self, scheduler_output: Any, batch_order: list[str], start_ns: int, end_ns: int) -> None:
+        """Called after each real step's forward (total_num_scheduled_tokens > 0)."""
+        try:
+            layout = self.tracker.layout(scheduler_output, batch_order)
+        except (LayoutError, KeyError) as err:
+            self._drop(scheduler_output.total_num_scheduled_tokens, f"layout: {err}")
+            return
+        finally:
+            self.tracker.forget_finished(scheduler_output)
+        n = int(layout.request_tokens.sum())
+        if not self._checked_capture:
+            self._check_capture(n)
+        snapshot = self.snapshotter.take(n) if n <= self.buffers.max_tokens else None
+        if snapshot is None:
+            self._drop(n, "no free snapshot slot")
+            return
+        item = (self.steps, layout, snapshot, start_ns, end_ns, list(scheduler_output.finished_req_ids or ()))
+        self.steps += 1
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            if snapshot.release is not None:
+                snapshot.release()
+            self._drop(n, "queue full")
+
+    def _check_capture(self, n: int) -> None:
+        # One host sync, on the first real step only: a layer whose rows were
+        # never written means its MoE kernel routes without calling the router.
+        self._checked_capture = True
+        missing = (self.buffers.ids[:n] == NOT_CAPTURED).all(dim=2).all(dim=0).tolist()
+        lost = [layer for layer, m in zip(self.buffers.layers, missing) if m]
+        if lost:
+            logger.error("otel-moe: no routing captured for layers %s (monolithic MoE kernel?)", lost)
+
+    def _drop(self, tokens: int, why: str) -> None:
+        self.dropped_steps += 1
+        self.dropped_tokens += tokens
+        now = time.monotonic()
+        if now - self._last_drop_warning > DROP_WARNING_INTERVAL_S:
+            self._last_drop_warning = now
+            logger.warning(
+                "otel-moe: dropped %d steps (%d tokens) so far; latest: %s",
+                self.dropped_steps, self.dropped_tokens, why,
+            )
+
+    # ---- background thread --------------------------------------------
+    def _drain(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                return
+            try:
+                self.sink.write(self._record(*item))
+            except Exception:  # a sink problem must never reach the engine
+                self.failed_steps += 1
+                if self.failed_steps == 1:
+                    logger.exception("otel-moe: writing a step failed; later failures are only counted")
+
+    def _record(self, step, layout, snapshot, start_ns, end_ns, finished) -> StepRecord:
+        ids, weights, counts = snapshot.to_numpy()
+        ext = lambda r: external_request_id(r, self.randomized_request_ids)  # noqa: E731
+        return StepRecord(
+            step=step,
+            start_ns=start_ns,
+            end_ns=end_ns,
+            layers=self.buffers.layers,
+            top_k=self.buffers.top_k,
+            num_experts=self.buffers.num_experts,
+            request_ids=[ext(r) for r in layout.internal_ids],
+            request_tokens=layout.request_tokens,
+            positions=layout.positions,
+            prompt_lens=layout.prompt_lens,
+            ids=ids,
+            weights=weights,
+            counts=counts,
+            dp_rank=self.dp_rank,
+            finished_request_ids=[ext(r) for r in finished],
+        )
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush within a bounded time; never hangs the engine's exit."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.queue.put(_STOP, timeout=timeout_s)
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self.sink.close(max(0.1, deadline - time.monotonic()))
+        if self.dropped_steps or self.failed_steps:
+            logger.warning(
+                "otel-moe: %d steps recorded, %d dropped (%d tokens), %d failed in the sink",
+                self.steps, self.dropped_steps, self.dropped_tokens, self.failed_steps,
+            )

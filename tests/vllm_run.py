@@ -1,0 +1,55 @@
+"""Run one offline vLLM generation and write what it produced as JSON.
+
+Used by the tests as a subprocess (a fresh process per engine configuration,
+the otel-moe flags coming from its environment). Usage:
+  python tests/vllm_run.py SPEC.json OUT.json
+SPEC: {"model", "prompts": [str], "max_tokens": int | [int], "eager": bool,
+       "max_num_batched_tokens": int, "prefix_caching": bool, "request_ids": [str]?,
+       "otlp_traces_endpoint": str?}
+"""
+import json
+import sys
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.load(open(spec_path))
+    from vllm import LLM, SamplingParams
+
+    extra = {}
+    if spec.get("otlp_traces_endpoint"):
+        extra = {"otlp_traces_endpoint": spec["otlp_traces_endpoint"], "disable_log_stats": False}
+    llm = LLM(
+        model=spec["model"],
+        enforce_eager=spec.get("eager", False),
+        max_num_batched_tokens=spec.get("max_num_batched_tokens", 64),
+        max_num_seqs=spec.get("max_num_seqs", 8),
+        max_model_len=spec.get("max_model_len", 512),
+        enable_prefix_caching=spec.get("prefix_caching", False),
+        gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.2),
+        seed=0,
+        **extra,
+    )
+    max_tokens = spec.get("max_tokens", 8)
+    if isinstance(max_tokens, int):
+        max_tokens = [max_tokens] * len(spec["prompts"])
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    outputs = []
+    for batch in spec.get("batches", [list(range(len(spec["prompts"])))]):
+        prompts = [spec["prompts"][i] for i in batch]
+        kwargs = {}
+        if spec.get("request_ids"):
+            # LLM.generate names requests by a counter; user-given ids go through add_request
+            pass
+        results = llm.generate(prompts, [params[i] for i in batch], use_tqdm=False, **kwargs)
+        for r in results:
+            outputs.append({
+                "request_id": r.request_id,
+                "prompt_token_ids": list(r.prompt_token_ids),
+                "output_token_ids": list(r.outputs[0].token_ids),
+                "num_cached_tokens": r.num_cached_tokens or 0,
+            })
+    json.dump({"outputs": outputs}, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
