@@ -4,7 +4,7 @@ Used by the tests as a subprocess (a fresh process per engine configuration,
 the otel-moe flags coming from its environment). Usage:
   python tests/vllm_run.py SPEC.json OUT.json
 SPEC: {"model", "prompts": [str], "max_tokens": int | [int], "eager": bool,
-       "max_num_batched_tokens": int, "prefix_caching": bool, "request_ids": [str]?,
+       "max_num_batched_tokens": int, "prefix_caching": bool, "batches": [[prompt index]]?,
        "otlp_traces_endpoint": str?}
 """
 import json
@@ -36,11 +36,7 @@ def main(spec_path: str, out_path: str) -> None:
     outputs = []
     for batch in spec.get("batches", [list(range(len(spec["prompts"])))]):
         prompts = [spec["prompts"][i] for i in batch]
-        kwargs = {}
-        if spec.get("request_ids"):
-            # LLM.generate names requests by a counter; user-given ids go through add_request
-            pass
-        results = llm.generate(prompts, [params[i] for i in batch], use_tqdm=False, **kwargs)
+        results = llm.generate(prompts, [params[i] for i in batch], use_tqdm=False)
         for r in results:
             outputs.append({
                 "request_id": r.request_id,

@@ -1,0 +1,44 @@
+"""``otel-moe``: the command line (tiny-model, collector, report, summary)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from otel_moe import tiny_model
+
+    tiny_model.build(args.dir, args.arch, args.layers, args.seed)
+    print(f"{args.arch} checkpoint with {args.layers} layers written to {args.dir}")
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from otel_moe.summary import print_jsonl_summary
+
+    return print_jsonl_summary(args.path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="otel-moe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from otel_moe.tiny_model import ARCHITECTURES
+
+    tiny = commands.add_parser("tiny-model", help="build a small random-weight MoE checkpoint")
+    tiny.add_argument("dir")
+    tiny.add_argument("--arch", choices=sorted(ARCHITECTURES), default="qwen2_moe")
+    tiny.add_argument("--layers", type=int, default=4)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_tiny_model)
+
+    summary = commands.add_parser("summary", help="per-layer expert counts of a JSONL routing log")
+    summary.add_argument("path")
+    summary.set_defaults(run=_summary)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

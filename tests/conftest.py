@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny models built once, and real vLLM runs in subprocesses.
+
+Every engine run is a session fixture so each configuration starts one engine
+for the whole suite; tests only read the files the run left behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+VLLM_RUN = HERE / "vllm_run.py"
+FLAGS = ("VLLM_LOG_MOE", "VLLM_LOG_LAYER", "VLLM_LOG_MOE_MODE", "VLLM_NUM_MOE_LAYERS", "OTEL_MOE_RUN_ID")
+
+
+def clean_env(**flags: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in FLAGS and not k.startswith("OTEL_")}
+    env.update(flags)
+    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    return env
+
+
+class VllmRun:
+    def __init__(self, workdir: Path, outputs: list, log: str, routing: Path | None):
+        self.workdir = workdir
+        self.outputs = outputs
+        self.log = log
+        self.routing = routing
+
+    def records(self) -> list[dict]:
+        with open(self.routing) as f:
+            return [json.loads(line) for line in f]
+
+
+def run_vllm(workdir: Path, spec: dict, timeout: int = 600, **flags: str) -> VllmRun:
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = workdir / "spec.json", workdir / "outputs.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, str(VLLM_RUN), str(spec_path), str(out_path)],
+        env=clean_env(**flags), cwd=workdir, capture_output=True, text=True, timeout=timeout,
+    )
+    log = proc.stdout + proc.stderr
+    (workdir / "vllm.log").write_text(log)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vLLM run failed ({proc.returncode}); log tail:\n{log[-4000:]}")
+    routing = flags.get("VLLM_LOG_MOE")
+    return VllmRun(workdir, json.loads(out_path.read_text())["outputs"], log,
+                   Path(routing) if routing and routing != "otlp" else None)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, str]:
+    from otel_moe import tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: tiny_model.build(str(root / arch), arch) for arch in ("qwen2_moe", "mixtral", "olmoe")}
+
+
+# Prompts of very different lengths, generation lengths that differ, and a small
+# token budget per step: prefill is chunked and mixed with other requests' decodes.
+PROMPTS = [
+    "the expert router sends every token to a few experts " * 6,
+    "Hello, world!",
+    "a mixture of experts is fast because most experts rest while others work " * 3,
+    "x",
+    "telemetry shows the routing layer by layer step by step request by request",
+]
+MAX_TOKENS = [6, 12, 3, 9, 5]
+CHUNKED = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "max_num_batched_tokens": 16}
+
+
+@pytest.fixture(scope="session")
+def qwen2_compiled(models, tmp_path_factory) -> VllmRun:
+    wd = tmp_path_factory.mktemp("qwen2_compiled")
+    return run_vllm(wd, {"model": models["qwen2_moe"], **CHUNKED}, VLLM_LOG_MOE=str(wd / "routing.jsonl"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_compiled_off(models, tmp_path_factory) -> VllmRun:
+    wd = tmp_path_factory.mktemp("qwen2_off")
+    return run_vllm(wd, {"model": models["qwen2_moe"], **CHUNKED})
+
+
+@pytest.fixture(scope="session")
+def mixtral_eager_layers(models, tmp_path_factory) -> VllmRun:
+    wd = tmp_path_factory.mktemp("mixtral_eager")
+    return run_vllm(wd, {"model": models["mixtral"], "eager": True, **CHUNKED},
+                    VLLM_LOG_MOE=str(wd / "routing.jsonl"), VLLM_LOG_LAYER="1,3",
+                    VLLM_NUM_MOE_LAYERS="24")
+
+
+@pytest.fixture(scope="session")
+def olmoe_eager_counts(models, tmp_path_factory) -> VllmRun:
+    wd = tmp_path_factory.mktemp("olmoe_counts")
+    return run_vllm(wd, {"model": models["olmoe"], "eager": True, **CHUNKED},
+                    VLLM_LOG_MOE=str(wd / "routing.jsonl"), VLLM_LOG_MOE_MODE="counts",
+                    VLLM_LOG_LAYER="0-2")
+
+
+SHARED_PREFIX = "the model learns which expert knows what " * 20
+
+
+@pytest.fixture(scope="session")
+def qwen2_prefix_cached(models, tmp_path_factory) -> VllmRun:
+    """Two batches; the second repeats a long prefix of the first, so it hits the cache."""
+    wd = tmp_path_factory.mktemp("qwen2_prefix")
+    prompts = [SHARED_PREFIX + "one", SHARED_PREFIX + "two two", SHARED_PREFIX + "three"]
+    spec = {"model": models["qwen2_moe"], "eager": True, "prompts": prompts, "max_tokens": 4,
+            "max_num_batched_tokens": 128, "prefix_caching": True, "batches": [[0], [1, 2]]}
+    return run_vllm(wd, spec, VLLM_LOG_MOE=str(wd / "routing.jsonl"))
