@@ -19,6 +19,7 @@ import re
 import time
 from typing import Any, Callable, Optional
 
+from otel_moe import schema
 from otel_moe.capture import RoutingBuffers
 from otel_moe.config import Config, NUM_MOE_LAYERS
 
@@ -69,12 +70,10 @@ def _wrap_load_model(original: Callable, config: Config) -> Callable:
 def _wrap_execute_model(original: Callable, config: Config) -> Callable:
     def execute_model(self, scheduler_output, *args, **kwargs):
         recorder = getattr(self, _RECORDER, None)
-        if (
-            not recorder
-            or kwargs.get("dummy_run")
-            or scheduler_output is None
-            or not getattr(scheduler_output, "total_num_scheduled_tokens", 0)
-        ):
+        if not recorder or kwargs.get("dummy_run") or scheduler_output is None:
+            return original(self, scheduler_output, *args, **kwargs)
+        if not getattr(scheduler_output, "total_num_scheduled_tokens", 0):
+            recorder.on_finished(scheduler_output)  # a step with no tokens still finishes requests
             return original(self, scheduler_output, *args, **kwargs)
         start_ns = time.time_ns()
         result = original(self, scheduler_output, *args, **kwargs)
@@ -154,11 +153,11 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         bind_router(moe_layers[layer], buffers, slot)
 
     from otel_moe.recorder import StepRecorder
-    from otel_moe.sinks import open_sink
+    from otel_moe.sinks import open_sinks
 
     dp_rank = getattr(parallel, "data_parallel_rank", 0) or 0
     resource = {
-        "otel_moe.run_id": os.environ.get("OTEL_MOE_RUN_ID", ""),
+        schema.RUN_ID: os.environ.get("OTEL_MOE_RUN_ID", ""),
         "vllm.model": str(vllm_config.model_config.model),
         "vllm.data_parallel_rank": dp_rank,
         "process.pid": os.getpid(),
@@ -166,7 +165,7 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
     recorder = StepRecorder(
         buffers,
         config,
-        open_sink(config, resource),
+        open_sinks(config, resource),
         dp_rank=dp_rank,
         randomized_request_ids=not _request_id_randomization_disabled(),
     )
@@ -175,7 +174,7 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
     multiprocessing.util.Finalize(recorder, recorder.close, exitpriority=100)
     logger.info(
         "otel-moe: recording %s layers %s (top_k=%d, %d experts) to %s",
-        config.mode, selected, buffers.top_k, buffers.num_experts, config.destination,
+        config.mode, selected, buffers.top_k, buffers.num_experts, ", ".join(config.destinations),
     )
     return recorder
 

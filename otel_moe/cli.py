@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     summary.add_argument("path")
     summary.set_defaults(run=_summary)
 
+    from otel_moe.collector import server
+
+    collector = commands.add_parser("collector", help="run the embedded OTLP collector (writes OTLP/JSON files)")
+    server.add_arguments(collector)
+    collector.set_defaults(run=server.run)
+
     args = parser.parse_args(argv)
     return args.run(args)
 

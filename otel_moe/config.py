@@ -17,6 +17,8 @@ NUM_MOE_LAYERS = "VLLM_NUM_MOE_LAYERS"
 QUEUE_STEPS = "VLLM_LOG_MOE_QUEUE_STEPS"
 
 OTLP = "otlp"
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+OTLP_PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 MODES = ("tokens", "counts")
 DEFAULT_QUEUE_STEPS = 256
 
@@ -88,15 +90,15 @@ def parse_layers(text: str) -> LayerSelection:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    destination: str  # a JSONL path, or OTLP
+    destinations: tuple[str, ...]  # JSONL paths and/or OTLP
     layers: LayerSelection
     mode: str  # "tokens" | "counts"
     expected_moe_layers: Optional[int]  # VLLM_NUM_MOE_LAYERS, only checked
     queue_steps: int
 
     @property
-    def is_otlp(self) -> bool:
-        return self.destination == OTLP
+    def jsonl_paths(self) -> list[str]:
+        return [d for d in self.destinations if d != OTLP]
 
 
 def _positive_int(var: str, text: str) -> int:
@@ -109,22 +111,37 @@ def _positive_int(var: str, text: str) -> int:
     return value
 
 
+def otlp_protocol(env: Mapping[str, str] = os.environ) -> str:
+    """The OTLP protocol from the standard variables (the traces one wins)."""
+    for var in OTLP_PROTOCOL_VARS:
+        value = env.get(var, "").strip()
+        if value:
+            if value not in OTLP_PROTOCOLS:
+                raise _refuse(var, value, " or ".join(OTLP_PROTOCOLS))
+            return value
+    return "grpc"
+
+
 def from_env(env: Mapping[str, str] = os.environ) -> Optional[Config]:
     """The configuration, or ``None`` when recording is off (VLLM_LOG_MOE unset or empty)."""
-    destination = env.get(LOG_MOE, "").strip()
-    if not destination:
+    text = env.get(LOG_MOE, "").strip()
+    if not text:
         return None
-    if destination.lower() == OTLP:
-        destination = OTLP
-    elif os.path.isdir(destination) or destination.endswith(os.sep):
-        raise _refuse(LOG_MOE, destination, f"a file path for JSONL output, or '{OTLP}'")
+    destinations = []
+    for destination in (d.strip() for d in text.split(",")):
+        if destination.lower() == OTLP:
+            destination = OTLP
+            otlp_protocol(env)
+        elif not destination or os.path.isdir(destination) or destination.endswith(os.sep):
+            raise _refuse(LOG_MOE, text, f"a file path for JSONL output, '{OTLP}', or both separated by a comma")
+        destinations.append(destination)
     mode = env.get(LOG_MODE, "tokens").strip().lower() or "tokens"
     if mode not in MODES:
         raise _refuse(LOG_MODE, env[LOG_MODE], " or ".join(MODES))
     expected = env.get(NUM_MOE_LAYERS, "").strip()
     queue = env.get(QUEUE_STEPS, "").strip()
     return Config(
-        destination=destination,
+        destinations=tuple(dict.fromkeys(destinations)),
         layers=parse_layers(env.get(LOG_LAYER, "")),
         mode=mode,
         expected_moe_layers=_positive_int(NUM_MOE_LAYERS, expected) if expected else None,

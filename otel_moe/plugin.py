@@ -14,16 +14,25 @@ from otel_moe import config as flags
 
 logger = logging.getLogger("vllm.otel_moe")
 RUN_ID = "OTEL_MOE_RUN_ID"
+RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 
 
 def register() -> None:
     cfg = flags.from_env()
     if cfg is None:
         return
-    if not cfg.is_otlp:
-        _check_writable(cfg.destination)
-    # The first process of a run names it; processes it spawns inherit the name.
-    os.environ.setdefault(RUN_ID, uuid.uuid4().hex[:16])
+    for path in cfg.jsonl_paths:
+        _check_writable(path)
+    if RUN_ID not in os.environ:
+        # The first process of a run names it; the processes it spawns inherit
+        # the name, and so do vLLM's own spans (llm_request...) through the
+        # standard resource variable, so a report can keep runs apart.
+        os.environ[RUN_ID] = uuid.uuid4().hex[:16]
+        from otel_moe.schema import RUN_ID as RUN_ID_ATTRIBUTE
+
+        extra = f"{RUN_ID_ATTRIBUTE}={os.environ[RUN_ID]}"
+        previous = os.environ.get(RESOURCE_ATTRIBUTES, "").strip().strip(",")
+        os.environ[RESOURCE_ATTRIBUTES] = f"{previous},{extra}" if previous else extra
     from otel_moe.binding import install
 
     install(cfg)

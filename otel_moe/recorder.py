@@ -20,6 +20,7 @@ from otel_moe.step import LayoutError, RequestTracker, StepRecord, external_requ
 logger = logging.getLogger("vllm.otel_moe")
 _STOP = object()
 DROP_WARNING_INTERVAL_S = 60.0
+IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
 
 
 class StepRecorder:
@@ -45,19 +46,21 @@ class StepRecorder:
         self.failed_steps = 0
         self._checked_capture = False
         self._last_drop_warning = 0.0
+        self._closing: Optional[float] = None  # deadline, once close() began
         self._thread = threading.Thread(target=self._drain, name="otel-moe-sink", daemon=True)
         self._thread.start()
 
     # ---- engine thread -------------------------------------------------
     def on_step(self, scheduler_output: Any, batch_order: list[str], start_ns: int, end_ns: int) -> None:
         """Called after each real step's forward (total_num_scheduled_tokens > 0)."""
+        self.on_finished(scheduler_output)
+        step = self.steps  # every real step gets an index, so drops leave visible gaps
+        self.steps += 1
         try:
             layout = self.tracker.layout(scheduler_output, batch_order)
         except (LayoutError, KeyError) as err:
             self._drop(scheduler_output.total_num_scheduled_tokens, f"layout: {err}")
             return
-        finally:
-            self.tracker.forget_finished(scheduler_output)
         n = int(layout.request_tokens.sum())
         if not self._checked_capture:
             self._check_capture(n)
@@ -65,14 +68,23 @@ class StepRecorder:
         if snapshot is None:
             self._drop(n, "no free snapshot slot")
             return
-        item = (self.steps, layout, snapshot, start_ns, end_ns, list(scheduler_output.finished_req_ids or ()))
-        self.steps += 1
+        item = (step, layout, snapshot, start_ns, end_ns, self.dropped_steps, self.dropped_tokens)
         try:
             self.queue.put_nowait(item)
         except queue.Full:
             if snapshot.release is not None:
                 snapshot.release()
             self._drop(n, "queue full")
+
+    def on_finished(self, scheduler_output: Any) -> None:
+        """Pass on the requests vLLM finished (also on steps with no tokens)."""
+        self.tracker.forget_finished(scheduler_output)
+        finished = getattr(scheduler_output, "finished_req_ids", None)
+        if finished:
+            try:
+                self.queue.put_nowait(list(finished))
+            except queue.Full:
+                pass  # their moe.request spans come out at close instead
 
     def _check_capture(self, n: int) -> None:
         # One host sync, on the first real step only: a layer whose rows were
@@ -97,19 +109,30 @@ class StepRecorder:
     # ---- background thread --------------------------------------------
     def _drain(self) -> None:
         while True:
-            item = self.queue.get()
+            try:
+                item = self.queue.get(timeout=IDLE_FLUSH_S)
+            except queue.Empty:
+                item = None
             if item is _STOP:
+                self._close_sink()
                 return
             try:
-                self.sink.write(self._record(*item))
+                if item is None:
+                    self.sink.idle()
+                elif isinstance(item, list):
+                    self.sink.finish([self._external(r) for r in item])
+                else:
+                    self.sink.write(self._record(*item))
             except Exception:  # a sink problem must never reach the engine
                 self.failed_steps += 1
                 if self.failed_steps == 1:
                     logger.exception("otel-moe: writing a step failed; later failures are only counted")
 
-    def _record(self, step, layout, snapshot, start_ns, end_ns, finished) -> StepRecord:
+    def _external(self, internal_id: str) -> str:
+        return external_request_id(internal_id, self.randomized_request_ids)
+
+    def _record(self, step, layout, snapshot, start_ns, end_ns, dropped_steps, dropped_tokens) -> StepRecord:
         ids, weights, counts = snapshot.to_numpy()
-        ext = lambda r: external_request_id(r, self.randomized_request_ids)  # noqa: E731
         return StepRecord(
             step=step,
             start_ns=start_ns,
@@ -117,7 +140,7 @@ class StepRecorder:
             layers=self.buffers.layers,
             top_k=self.buffers.top_k,
             num_experts=self.buffers.num_experts,
-            request_ids=[ext(r) for r in layout.internal_ids],
+            request_ids=[self._external(r) for r in layout.internal_ids],
             request_tokens=layout.request_tokens,
             positions=layout.positions,
             prompt_lens=layout.prompt_lens,
@@ -125,18 +148,29 @@ class StepRecorder:
             weights=weights,
             counts=counts,
             dp_rank=self.dp_rank,
-            finished_request_ids=[ext(r) for r in finished],
+            dropped_steps=dropped_steps,
+            dropped_tokens=dropped_tokens,
         )
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Flush within a bounded time; never hangs the engine's exit."""
-        deadline = time.monotonic() + timeout_s
+        if self._closing is not None:
+            return
+        self._closing = time.monotonic() + timeout_s
         try:
             self.queue.put(_STOP, timeout=timeout_s)
         except queue.Full:
             pass
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        self.sink.close(max(0.1, deadline - time.monotonic()))
+        self._thread.join(max(0.0, self._closing - time.monotonic()))
+        if self._thread.is_alive():
+            logger.warning("otel-moe: the sink did not finish within %.1f s; pending steps are lost", timeout_s)
+
+    def _close_sink(self) -> None:
+        # On the sink's own thread, so the sink is never used by two threads.
+        try:
+            self.sink.close(max(0.1, self._closing - time.monotonic()))
+        except Exception:
+            logger.exception("otel-moe: closing the sink failed")
         if self.dropped_steps or self.failed_steps:
             logger.warning(
                 "otel-moe: %d steps recorded, %d dropped (%d tokens), %d failed in the sink",

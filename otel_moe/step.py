@@ -44,8 +44,8 @@ class StepRecord:
     weights: Optional[np.ndarray] = None  # [n, L, K] float32 (tokens mode)
     counts: Optional[np.ndarray] = None  # [L, E] int64 (counts mode)
     dp_rank: int = 0
-    # requests the scheduler reported finished before this step (external ids)
-    finished_request_ids: list[str] = dataclasses.field(default_factory=list)
+    dropped_steps: int = 0  # cumulative drops of this process when the step was taken
+    dropped_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -114,3 +114,84 @@ def qwen2_prefix_cached(models, tmp_path_factory) -> VllmRun:
     spec = {"model": models["qwen2_moe"], "eager": True, "prompts": prompts, "max_tokens": 4,
             "max_num_batched_tokens": 128, "prefix_caching": True, "batches": [[0], [1, 2]]}
     return run_vllm(wd, spec, VLLM_LOG_MOE=str(wd / "routing.jsonl"))
+
+
+class CollectorProcess:
+    """The real embedded collector, as a subprocess on free loopback ports."""
+
+    def __init__(self, out_dir: Path, *extra: str):
+        import re
+
+        self.out_dir = out_dir
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "otel_moe.cli", "collector", "--out", str(out_dir),
+             "--grpc-port", "0", "--http-port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready = self.proc.stdout.readline()  # printed once both receivers listen
+        match = re.search(r"gRPC ([\d.]+):(\d+) OTLP/HTTP [\d.]+:(\d+)", ready)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"collector did not start: {ready!r} {self.proc.stderr.read()}")
+        self.host, self.grpc_port, self.http_port = match.group(1), int(match.group(2)), int(match.group(3))
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return f"http://{self.host}:{self.grpc_port}"
+
+    @property
+    def http_endpoint(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def stop(self, sig=None) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def collector(tmp_path):
+    c = CollectorProcess(tmp_path / "collected")
+    yield c
+    c.stop()
+
+
+def otlp_env(endpoint: str, protocol: str = "grpc", **extra: str) -> dict:
+    # vLLM's own tracing reads only the TRACES_ protocol variable.
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": protocol,
+            "OTEL_SERVICE_NAME": "otel-moe-test", **extra}
+
+
+class PipelineRun:
+    """A real vLLM run exporting routing (and vLLM's request spans) to a real collector."""
+
+    def __init__(self, run: VllmRun, files: Path):
+        self.run = run
+        self.files = files
+
+
+def _pipeline_run(tmp_path_factory, name: str, model: str, protocol: str, **spec) -> PipelineRun:
+    wd = tmp_path_factory.mktemp(name)
+    c = CollectorProcess(wd / "collected")
+    endpoint = c.grpc_endpoint if protocol == "grpc" else c.http_endpoint
+    # vLLM exports its llm_request spans to exactly this URL (and sets it as
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT for otel-moe too): with HTTP it names the path.
+    traces_url = endpoint if protocol == "grpc" else f"{endpoint}/v1/traces"
+    try:
+        run = run_vllm(wd, {"model": model, "otlp_traces_endpoint": traces_url, **CHUNKED, **spec},
+                       VLLM_LOG_MOE=f"otlp,{wd / 'routing.jsonl'}", **otlp_env(endpoint, protocol))
+    finally:
+        assert c.stop() == 0
+    run.routing = wd / "routing.jsonl"
+    return PipelineRun(run, wd / "collected")
+
+
+@pytest.fixture(scope="session")
+def grpc_pipeline(models, tmp_path_factory) -> PipelineRun:
+    return _pipeline_run(tmp_path_factory, "grpc_pipeline", models["qwen2_moe"], "grpc", eager=True)
+
+
+@pytest.fixture(scope="session")
+def http_pipeline(models, tmp_path_factory) -> PipelineRun:
+    return _pipeline_run(tmp_path_factory, "http_pipeline", models["mixtral"], "http/protobuf", eager=True)

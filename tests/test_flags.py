@@ -19,8 +19,9 @@ def test_unset_or_empty_means_off():
 
 def test_defaults():
     cfg = from_env({"VLLM_LOG_MOE": "/tmp/x.jsonl"})
-    assert (cfg.destination, cfg.mode, cfg.layers.layers, cfg.expected_moe_layers) == ("/tmp/x.jsonl", "tokens", None, None)
-    assert from_env({"VLLM_LOG_MOE": "OTLP"}).is_otlp
+    assert (cfg.destinations, cfg.mode, cfg.layers.layers, cfg.expected_moe_layers) == (("/tmp/x.jsonl",), "tokens", None, None)
+    assert from_env({"VLLM_LOG_MOE": "OTLP"}).destinations == ("otlp",)
+    assert from_env({"VLLM_LOG_MOE": "otlp, /tmp/x.jsonl"}).destinations == ("otlp", "/tmp/x.jsonl")
 
 
 @pytest.mark.parametrize("text, layers", [
@@ -41,6 +42,9 @@ def test_layer_syntax(text, layers):
     ({"VLLM_NUM_MOE_LAYERS": "0"}, "VLLM_NUM_MOE_LAYERS"),
     ({"VLLM_NUM_MOE_LAYERS": "twenty"}, "VLLM_NUM_MOE_LAYERS"),
     ({"VLLM_LOG_MOE_QUEUE_STEPS": "-4"}, "VLLM_LOG_MOE_QUEUE_STEPS"),
+    ({"VLLM_LOG_MOE": "otlp,", }, "VLLM_LOG_MOE"),
+    ({"VLLM_LOG_MOE": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    ({"VLLM_LOG_MOE": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "udp"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
 ])
 def test_invalid_values_are_refused_by_name(env, var):
     with pytest.raises(ConfigError) as err:

@@ -4,22 +4,62 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from otel_moe.config import Config
+from otel_moe.config import OTLP, Config
 from otel_moe.step import StepRecord
 
 
 class Sink(Protocol):
     def write(self, record: StepRecord) -> None: ...
 
+    def finish(self, request_ids: list[str]) -> None:
+        """vLLM reported these requests (external ids) finished."""
+
+    def idle(self) -> None:
+        """No step arrived for a while: export what is pending."""
+
     def close(self, timeout_s: float) -> None:
         """Flush what is pending, waiting at most ``timeout_s``."""
 
 
-def open_sink(config: Config, resource_attributes: dict) -> Sink:
-    if config.is_otlp:
-        from otel_moe.sinks.otlp import OtlpSink
+def open_sinks(config: Config, resource_attributes: dict) -> Sink:
+    sinks: list[Sink] = []
+    for destination in config.destinations:
+        if destination == OTLP:
+            from otel_moe.sinks.otlp import OtlpSink
 
-        return OtlpSink(config, resource_attributes)
-    from otel_moe.sinks.jsonl import JsonlSink
+            sinks.append(OtlpSink(config, resource_attributes))
+        else:
+            from otel_moe.sinks.jsonl import JsonlSink
 
-    return JsonlSink(config.destination, config.mode)
+            sinks.append(JsonlSink(destination, config.mode))
+    return sinks[0] if len(sinks) == 1 else Tee(sinks)
+
+
+class Tee:
+    """Several sinks fed the same records (VLLM_LOG_MOE=otlp,/path.jsonl)."""
+
+    def __init__(self, sinks: list[Sink]) -> None:
+        self.sinks = sinks
+
+    def write(self, record: StepRecord) -> None:
+        self._each(lambda s: s.write(record))
+
+    def finish(self, request_ids: list[str]) -> None:
+        self._each(lambda s: s.finish(request_ids))
+
+    def idle(self) -> None:
+        self._each(lambda s: s.idle())
+
+    def close(self, timeout_s: float) -> None:
+        self._each(lambda s: s.close(timeout_s))
+
+    def _each(self, call) -> None:
+        # One failing sink must not starve the others; the first error is re-raised.
+        error = None
+        for sink in self.sinks:
+            try:
+                call(sink)
+            except Exception as err:
+                error = error or err
+        if error is not None:
+            raise error

@@ -73,6 +73,12 @@ class JsonlSink:
                 logger.warning("otel-moe: cannot write %s (%s); dropping steps and counting", self.path, err)
             raise
 
+    def finish(self, request_ids: list[str]) -> None:
+        pass  # token lines already name their request
+
+    def idle(self) -> None:
+        pass  # every step is written when it arrives
+
     def close(self, timeout_s: float) -> None:
         try:
             os.close(self.fd)

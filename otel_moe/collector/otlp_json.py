@@ -1,0 +1,71 @@
+"""OTLP/JSON as the OpenTelemetry Collector writes it: camelCase fields, trace
+and span ids in hex, 64-bit integers as strings, enums as numbers, bytes in
+base64. protobuf's JSON mapping differs only in the ids (it writes base64), so
+those are converted both ways here.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
+
+
+class BadRequest(ValueError):
+    """The body is not a valid OTLP traces request."""
+
+
+def _convert_ids(request: dict, convert) -> dict:
+    for resource_spans in request.get("resourceSpans", []):
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                for item in [span, *span.get("links", [])]:
+                    for field in _ID_FIELDS:
+                        if item.get(field):
+                            item[field] = convert(item[field])
+    return request
+
+
+def _b64_to_hex(value: str) -> str:
+    return base64.b64decode(value).hex()
+
+
+def _hex_to_b64(value: str) -> str:
+    try:
+        return base64.b64encode(bytes.fromhex(value)).decode()
+    except ValueError:
+        raise BadRequest(f"invalid hex id {value[:40]!r}") from None
+
+
+def to_json_line(request: ExportTraceServiceRequest) -> str:
+    """One request -> one line of OTLP/JSON, newline included."""
+    as_dict = json_format.MessageToDict(request, use_integers_for_enums=True)
+    return json.dumps(_convert_ids(as_dict, _b64_to_hex), separators=(",", ":")) + "\n"
+
+
+def parse_protobuf(body: bytes) -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    try:
+        request.ParseFromString(body)
+    except Exception as err:  # DecodeError, and RuntimeWarning-ish oddities from upb
+        raise BadRequest(f"invalid protobuf: {err}") from None
+    return request
+
+
+def parse_json(body: bytes) -> ExportTraceServiceRequest:
+    try:
+        as_dict = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(f"invalid JSON: {err}") from None
+    if not isinstance(as_dict, dict):
+        raise BadRequest("an OTLP/JSON request is an object")
+    request = ExportTraceServiceRequest()
+    try:
+        json_format.ParseDict(_convert_ids(as_dict, _hex_to_b64), request, ignore_unknown_fields=True)
+    except (json_format.ParseError, binascii.Error, TypeError, AttributeError, ValueError) as err:
+        raise BadRequest(f"invalid OTLP/JSON: {err}") from None
+    return request

@@ -1,0 +1,170 @@
+"""Reading routing back: OTLP/JSON collector files and JSONL logs, streamed.
+
+One decoder for the report and the tests. Corrupt or truncated lines are
+skipped and counted (a live file's last line may be partial), never fatal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+
+from otel_moe import schema
+from otel_moe.step import DECODE, PREFILL
+
+
+class SchemaError(ValueError):
+    """Input written by an otel-moe schema version this reader does not know."""
+
+
+@dataclasses.dataclass
+class LineStats:
+    lines: int = 0
+    bad_lines: int = 0
+
+
+@dataclasses.dataclass
+class Span:
+    name: str
+    resource: dict
+    attributes: dict
+    start_ns: int
+    end_ns: int
+    events: list  # [(name, attributes)]
+    trace_id: str = ""
+    span_id: str = ""
+
+
+@dataclasses.dataclass
+class StepSpan:
+    """One decoded ``moe.step`` span (one chunk of a step)."""
+
+    run: str
+    step: int
+    chunk: int
+    start_ns: int
+    end_ns: int
+    top_k: int
+    num_experts: int
+    request_ids: list[str]
+    request_tokens: np.ndarray
+    first_positions: np.ndarray
+    prompt_lens: np.ndarray
+    ids: dict[int, np.ndarray]  # layer -> [n, K] (tokens mode)
+    weights: dict[int, np.ndarray]
+    counts: dict[int, np.ndarray]  # layer -> [E] (both modes)
+    dropped_steps: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.request_tokens.sum())
+
+    def positions(self) -> np.ndarray:
+        offsets = np.arange(self.num_tokens) - np.repeat(np.cumsum(self.request_tokens) - self.request_tokens, self.request_tokens)
+        return np.repeat(self.first_positions, self.request_tokens) + offsets
+
+    def is_prefill(self) -> np.ndarray:
+        return self.positions() < np.repeat(self.prompt_lens, self.request_tokens)
+
+    def token_rows(self) -> Iterator[dict]:
+        """The same objects the JSONL sink writes for these tokens (tokens mode)."""
+        request_of = np.repeat(np.arange(len(self.request_ids)), self.request_tokens)
+        positions, prefill = self.positions(), self.is_prefill()
+        for t in range(self.num_tokens):
+            for layer in sorted(self.ids):
+                yield {
+                    "step": self.step, "layer": layer, "request_id": self.request_ids[request_of[t]],
+                    "position": int(positions[t]), "phase": PREFILL if prefill[t] else DECODE,
+                    "expert_ids": self.ids[layer][t].tolist(),
+                    "expert_weights": [float(w) for w in self.weights[layer][t]],
+                }
+
+
+def iter_lines(path: str, stats: LineStats) -> Iterator[dict]:
+    with open(path, "rb") as f:
+        for raw in f:
+            stats.lines += 1
+            try:
+                item = json.loads(raw)
+            except ValueError:
+                stats.bad_lines += 1
+                continue
+            if not isinstance(item, dict):
+                stats.bad_lines += 1
+                continue
+            yield item
+
+
+def iter_spans(request: dict) -> Iterator[Span]:
+    """Spans of one OTLP/JSON ExportTraceServiceRequest."""
+    for resource_spans in request.get("resourceSpans") or []:
+        resource = schema.attributes((resource_spans.get("resource") or {}).get("attributes", []))
+        for scope_spans in resource_spans.get("scopeSpans") or []:
+            for span in scope_spans.get("spans") or []:
+                yield Span(
+                    name=span.get("name", ""),
+                    resource=resource,
+                    attributes=schema.attributes(span.get("attributes", [])),
+                    start_ns=int(span.get("startTimeUnixNano", 0)),
+                    end_ns=int(span.get("endTimeUnixNano", 0)),
+                    events=[(e.get("name", ""), schema.attributes(e.get("attributes", []))) for e in span.get("events", [])],
+                    trace_id=span.get("traceId", ""),
+                    span_id=span.get("spanId", ""),
+                )
+
+
+def run_key(resource: dict) -> str:
+    """Which run (vLLM process tree) a span came from."""
+    return str(resource.get(schema.RUN_ID) or f"{resource.get('service.name', '?')}/{resource.get('process.pid', '?')}")
+
+
+def check_schema(attributes: dict) -> None:
+    version = attributes.get(schema.SCHEMA)
+    if version != schema.SCHEMA_VERSION:
+        raise SchemaError(f"otel-moe schema version {version!r} is not supported (this reader knows {schema.SCHEMA_VERSION})")
+
+
+def decode_step(span: Span) -> StepSpan:
+    a = span.attributes
+    check_schema(a)
+    top_k = int(a[schema.TOP_K])
+    ids, weights, counts = {}, {}, {}
+    for name, event in span.events:
+        if name != schema.ROUTING_EVENT:
+            continue
+        layer = int(event[schema.LAYER])
+        if schema.EXPERT_IDS in event:
+            ids[layer] = schema.decode_array(event[schema.EXPERT_IDS], event[schema.EXPERT_IDS_DTYPE], top_k)
+            weights[layer] = schema.decode_array(event[schema.EXPERT_WEIGHTS], schema.WEIGHTS_DTYPE, top_k)
+            counts[layer] = np.bincount(ids[layer].ravel().astype(np.int64), minlength=int(a[schema.NUM_EXPERTS]))
+        else:
+            counts[layer] = np.asarray(event[schema.EXPERT_COUNTS], dtype=np.int64)
+    return StepSpan(
+        run=run_key(span.resource), step=int(a[schema.STEP_INDEX]), chunk=int(a.get(schema.STEP_CHUNK, 0)),
+        start_ns=span.start_ns, end_ns=span.end_ns, top_k=top_k, num_experts=int(a[schema.NUM_EXPERTS]),
+        request_ids=list(a.get(schema.REQUEST_IDS, [])),
+        request_tokens=np.asarray(a.get(schema.REQUEST_TOKENS, []), dtype=np.int64),
+        first_positions=np.asarray(a.get(schema.REQUEST_FIRST_POSITIONS, []), dtype=np.int64),
+        prompt_lens=np.asarray(a.get(schema.REQUEST_PROMPT_LENS, []), dtype=np.int64),
+        ids=ids, weights=weights, counts=counts, dropped_steps=int(a.get(schema.DROPPED_STEPS, 0)),
+    )
+
+
+def collector_files(path: str) -> list[str]:
+    """A file, or every collector file in a folder (rotated ones first, live last)."""
+    if os.path.isfile(path):
+        return [path]
+    names = sorted(n for n in os.listdir(path) if n.endswith((".json", ".jsonl")))
+    live = [n for n in names if n in ("traces.json",)]
+    return [os.path.join(path, n) for n in [*[n for n in names if n not in live], *live]]
+
+
+def iter_collector_spans(paths: list[str], stats: Optional[LineStats] = None) -> Iterator[Span]:
+    stats = stats or LineStats()
+    for path in paths:
+        for file in collector_files(path):
+            for request in iter_lines(file, stats):
+                yield from iter_spans(request)

@@ -1,0 +1,113 @@
+"""The otel-moe data model: every span, event and attribute name, and the
+encodings of per-token arrays. Sinks encode with it, the report and the tests
+decode with it; nothing else spells these names.
+
+Schema version 1 (documented in docs/schema.md):
+  span ``moe.step`` (one per engine step, or per chunk of one when a step is
+  too large for one export): timed over the step's model execution.
+  event ``moe.routing`` on it, one per logged layer.
+  span ``moe.request`` (one per finished request), ``gen_ai.request.id`` as on
+  vLLM's own ``llm_request`` span.
+"""
+from __future__ import annotations
+
+import base64
+from typing import Any, Union
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+SCHEMA = "otel_moe.schema_version"
+INSTRUMENTATION_SCOPE = "otel_moe"
+RUN_ID = "otel_moe.run_id"  # resource attribute: one run of vLLM (all its processes)
+
+STEP_SPAN = "moe.step"
+ROUTING_EVENT = "moe.routing"
+REQUEST_SPAN = "moe.request"
+
+# moe.step span
+STEP_INDEX = "moe.step.index"
+STEP_CHUNK = "moe.step.chunk"  # 0-based; a step too large for one export is cut into chunks
+STEP_CHUNKS = "moe.step.chunks"
+MODE = "moe.mode"  # "tokens" | "counts"
+NUM_TOKENS = "moe.step.num_tokens"  # tokens in this span (this chunk)
+NUM_REQUESTS = "moe.step.num_requests"
+REQUEST_IDS = "moe.step.request_ids"  # string[], batch order (a request may be split over chunks)
+REQUEST_TOKENS = "moe.step.request_tokens"  # int[], tokens of each request in this span
+REQUEST_FIRST_POSITIONS = "moe.step.request_first_positions"  # int[], position of each one's first token
+REQUEST_PROMPT_LENS = "moe.step.request_prompt_lens"  # int[]: position < prompt_len -> prefill
+LAYERS = "moe.layers"  # int[], layers that have a moe.routing event
+TOP_K = "moe.top_k"
+NUM_EXPERTS = "moe.num_experts"
+DP_RANK = "moe.dp_rank"
+DROPPED_STEPS = "otel_moe.dropped_steps"  # cumulative, this process, since start
+DROPPED_TOKENS = "otel_moe.dropped_tokens"
+FAILED_EXPORT_SPANS = "otel_moe.failed_export_spans"
+
+# moe.routing event
+LAYER = "moe.layer"
+EXPERT_IDS = "moe.expert_ids"  # bytes: [tokens, top_k] row-major, dtype EXPERT_IDS_DTYPE
+EXPERT_IDS_DTYPE = "moe.expert_ids.dtype"  # numpy dtype string: "|u1" or "<u2"
+EXPERT_WEIGHTS = "moe.expert_weights"  # bytes: [tokens, top_k] row-major, "<f4" (lossless)
+EXPERT_COUNTS = "moe.expert_counts"  # int[num_experts] (counts mode)
+
+# moe.request span
+REQUEST_ID = "gen_ai.request.id"
+PREFILL_TOKENS = "moe.request.prefill_tokens"
+DECODE_TOKENS = "moe.request.decode_tokens"
+REQUEST_LAYERS = "moe.request.layers"  # int[L]
+REQUEST_EXPERT_COUNTS = "moe.request.expert_counts"  # int[L * E], layer-major
+REQUEST_INCOMPLETE = "moe.request.incomplete"  # true: evicted before vLLM reported it finished
+
+WEIGHTS_DTYPE = "<f4"
+
+# vLLM's own request span (vllm/tracing): latency beside routing
+VLLM_REQUEST_SPAN = "llm_request"
+VLLM_TTFT = "gen_ai.latency.time_to_first_token"
+VLLM_E2E = "gen_ai.latency.e2e"
+VLLM_QUEUE = "gen_ai.latency.time_in_queue"
+VLLM_COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
+
+
+def ids_dtype(num_experts: int) -> np.dtype:
+    return np.dtype("|u1") if num_experts <= 256 else np.dtype("<u2")
+
+
+def encode_ids(ids: np.ndarray, num_experts: int) -> tuple[bytes, str]:
+    dtype = ids_dtype(num_experts)
+    return np.ascontiguousarray(ids, dtype=dtype).tobytes(), dtype.str
+
+
+def encode_weights(weights: np.ndarray) -> bytes:
+    return np.ascontiguousarray(weights, dtype=WEIGHTS_DTYPE).tobytes()
+
+
+def decode_array(data: Union[bytes, str], dtype: str, top_k: int) -> np.ndarray:
+    """Bytes (or their base64, as OTLP/JSON writes them) -> [tokens, top_k]."""
+    if isinstance(data, str):
+        data = base64.b64decode(data)
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(-1, top_k)
+
+
+# ---- reading OTLP/JSON (the collector's files) ---------------------------
+def attr_value(value: dict) -> Any:
+    """One OTLP/JSON AnyValue -> Python (64-bit ints arrive as strings)."""
+    if "stringValue" in value:
+        return value["stringValue"]
+    if "intValue" in value:
+        return int(value["intValue"])
+    if "doubleValue" in value:
+        return float(value["doubleValue"])
+    if "boolValue" in value:
+        return bool(value["boolValue"])
+    if "bytesValue" in value:
+        return value["bytesValue"]  # base64, decoded lazily by decode_array
+    if "arrayValue" in value:
+        return [attr_value(v) for v in value["arrayValue"].get("values", [])]
+    if "kvlistValue" in value:
+        return attributes(value["kvlistValue"].get("values", []))
+    return None
+
+
+def attributes(items: list) -> dict:
+    return {kv["key"]: attr_value(kv.get("value", {})) for kv in items or []}

@@ -1,0 +1,269 @@
+"""OTLP sink: step records as ``moe.step`` / ``moe.request`` spans, exported by
+the OpenTelemetry SDK's own OTLP exporters (gRPC or HTTP/protobuf), configured
+only by the standard ``OTEL_*`` variables.
+
+It keeps a tracer provider of its own (vLLM's, if any, is left alone) whose
+processor hands ended spans back to this sink; the sink exports them from the
+recorder's background thread in batches cut to stay under receivers' message
+limits. A slow or dead collector slows only that thread: the recorder's bounded
+queue then drops and counts steps, and the counts ride on later spans.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Optional
+
+import numpy as np
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import Link
+
+from otel_moe import schema
+from otel_moe.config import Config, otlp_protocol
+from otel_moe.step import StepRecord
+
+logger = logging.getLogger("vllm.otel_moe")
+
+SPAN_PAYLOAD_BYTES = 1 << 20  # per-token bytes in one moe.step span; larger steps are chunked
+EXPORT_BYTES = 3 << 20  # one export request, under the Collector's 4 MiB gRPC default
+EXPORT_SPANS = 512
+MAX_OPEN_REQUESTS = 8192  # per-request tallies kept at once; the oldest is emitted beyond
+MAX_LINKS = 64
+def make_exporter() -> SpanExporter:
+    if otlp_protocol() == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()  # endpoint, headers, timeout, TLS: all from OTEL_* variables
+
+
+class _HandBack(SpanProcessor):
+    """Ended spans go to the sink's pending list (same thread: no lock)."""
+
+    def __init__(self, pending: list) -> None:
+        self.pending = pending
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.pending.append(span)
+
+
+@dataclasses.dataclass
+class _RequestTally:
+    start_ns: int
+    end_ns: int
+    counts: np.ndarray  # [L, E]
+    prefill: int = 0
+    decode: int = 0
+    links: list = dataclasses.field(default_factory=list)
+
+
+def payload_bytes(span: ReadableSpan) -> int:
+    """A cheap upper estimate of a span's encoded size."""
+    size = 256 + 48 * len(span.attributes or {})
+    for value in (span.attributes or {}).values():
+        if isinstance(value, (tuple, list)):
+            size += sum(len(v) + 4 if isinstance(v, str) else 11 for v in value)
+    for event in span.events:
+        size += 64
+        for value in (event.attributes or {}).values():
+            size += len(value) + 8 if isinstance(value, (bytes, str)) else 16
+            if isinstance(value, (tuple, list)):
+                size += 11 * len(value)
+    return size
+
+
+class OtlpSink:
+    def __init__(self, config: Config, resource_attributes: dict, exporter: Optional[SpanExporter] = None) -> None:
+        self.mode = config.mode
+        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "vllm", **resource_attributes})
+        self._pending: list[ReadableSpan] = []
+        self._pending_bytes = 0
+        self._provider = TracerProvider(
+            resource=resource,
+            span_limits=SpanLimits(
+                max_span_attributes=128, max_events=4096, max_event_attributes=16,
+                max_links=MAX_LINKS, max_attribute_length=None,
+            ),
+        )
+        self._provider.add_span_processor(_HandBack(self._pending))
+        from importlib.metadata import version
+
+        self.tracer = self._provider.get_tracer(schema.INSTRUMENTATION_SCOPE, version("otel-moe"))
+        self.exporter = exporter or make_exporter()
+        self.requests: dict[str, _RequestTally] = {}
+        self.failed_export_spans = 0
+        self.evicted_requests = 0
+        self._last_export = time.monotonic()
+
+    # ---- steps ----------------------------------------------------------
+    def write(self, record: StepRecord) -> None:
+        self._tally(record)  # first, so the request's tally can link to this step's spans
+        for span in self._step_spans(record):
+            self._pending_bytes += payload_bytes(span)
+        if self._pending_bytes >= EXPORT_BYTES or len(self._pending) >= EXPORT_SPANS:
+            self._export()
+
+    def _common_attributes(self, record: StepRecord) -> dict:
+        return {
+            schema.SCHEMA: schema.SCHEMA_VERSION,
+            schema.STEP_INDEX: record.step,
+            schema.MODE: self.mode,
+            schema.LAYERS: list(record.layers),
+            schema.TOP_K: record.top_k,
+            schema.NUM_EXPERTS: record.num_experts,
+            schema.DP_RANK: record.dp_rank,
+            schema.DROPPED_STEPS: record.dropped_steps,
+            schema.DROPPED_TOKENS: record.dropped_tokens,
+            schema.FAILED_EXPORT_SPANS: self.failed_export_spans,
+        }
+
+    def _step_spans(self, record: StepRecord) -> list:
+        common = self._common_attributes(record)
+        if record.ids is None:  # counts mode: one small span per step
+            counts = record.layer_counts()
+            events = [{schema.LAYER: layer, schema.EXPERT_COUNTS: counts[c].tolist()} for c, layer in enumerate(record.layers)]
+            return [self._emit_step(record, common, 0, record.num_tokens, 0, 1, events)]
+        per_token = len(record.layers) * record.top_k * (schema.ids_dtype(record.num_experts).itemsize + 4)
+        chunk_tokens = max(1, SPAN_PAYLOAD_BYTES // per_token)
+        n = record.num_tokens
+        chunks = max(1, -(-n // chunk_tokens))
+        spans = []
+        for chunk in range(chunks):
+            lo, hi = chunk * chunk_tokens, min(n, (chunk + 1) * chunk_tokens)
+            events = []
+            for column, layer in enumerate(record.layers):
+                ids, dtype = schema.encode_ids(record.ids[lo:hi, column], record.num_experts)
+                events.append({
+                    schema.LAYER: layer,
+                    schema.EXPERT_IDS: ids,
+                    schema.EXPERT_IDS_DTYPE: dtype,
+                    schema.EXPERT_WEIGHTS: schema.encode_weights(record.weights[lo:hi, column]),
+                })
+            spans.append(self._emit_step(record, common, lo, hi, chunk, chunks, events))
+        return spans
+
+    def _emit_step(self, record: StepRecord, common: dict, lo: int, hi: int, chunk: int, chunks: int, events: list):
+        request_of = record.token_request_index()[lo:hi]
+        present, first_index, tokens = np.unique(request_of, return_index=True, return_counts=True)
+        order = np.argsort(first_index)  # keep batch order
+        present, first_index, tokens = present[order], first_index[order], tokens[order]
+        attributes = dict(common)
+        attributes.update({
+            schema.STEP_CHUNK: chunk,
+            schema.STEP_CHUNKS: chunks,
+            schema.NUM_TOKENS: hi - lo,
+            schema.NUM_REQUESTS: len(present),
+            schema.REQUEST_IDS: [record.request_ids[r] for r in present],
+            schema.REQUEST_TOKENS: tokens.tolist(),
+            schema.REQUEST_FIRST_POSITIONS: record.positions[lo + first_index].tolist(),
+            schema.REQUEST_PROMPT_LENS: record.prompt_lens[present].tolist(),
+        })
+        span = self.tracer.start_span(schema.STEP_SPAN, start_time=record.start_ns, attributes=attributes)
+        for event in events:
+            span.add_event(schema.ROUTING_EVENT, event, timestamp=record.end_ns)
+        span.end(end_time=record.end_ns)
+        for r in present:
+            tally = self.requests.get(record.request_ids[r])
+            if tally is not None and len(tally.links) < MAX_LINKS:
+                tally.links.append(Link(span.get_span_context()))
+        return span
+
+    # ---- requests -------------------------------------------------------
+    def _tally(self, record: StepRecord) -> None:
+        request_of = record.token_request_index()
+        prefill = record.is_prefill()
+        per_request_counts = self._per_request_counts(record, request_of)
+        for r, request_id in enumerate(record.request_ids):
+            tally = self.requests.get(request_id)
+            if tally is None:
+                if len(self.requests) >= MAX_OPEN_REQUESTS:
+                    self.evicted_requests += 1
+                    oldest = next(iter(self.requests))
+                    self._emit_request(oldest, self.requests.pop(oldest), incomplete=True)
+                tally = self.requests[request_id] = _RequestTally(
+                    record.start_ns, record.end_ns, np.zeros((len(record.layers), record.num_experts), np.int64))
+            mine = request_of == r
+            tally.end_ns = record.end_ns
+            tally.prefill += int(prefill[mine].sum())
+            tally.decode += int((~prefill[mine]).sum())
+            if per_request_counts is not None:
+                tally.counts += per_request_counts[r]
+
+    @staticmethod
+    def _per_request_counts(record: StepRecord, request_of: np.ndarray) -> Optional[np.ndarray]:
+        """[R, L, E] counts, or None in counts mode (no per-token ids to split by)."""
+        if record.ids is None:
+            return None
+        num_layers, num_experts = len(record.layers), record.num_experts
+        key = (request_of[:, None, None] * num_layers + np.arange(num_layers)[None, :, None]) * num_experts + record.ids
+        counts = np.bincount(key.ravel(), minlength=len(record.request_ids) * num_layers * num_experts)
+        return counts.reshape(len(record.request_ids), num_layers, num_experts)
+
+    def finish(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            tally = self.requests.pop(request_id, None)
+            if tally is not None:
+                self._emit_request(request_id, tally)
+
+    def _emit_request(self, request_id: str, tally: _RequestTally, incomplete: bool = False) -> None:
+        attributes = {
+            schema.SCHEMA: schema.SCHEMA_VERSION,
+            schema.REQUEST_ID: request_id,
+            schema.PREFILL_TOKENS: tally.prefill,
+            schema.DECODE_TOKENS: tally.decode,
+            schema.MODE: self.mode,
+        }
+        if self.mode == "tokens":
+            attributes[schema.REQUEST_EXPERT_COUNTS] = tally.counts.ravel().tolist()
+        if incomplete:
+            attributes[schema.REQUEST_INCOMPLETE] = True
+        span = self.tracer.start_span(schema.REQUEST_SPAN, start_time=tally.start_ns, attributes=attributes, links=tally.links)
+        span.end(end_time=tally.end_ns)
+        self._pending_bytes += payload_bytes(span)
+
+    # ---- export ---------------------------------------------------------
+    def idle(self) -> None:
+        if self._pending:
+            self._export()
+
+    def _export(self) -> None:
+        spans, self._pending[:] = list(self._pending), []
+        self._pending_bytes = 0
+        for batch in _batches(spans):
+            try:
+                ok = self.exporter.export(batch) == SpanExportResult.SUCCESS
+            except Exception:
+                ok = False
+            if not ok:
+                self.failed_export_spans += len(batch)
+                logger.warning("otel-moe: OTLP export of %d spans failed (%d so far)", len(batch), self.failed_export_spans)
+
+    def close(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for request_id in list(self.requests):
+            self._emit_request(request_id, self.requests.pop(request_id))
+        if time.monotonic() < deadline:
+            self._export()
+        try:
+            self.exporter.shutdown()
+        except Exception:
+            pass
+
+
+def _batches(spans: list) -> list[list]:
+    """Cut spans into export requests of at most EXPORT_BYTES / EXPORT_SPANS."""
+    batches, batch, size = [], [], 0
+    for span in spans:
+        span_size = payload_bytes(span)
+        if batch and (size + span_size > EXPORT_BYTES or len(batch) >= EXPORT_SPANS):
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(span)
+        size += span_size
+    if batch:
+        batches.append(batch)
+    return batches
