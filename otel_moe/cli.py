@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     server.add_arguments(collector)
     collector.set_defaults(run=server.run)
 
+    from otel_moe.report import main as report
+
+    report_parser = commands.add_parser("report", help="histograms, heatmap, imbalance and latency from routing data")
+    report.add_arguments(report_parser)
+    report_parser.set_defaults(run=report.run)
+
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,0 +1,2 @@
+"""``otel-moe report``: routing (collector files, JSONL logs) -> histograms,
+heatmap, imbalance over time, latency, summary.json and report.html."""

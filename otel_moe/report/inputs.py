@@ -1,0 +1,160 @@
+"""Report inputs, streamed: collector files (OTLP/JSON) and JSONL routing logs,
+in any mix, as files or folders. Each step becomes one ``StepBatch``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from otel_moe import read, schema
+from otel_moe.read import LineStats
+
+
+@dataclasses.dataclass
+class LayerBatch:
+    layer: int
+    num_experts: int
+    counts: np.ndarray  # [E]
+    num_tokens: int
+    ids: Optional[np.ndarray] = None  # [n, K]
+    weights: Optional[np.ndarray] = None
+    request_of: Optional[np.ndarray] = None  # [n] index into StepBatch.request_ids
+    prefill: Optional[np.ndarray] = None  # [n] bool
+
+
+@dataclasses.dataclass
+class StepBatch:
+    run: str
+    step: int
+    request_ids: list[str]
+    request_tokens: np.ndarray
+    prefill_tokens: np.ndarray
+    layers: list[LayerBatch]
+
+
+@dataclasses.dataclass
+class Latency:
+    run: Optional[str]  # None when vLLM's span carries no otel-moe run id
+    request_id: str
+    e2e_s: Optional[float]
+    ttft_s: Optional[float]
+    queue_s: Optional[float]
+    completion_tokens: Optional[int]
+
+
+def input_files(paths: list[str]) -> list[str]:
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files.extend(read.collector_files(path))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such input: {path}")
+    return files
+
+
+def step_from_span(span: read.Span) -> StepBatch:
+    step = read.decode_step(span)
+    request_of = np.repeat(np.arange(len(step.request_ids)), step.request_tokens)
+    prefill = step.is_prefill()
+    prefill_tokens = np.bincount(request_of[prefill], minlength=len(step.request_ids))
+    layers = [
+        LayerBatch(layer, step.num_experts, step.counts[layer], step.num_tokens,
+                   step.ids.get(layer), step.weights.get(layer),
+                   request_of if layer in step.ids else None, prefill if layer in step.ids else None)
+        for layer in sorted(step.counts)
+    ]
+    return StepBatch(step.run, step.step, step.request_ids, step.request_tokens, prefill_tokens, layers)
+
+
+def latency_from_span(span: read.Span) -> Latency:
+    a = span.attributes
+    run = span.resource.get(schema.RUN_ID)
+    tokens = a.get(schema.VLLM_COMPLETION_TOKENS)
+    return Latency(run, str(a.get(schema.REQUEST_ID)), a.get(schema.VLLM_E2E), a.get(schema.VLLM_TTFT),
+                   a.get(schema.VLLM_QUEUE), int(tokens) if tokens is not None else None)
+
+
+class JsonlSteps:
+    """Groups a JSONL log's rows (one per token per layer, or per step per layer) into steps."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.step: Optional[int] = None
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> Optional[StepBatch]:
+        done = None
+        if row["step"] != self.step and self.rows:
+            done = self.flush()
+        self.step = row["step"]
+        self.rows.append(row)
+        return done
+
+    def flush(self) -> Optional[StepBatch]:
+        rows, self.rows = self.rows, []
+        if not rows:
+            return None
+        by_layer: dict[int, list[dict]] = {}
+        for row in rows:
+            by_layer.setdefault(row["layer"], []).append(row)
+        if "counts" in rows[0]:
+            layers = [LayerBatch(layer, len(r[0]["counts"]), np.asarray(r[0]["counts"], np.int64), int(r[0]["num_tokens"]))
+                      for layer, r in sorted(by_layer.items())]
+            return StepBatch(self.run, self.step, [], np.zeros(0, np.int64), np.zeros(0, np.int64), layers)
+        request_ids: list[str] = []
+        index: dict[str, int] = {}
+        layers = []
+        for layer, layer_rows in sorted(by_layer.items()):
+            ids = np.asarray([r["expert_ids"] for r in layer_rows], dtype=np.int64)
+            request_of = np.asarray([index.setdefault(r["request_id"], len(index)) for r in layer_rows])
+            prefill = np.asarray([r["phase"] == "prefill" for r in layer_rows])
+            num_experts = int(ids.max()) + 1 if ids.size else 0
+            layers.append(LayerBatch(layer, num_experts, np.bincount(ids.ravel(), minlength=num_experts), len(layer_rows),
+                                     ids, np.asarray([r["expert_weights"] for r in layer_rows], dtype=np.float32),
+                                     request_of, prefill))
+        request_ids = list(index)
+        first = layers[0]
+        tokens = np.bincount(first.request_of, minlength=len(request_ids))
+        prefill_tokens = np.bincount(first.request_of[first.prefill], minlength=len(request_ids))
+        return StepBatch(self.run, self.step, request_ids, tokens, prefill_tokens, layers)
+
+
+def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] = lambda n: None
+           ) -> Iterator[StepBatch | Latency]:
+    for file in input_files(paths):
+        jsonl: Optional[JsonlSteps] = None
+        with open(file, "rb") as f:
+            for raw in f:
+                on_bytes(len(raw))
+                stats.lines += 1
+                try:
+                    item = json.loads(raw)
+                    if not isinstance(item, dict):
+                        raise ValueError("not an object")
+                    if "resourceSpans" in item:
+                        for span in read.iter_spans(item):
+                            if span.name == schema.STEP_SPAN:
+                                yield step_from_span(span)
+                            elif span.name == schema.VLLM_REQUEST_SPAN:
+                                yield latency_from_span(span)
+                    elif "layer" in item and "step" in item:
+                        jsonl = jsonl or JsonlSteps(f"jsonl:{os.path.basename(file)}")
+                        done = jsonl.add(item)
+                        if done is not None:
+                            yield done
+                    else:
+                        raise ValueError("neither OTLP/JSON nor an otel-moe JSONL row")
+                except read.SchemaError:
+                    raise
+                except (ValueError, KeyError, TypeError) as err:
+                    stats.bad_lines += 1
+                    del err
+        if jsonl is not None:
+            done = jsonl.flush()
+            if done is not None:
+                yield done

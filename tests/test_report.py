@@ -1,0 +1,182 @@
+"""The report on golden inputs (hand-checkable counts), both input kinds, and on
+a real end-to-end run."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from otel_moe import schema
+from otel_moe.report.main import build_report
+
+# Two steps of a 2-layer, top-2, 4-expert model; request "a" (prompt 2) and "b" (prompt 1).
+# step 0: a@0 a@1 (prefill), b@0 (prefill); step 1: a@2 (decode), b@1 (decode)
+GOLDEN = [
+    (0, "a", 0, "prefill", {0: [0, 1], 1: [2, 3]}),
+    (0, "a", 1, "prefill", {0: [0, 2], 1: [2, 0]}),
+    (0, "b", 0, "prefill", {0: [0, 3], 1: [1, 2]}),
+    (1, "a", 2, "decode", {0: [1, 0], 1: [3, 2]}),
+    (1, "b", 1, "decode", {0: [3, 2], 1: [2, 1]}),
+]
+# by hand: layer 0 ids 0,1 0,2 0,3 1,0 3,2 -> e0:4 e1:2 e2:2 e3:2 ; layer 1 ids 2,3 2,0 1,2 3,2 2,1 -> e0:1 e1:2 e2:5 e3:2
+LAYER0, LAYER1 = [4, 2, 2, 2], [1, 2, 5, 2]
+LAYER0_PREFILL, LAYER0_DECODE = [3, 1, 1, 1], [1, 1, 1, 1]
+
+
+def golden_jsonl(path):
+    with open(path, "w") as f:
+        for step, request, position, phase, by_layer in GOLDEN:
+            for layer, ids in by_layer.items():
+                f.write(json.dumps({"step": step, "layer": layer, "request_id": request, "position": position,
+                                    "phase": phase, "expert_ids": ids, "expert_weights": [0.75, 0.25]}) + "\n")
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def _attr(key, value):
+    if isinstance(value, bool):
+        return {"key": key, "value": {"boolValue": value}}
+    if isinstance(value, int):
+        return {"key": key, "value": {"intValue": str(value)}}
+    if isinstance(value, str):
+        return {"key": key, "value": {"stringValue": value}}
+    if isinstance(value, bytes):
+        return {"key": key, "value": {"bytesValue": _b64(value)}}
+    if isinstance(value, float):
+        return {"key": key, "value": {"doubleValue": value}}
+    inner = [_attr("", v)["value"] for v in value]
+    return {"key": key, "value": {"arrayValue": {"values": inner}}}
+
+
+def golden_otlp_line(run="run-1", version=schema.SCHEMA_VERSION, e2e=(0.5, 0.25)) -> str:
+    spans = []
+    for step in (0, 1):
+        rows = [g for g in GOLDEN if g[0] == step]
+        requests = list(dict.fromkeys(r[1] for r in rows))
+        events = []
+        for layer in (0, 1):
+            ids = bytes(i for r in rows for i in r[4][layer])
+            weights = b"".join(struct.pack("<ff", 0.75, 0.25) for _ in rows)
+            events.append({"name": schema.ROUTING_EVENT, "timeUnixNano": "2", "attributes": [
+                _attr(schema.LAYER, layer), _attr(schema.EXPERT_IDS, ids), _attr(schema.EXPERT_IDS_DTYPE, "|u1"),
+                _attr(schema.EXPERT_WEIGHTS, weights)]})
+        attrs = {schema.SCHEMA: version, schema.STEP_INDEX: step, schema.MODE: "tokens", schema.LAYERS: [0, 1],
+                 schema.TOP_K: 2, schema.NUM_EXPERTS: 4, schema.NUM_TOKENS: len(rows),
+                 schema.REQUEST_IDS: requests,
+                 schema.REQUEST_TOKENS: [sum(r[1] == q for r in rows) for q in requests],
+                 schema.REQUEST_FIRST_POSITIONS: [min(r[2] for r in rows if r[1] == q) for q in requests],
+                 schema.REQUEST_PROMPT_LENS: [{"a": 2, "b": 1}[q] for q in requests]}
+        spans.append({"traceId": f"{step + 1:032x}", "spanId": f"{step + 1:016x}", "name": schema.STEP_SPAN, "kind": 1,
+                      "startTimeUnixNano": "1", "endTimeUnixNano": "2",
+                      "attributes": [_attr(k, v) for k, v in attrs.items()], "events": events})
+    for request, latency in zip("ab", e2e):
+        spans.append({"traceId": "f" * 32, "spanId": "e" * 16, "name": schema.VLLM_REQUEST_SPAN, "kind": 2,
+                      "startTimeUnixNano": "1", "endTimeUnixNano": "2", "attributes": [
+                          _attr(schema.REQUEST_ID, request), _attr(schema.VLLM_E2E, latency),
+                          _attr(schema.VLLM_TTFT, 0.125), _attr(schema.VLLM_COMPLETION_TOKENS, 3)]})
+    resource = {"attributes": [_attr("service.name", "vllm"), _attr(schema.RUN_ID, run)]}
+    return json.dumps({"resourceSpans": [{"resource": resource, "scopeSpans": [{"scope": {"name": "otel_moe"}, "spans": spans}]}]}) + "\n"
+
+
+def _check_golden(summary):
+    assert summary["layers"]["0"]["counts"] == LAYER0
+    assert summary["layers"]["1"]["counts"] == LAYER1
+    assert summary["layers"]["0"]["prefill_counts"] == LAYER0_PREFILL
+    assert summary["layers"]["0"]["decode_counts"] == LAYER0_DECODE
+    assert summary["layers"]["0"]["tokens"] == 5
+    assert summary["requests"]["a"]["tokens"] == 3 and summary["requests"]["b"]["tokens"] == 2
+    assert summary["requests"]["a"]["prefill_tokens"] == 2 and summary["requests"]["a"]["decode_tokens"] == 1
+    assert summary["layers"]["0"]["mean_top1_weight"] == pytest.approx(0.75)
+    assert summary["layers"]["0"]["imbalance_max_over_mean"] == pytest.approx(4 / 2.5)
+
+
+def test_golden_jsonl(tmp_path):
+    golden_jsonl(tmp_path / "routing.jsonl")
+    summary = build_report([str(tmp_path / "routing.jsonl")], str(tmp_path / "out"))
+    _check_golden(summary)
+    assert summary["requests"]["a"]["e2e_s"] is None  # no llm_request span in a JSONL log
+
+
+def test_golden_collector_file(tmp_path):
+    (tmp_path / "traces.json").write_text(golden_otlp_line())
+    summary = build_report([str(tmp_path)], str(tmp_path / "out"))
+    _check_golden(summary)
+    assert summary["requests"]["a"]["e2e_s"] == 0.5 and summary["requests"]["b"]["ttft_s"] == 0.125
+    assert summary["requests"]["a"]["tpot_s"] == pytest.approx((0.5 - 0.125) / 2)
+    assert (tmp_path / "out" / "latency.png").exists()
+
+
+def test_corrupt_and_truncated_lines_are_skipped_and_counted(tmp_path):
+    line = golden_otlp_line()
+    (tmp_path / "traces-2026-01-01T00-00-00.000.json").write_text("garbage\n" + line)
+    (tmp_path / "traces.json").write_text('{"resourceSpans": [' + "\n" + line[: len(line) // 2])  # live, partial
+    summary = build_report([str(tmp_path)], str(tmp_path / "out"))
+    assert summary["inputs"]["bad_lines"] == 3 and summary["inputs"]["lines"] == 4
+    _check_golden(summary)
+
+
+def test_several_runs_are_kept_apart(tmp_path):
+    (tmp_path / "traces.json").write_text(golden_otlp_line("r1", e2e=(1.0, 2.0)) + golden_otlp_line("r2", e2e=(3.0, 4.0)))
+    summary = build_report([str(tmp_path)], str(tmp_path / "out"))
+    assert summary["request_key"] == "run/request_id"
+    assert {k: v["e2e_s"] for k, v in summary["requests"].items()} == {"r1/a": 1.0, "r1/b": 2.0, "r2/a": 3.0, "r2/b": 4.0}
+    assert summary["layers"]["0"]["counts"] == [2 * c for c in LAYER0]  # layers sum over runs
+
+
+def _report_cli(*args):
+    return subprocess.run([sys.executable, "-m", "otel_moe.cli", "report", *args], capture_output=True, text=True)
+
+
+def test_empty_input_and_unknown_schema_fail_clearly(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    proc = _report_cli(str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o1"))
+    assert proc.returncode == 2 and "no otel-moe routing records" in proc.stderr
+    (tmp_path / "v9.json").write_text(golden_otlp_line(version=9))
+    proc = _report_cli(str(tmp_path / "v9.json"), "--out", str(tmp_path / "o2"))
+    assert proc.returncode == 2 and "schema version 9 is not supported" in proc.stderr
+    proc = _report_cli(str(tmp_path / "missing.json"), "--out", str(tmp_path / "o3"))
+    assert proc.returncode == 2 and "no such input" in proc.stderr
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_end_to_end_run_feeds_the_report(grpc_pipeline, tmp_path):
+    out = tmp_path / "report"
+    proc = _report_cli(str(grpc_pipeline.files), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    records = grpc_pipeline.run.records()
+    for layer in range(4):
+        recount = np.bincount([e for r in records if r["layer"] == layer for e in r["expert_ids"]], minlength=8)
+        assert summary["layers"][str(layer)]["counts"] == recount.tolist()
+    assert set(summary["requests"]) == {o["request_id"] for o in grpc_pipeline.run.outputs}
+    assert all(r["e2e_s"] > 0 and r["ttft_s"] > 0 for r in summary["requests"].values())
+    images = sorted(p.name for p in out.glob("*.png"))
+    assert {"expert_heatmap.png", "load_imbalance.png", "latency.png"} <= set(images)
+    assert {f"expert_hist_layer{layer}.png" for layer in range(4)} <= set(images)
+    html = (out / "report.html").read_text()
+    for name in images:
+        width, height = _png_size(out / name)
+        assert 300 <= width <= 4000 and 200 <= height <= 4000, (name, width, height)
+        assert f'src="{name}"' in html
+
+
+def test_jsonl_log_of_a_real_run_recounts_exactly(qwen2_compiled, tmp_path):
+    summary = build_report([str(qwen2_compiled.routing)], str(tmp_path / "out"))
+    records = qwen2_compiled.records()
+    for layer in range(4):
+        recount = np.bincount([e for r in records if r["layer"] == layer for e in r["expert_ids"]], minlength=8)
+        assert summary["layers"][str(layer)]["counts"] == recount.tolist()
+        assert summary["layers"][str(layer)]["tokens"] == sum(r["layer"] == layer for r in records)
