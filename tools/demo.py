@@ -1,33 +1,51 @@
 """`make demo`: the whole pipeline on a tiny embedded model.
 
-Builds a random-weight Qwen2-MoE, runs an offline vLLM generation with routing
-logged, and prints where the output went and a per-layer summary.
+tiny random-weight Qwen2-MoE -> vLLM (offline, routing over OTLP, vLLM's own
+request tracing on) -> the embedded collector (OTLP/JSON files) -> the report.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "the expert router sends every token to a few experts",
     "Hello, world! 12 + 5 = 17.",
     "a mixture of experts is fast because most experts rest while others work",
     "telemetry shows the routing layer by layer",
-]
+] * 4
 
 GENERATE = """
 import json, sys
 from vllm import LLM, SamplingParams
 if __name__ == "__main__":
-    model, prompts = sys.argv[1], json.loads(sys.argv[2])
-    llm = LLM(model=model, gpu_memory_utilization=0.2, max_model_len=512, max_num_batched_tokens=64)
-    for out in llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False):
+    model, prompts, traces = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    # vLLM's request spans (TTFT, e2e) need both settings offline.
+    llm = LLM(model=model, gpu_memory_utilization=0.2, max_model_len=512, max_num_batched_tokens=64,
+              otlp_traces_endpoint=traces, disable_log_stats=False)
+    for out in llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True), use_tqdm=False):
         print(f"request {out.request_id}: {len(out.prompt_token_ids)} prompt + {len(out.outputs[0].token_ids)} generated tokens")
 """
+
+
+def start_collector(out_dir: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "otel_moe.cli", "collector", "--out", str(out_dir), "--grpc-port", "0", "--http-port", "0"],
+        stdout=subprocess.PIPE, text=True)
+    ready = proc.stdout.readline()  # printed once it listens: no sleeping
+    match = re.search(r"gRPC ([\d.]+:\d+)", ready)
+    if not match:
+        proc.kill()
+        raise SystemExit(f"the collector did not start: {ready!r}")
+    print(ready.strip())
+    return proc, f"http://{match.group(1)}"
 
 
 def main() -> int:
@@ -35,22 +53,45 @@ def main() -> int:
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args()
     out = Path(args.out).resolve()
+    for old in ("collected", "report"):
+        shutil.rmtree(out / old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     model = out / "model"
-    routing = out / "routing.jsonl"
-    routing.unlink(missing_ok=True)  # the sink appends; the demo wants a fresh log
     from otel_moe import tiny_model
 
     tiny_model.build(str(model), "qwen2_moe")
     print(f"tiny model: {model}")
-    import json
 
-    env = dict(os.environ, VLLM_LOG_MOE=str(routing))
-    subprocess.run([sys.executable, "-c", GENERATE, str(model), json.dumps(PROMPTS)], env=env, check=True)
-    print(f"\nrouting log (one JSON object per token per layer): {routing}")
-    from otel_moe.summary import print_jsonl_summary
+    collector, endpoint = start_collector(out / "collected")
+    try:
+        env = dict(os.environ, VLLM_LOG_MOE="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+                   OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc", OTEL_SERVICE_NAME="otel-moe-demo")
+        subprocess.run([sys.executable, "-c", GENERATE, str(model), json.dumps(PROMPTS), endpoint], env=env, check=True)
+    finally:
+        collector.send_signal(signal.SIGTERM)
+        collector.wait(timeout=30)
+    print(f"collector files (OTLP/JSON, one export per line): {out / 'collected'}")
 
-    return print_jsonl_summary(str(routing))
+    from otel_moe.report.main import build_report
+
+    summary = build_report([str(out / "collected")], str(out / "report"))
+    print_summary(summary)
+    print(f"\nreport: {out / 'report' / 'report.html'}")
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    requests = summary["requests"].values()
+    with_latency = [r for r in requests if r["e2e_s"] is not None]
+    print(f"\n{len(summary['requests'])} requests, {len(with_latency)} with vLLM latency spans")
+    print(f"{'layer':>5} {'tokens':>7}  {'top experts (share)':<34} {'max/mean':>8} {'entropy':>8}")
+    for layer, stats in summary["layers"].items():
+        counts = stats["counts"]
+        total = sum(counts)
+        top = sorted(range(len(counts)), key=lambda e: -counts[e])[:3]
+        tops = ", ".join(f"e{e} {counts[e] / total:.0%}" for e in top)
+        print(f"{layer:>5} {stats['tokens']:>7}  {tops:<34} {stats['imbalance_max_over_mean']:>8.2f} "
+              f"{stats['entropy_bits']:>5.2f}/{stats['max_entropy_bits']:.0f}")
 
 
 if __name__ == "__main__":

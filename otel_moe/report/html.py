@@ -41,7 +41,7 @@ def render(summary: dict, images: dict) -> str:
         "<p class='note'>Share of each layer's assignments per expert. A balanced layer is one flat colour; "
         "bright cells are hot experts.</p>",
         _img(images["heatmap"], "layer by expert heatmap"),
-        _table(["layer", "tokens", "max/mean", "CV", "entropy (bits)", "of max", "mean top-1 weight", "mean top-k weight sum"],
+        _table(["layer", "tokens", "max/mean", "CV", "entropy (bits)", "max possible", "mean top-1 weight", "mean top-k weight sum"],
                [[name, v["tokens"], v["imbalance_max_over_mean"], v["imbalance_cv"], v["entropy_bits"], v["max_entropy_bits"],
                  v["mean_top1_weight"], v["mean_topk_weight_sum"]] for name, v in layers.items()]),
         "<h2>Load imbalance over time</h2>",
