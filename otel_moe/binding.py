@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 from otel_moe import schema
 from otel_moe.capture import RoutingBuffers
-from otel_moe.config import Config, NUM_MOE_LAYERS
+from otel_moe.config import NUM_MOE_LAYERS, Config, from_env
 
 logger = logging.getLogger("vllm.otel_moe")
 
@@ -35,8 +35,13 @@ _RECORDER = "_otel_moe_recorder"
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
-def install(config: Config) -> int:
-    """Wrap every runner class this vLLM has; returns how many were wrapped."""
+def install() -> int:
+    """Wrap every runner class this vLLM has; returns how many were wrapped.
+
+    The flags are read again when each model is loaded, so an engine built in
+    this process later (a benchmark's second engine, say) follows the
+    environment of its own creation.
+    """
     wrapped = 0
     for module_name, class_name in RUNNER_CLASSES:
         try:
@@ -47,7 +52,7 @@ def install(config: Config) -> int:
         for method, wrapper in (("load_model", _wrap_load_model), ("execute_model", _wrap_execute_model)):
             original = cls.__dict__.get(method)
             if original is not None and not getattr(original, _WRAPPED, False):
-                patched = wrapper(original, config)
+                patched = wrapper(original)
                 setattr(patched, _WRAPPED, True)
                 setattr(cls, method, patched)
                 wrapped += 1
@@ -56,18 +61,19 @@ def install(config: Config) -> int:
     return wrapped
 
 
-def _wrap_load_model(original: Callable, config: Config) -> Callable:
+def _wrap_load_model(original: Callable) -> Callable:
     def load_model(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         if getattr(self, _RECORDER, None) is None:
-            setattr(self, _RECORDER, attach(self, config) or False)
+            config = from_env()
+            setattr(self, _RECORDER, (config and attach(self, config)) or False)
         return result
 
     load_model.__wrapped__ = original
     return load_model
 
 
-def _wrap_execute_model(original: Callable, config: Config) -> Callable:
+def _wrap_execute_model(original: Callable) -> Callable:
     def execute_model(self, scheduler_output, *args, **kwargs):
         recorder = getattr(self, _RECORDER, None)
         if not recorder or kwargs.get("dummy_run") or scheduler_output is None:

@@ -35,7 +35,7 @@ def register() -> None:
         os.environ[RESOURCE_ATTRIBUTES] = f"{previous},{extra}" if previous else extra
     from otel_moe.binding import install
 
-    install(cfg)
+    install()
 
 
 def _check_writable(path: str) -> None:

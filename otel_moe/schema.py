@@ -55,8 +55,8 @@ EXPERT_COUNTS = "moe.expert_counts"  # int[num_experts] (counts mode)
 REQUEST_ID = "gen_ai.request.id"
 PREFILL_TOKENS = "moe.request.prefill_tokens"
 DECODE_TOKENS = "moe.request.decode_tokens"
-REQUEST_LAYERS = "moe.request.layers"  # int[L]
-REQUEST_EXPERT_COUNTS = "moe.request.expert_counts"  # int[L * E], layer-major
+REQUEST_EXPERT_COUNTS = "moe.request.expert_counts"  # bytes: [L, E] "<u4", L = moe.layers, E = moe.num_experts
+COUNTS_DTYPE = "<u4"
 REQUEST_INCOMPLETE = "moe.request.incomplete"  # true: evicted before vLLM reported it finished
 
 WEIGHTS_DTYPE = "<f4"
@@ -80,6 +80,15 @@ def encode_ids(ids: np.ndarray, num_experts: int) -> tuple[bytes, str]:
 
 def encode_weights(weights: np.ndarray) -> bytes:
     return np.ascontiguousarray(weights, dtype=WEIGHTS_DTYPE).tobytes()
+
+
+def encode_counts(counts: np.ndarray) -> bytes:
+    return np.ascontiguousarray(counts, dtype=COUNTS_DTYPE).tobytes()
+
+
+def decode_counts(data: Union[bytes, str], num_experts: int) -> np.ndarray:
+    """A moe.request's counts -> [L, E]."""
+    return decode_array(data, COUNTS_DTYPE, num_experts)
 
 
 def decode_array(data: Union[bytes, str], dtype: str, top_k: int) -> np.ndarray:

@@ -55,6 +55,7 @@ class _HandBack(SpanProcessor):
 class _RequestTally:
     start_ns: int
     end_ns: int
+    layers: list
     counts: np.ndarray  # [L, E]
     prefill: int = 0
     decode: int = 0
@@ -185,7 +186,8 @@ class OtlpSink:
                     oldest = next(iter(self.requests))
                     self._emit_request(oldest, self.requests.pop(oldest), incomplete=True)
                 tally = self.requests[request_id] = _RequestTally(
-                    record.start_ns, record.end_ns, np.zeros((len(record.layers), record.num_experts), np.int64))
+                    record.start_ns, record.end_ns, record.layers,
+                    np.zeros((len(record.layers), record.num_experts), np.int64))
             mine = request_of == r
             tally.end_ns = record.end_ns
             tally.prefill += int(prefill[mine].sum())
@@ -218,7 +220,9 @@ class OtlpSink:
             schema.MODE: self.mode,
         }
         if self.mode == "tokens":
-            attributes[schema.REQUEST_EXPERT_COUNTS] = tally.counts.ravel().tolist()
+            attributes[schema.LAYERS] = list(tally.layers)
+            attributes[schema.NUM_EXPERTS] = tally.counts.shape[1]
+            attributes[schema.REQUEST_EXPERT_COUNTS] = schema.encode_counts(tally.counts)
         if incomplete:
             attributes[schema.REQUEST_INCOMPLETE] = True
         span = self.tracer.start_span(schema.REQUEST_SPAN, start_time=tally.start_ns, attributes=attributes, links=tally.links)

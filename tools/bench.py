@@ -1,0 +1,334 @@
+"""`make bench`: overhead of routing capture side by side in one process, and the
+throughput of the collector and the report. Writes a JSON file and prints a table.
+
+vLLM: one in-process engine per mode, built once, then the modes take turns
+(interleaved, repeated) generating the same batch; the median throughput of each
+is compared with `off` of the same run (process-to-process noise is ~30%, so
+nothing is compared across processes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+MODES_CPU = ["off", "counts", "tokens", "off_eager", "seed_style_eager"]
+MODES_GPU = ["off", "counts", "tokens", "vllm_routed_experts", "off_eager", "seed_style_eager"]
+
+
+# ---- the embedded collector as a subprocess ---------------------------------
+def start_collector(out_dir: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "otel_moe.cli", "collector", "--out", str(out_dir),
+                             "--grpc-port", "0", "--http-port", "0"], stdout=subprocess.PIPE, text=True)
+    match = re.search(r"gRPC ([\d.]+:\d+)", proc.stdout.readline())
+    if not match:
+        proc.kill()
+        raise RuntimeError("collector did not start")
+    return proc, f"http://{match.group(1)}"
+
+
+def stop_collector(proc: subprocess.Popen) -> int:
+    """SIGTERM, wait; returns the collector's peak resident memory in KiB."""
+    peak = peak_rss_kib(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    return peak
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+# ---- vLLM overhead ----------------------------------------------------------
+def qwen15_moe_a27b_config(layers: int) -> dict:
+    """Qwen1.5-MoE-A2.7B's layer shapes (random weights, loaded with load_format=dummy)."""
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": 2048,
+        "intermediate_size": 5632, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": layers, "num_experts": 60,
+        "num_experts_per_tok": 4, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": False,
+        "vocab_size": 151936, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16", "qkv_bias": True,
+        "bos_token_id": 0, "eos_token_id": 0,
+    }
+
+
+def make_model(work: Path, device: str, layers: int) -> tuple[str, dict]:
+    from otel_moe import tiny_model
+
+    model = work / "model"
+    if device == "cpu":
+        tiny_model.build(str(model), "qwen2_moe", layers=layers)
+        return str(model), {"name": f"tiny qwen2_moe, {layers} layers, 8 experts, top-2 (random weights)"}
+    tiny_model.build_tokenizer(str(model))
+    (model / "config.json").write_text(json.dumps(qwen15_moe_a27b_config(layers)))
+    return str(model), {"name": f"Qwen1.5-MoE-A2.7B shapes, {layers} layers, 60 experts, top-4 (random weights)",
+                        "load_format": "dummy"}
+
+
+def engine_env(mode: str, run_dir: Path) -> None:
+    """The flags an engine of this mode is built with (read when its model loads)."""
+    os.environ["VLLM_LOG_MOE"] = "otlp" if mode in ("counts", "tokens") else ""
+    os.environ["VLLM_LOG_MOE_MODE"] = "counts" if mode == "counts" else "tokens"
+    os.environ["OTEL_MOE_RUN_ID"] = f"bench-{mode}"
+
+
+def bench_vllm(args, work: Path) -> dict:
+    from vllm import LLM, SamplingParams
+
+    import seed_style
+    from otel_moe import read, schema
+    from otel_moe.verify import exactness_problems
+
+    modes = args.modes.split(",")
+    model, model_info = make_model(work, args.device, args.layers)
+    collector, endpoint = start_collector(work / "collected")
+    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    engines, started = {}, {}
+    common = dict(model=model, max_model_len=args.prompt_len + args.gen_len + 16, seed=0,
+                  distributed_executor_backend="uni", max_num_seqs=args.prompts,
+                  gpu_memory_utilization=args.gpu_memory_utilization, skip_tokenizer_init=True)
+    if model_info.get("load_format"):
+        common["load_format"] = model_info["load_format"]
+    if args.device == "cuda":
+        common["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]}
+    for mode in modes:
+        engine_env(mode, work)
+        t0 = time.monotonic()
+        engines[mode] = LLM(enforce_eager=mode.endswith("_eager"),
+                            enable_return_routed_experts=mode == "vllm_routed_experts", **common)
+        if mode == "seed_style_eager":
+            engines[mode].collective_rpc(seed_style.install(str(work / "seed_style.jsonl")))
+        started[mode] = round(time.monotonic() - t0, 1)
+        print(f"engine {mode}: started in {started[mode]} s", flush=True)
+
+    prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 1 for j in range(args.prompt_len)]} for i in range(args.prompts)]
+    params = SamplingParams(max_tokens=args.gen_len, ignore_eos=True, temperature=0.0, detokenize=False)
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    outputs: dict[str, list] = {m: [] for m in modes}
+    for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
+        order = modes if round_index % 2 else list(reversed(modes))
+        for mode in order:
+            t0 = time.perf_counter()
+            results = engines[mode].generate(prompts, params, use_tqdm=False)
+            elapsed = time.perf_counter() - t0
+            generated = sum(len(r.outputs[0].token_ids) for r in results)
+            if round_index:
+                samples[mode].append(generated / elapsed)
+            outputs[mode].extend({"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids),
+                                  "output_token_ids": list(r.outputs[0].token_ids),
+                                  "num_cached_tokens": r.num_cached_tokens or 0} for r in results)
+        print(f"round {round_index}: " + ", ".join(f"{m} {samples[m][-1]:.0f}" for m in modes if samples[m]), flush=True)
+    del engines  # shuts the engines down: sinks flush
+    import gc
+
+    gc.collect()
+    time.sleep(2)  # let the sinks' final exports land before the collector stops
+    collector_peak = stop_collector(collector)
+
+    throughput = {m: round(statistics.median(v), 1) for m, v in samples.items()}
+    ratio = {m: round(throughput[m] / throughput["off"], 3) for m in modes if m != "off"}
+    # exactness of the tokens engine, decoded from the collector's files
+    records = []
+    for span in read.iter_collector_spans([str(work / "collected")]):
+        if span.name == schema.STEP_SPAN and span.resource.get(schema.RUN_ID) == "bench-tokens":
+            records.extend(read.decode_step(span).token_rows())
+    problems = exactness_problems(records, outputs["tokens"], list(range(args.layers))) if "tokens" in modes else []
+    dropped = [int(s.attributes.get(schema.DROPPED_STEPS, 0)) for s in read.iter_collector_spans([str(work / "collected")])
+               if s.name == schema.STEP_SPAN]
+    return {
+        "model": model_info["name"], "device": args.device, "prompts": args.prompts, "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len, "rounds": args.rounds, "modes": modes, "engine_start_s": started,
+        "throughput_tok_s": throughput, "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
+        "ratio": ratio, "sink": "otlp (gRPC) to the embedded collector on the same machine",
+        "exactness": {"records": len(records), "problems": problems[:10], "exact": not problems},
+        "dropped_steps_max": max(dropped, default=0), "collector_peak_rss_mib": round(collector_peak / 1024, 1),
+    }
+
+
+# ---- collector throughput -----------------------------------------------------
+def synthetic_records(steps: int, tokens: int, layers: int, top_k: int, experts: int):
+    import numpy as np
+
+    from otel_moe.step import StepRecord
+
+    rng = np.random.default_rng(0)
+    requests = 32
+    per = tokens // requests
+    for step in range(steps):
+        yield StepRecord(
+            step=step, start_ns=time.time_ns(), end_ns=time.time_ns(), layers=list(range(layers)), top_k=top_k,
+            num_experts=experts, request_ids=[f"r{step}-{r}" for r in range(requests)],
+            request_tokens=np.full(requests, per), positions=np.tile(np.arange(per), requests),
+            prompt_lens=np.full(requests, per // 2),
+            ids=rng.integers(0, experts, (requests * per, layers, top_k), dtype=np.int32),
+            weights=rng.random((requests * per, layers, top_k), dtype=np.float32))
+
+
+def bench_collector(args, work: Path) -> dict:
+    from otel_moe.config import from_env
+    from otel_moe.sinks.otlp import OtlpSink
+
+    layers, top_k, experts, tokens, steps = 24, 4, 60, 2048, args.collector_steps
+    records = list(synthetic_records(steps, tokens, layers, top_k, experts))
+    proc, endpoint = start_collector(work / "collector-bench")
+    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {})
+    t0 = time.perf_counter()
+    for record in records:
+        sink.write(record)
+        sink.finish(record.request_ids)
+    sink.close(120)
+    elapsed = time.perf_counter() - t0  # every export acknowledged: written by the collector
+    peak = stop_collector(proc)
+    ids = steps * tokens * layers * top_k
+    files = list((work / "collector-bench").glob("traces*.json"))
+    return {"expert_ids_per_s": round(ids / elapsed), "expert_ids": ids, "seconds": round(elapsed, 2),
+            "failed_export_spans": sink.failed_export_spans, "peak_rss_mib": round(peak / 1024, 1),
+            "file_mib": round(sum(f.stat().st_size for f in files) / 2**20, 1),
+            "shape": f"{steps} steps x {tokens} tokens x {layers} layers x top-{top_k} of {experts}",
+            "note": "sender (OTLP exporter) and collector share this machine's cores"}
+
+
+# ---- report throughput ----------------------------------------------------------
+def bench_report(args, work: Path) -> dict:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from otel_moe.collector.otlp_json import to_json_line
+    from otel_moe.config import from_env
+    from otel_moe.sinks.otlp import OtlpSink
+
+    class ToFile:
+        def __init__(self, path):
+            self.f = open(path, "w")
+
+        def export(self, spans):
+            self.f.write(to_json_line(encode_spans(spans)))
+            from opentelemetry.sdk.trace.export import SpanExportResult
+
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self):
+            self.f.close()
+
+    path = work / "report-input" / "traces.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layers, top_k, experts, tokens = 24, 4, 60, 2048
+    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {}, exporter=ToFile(path))
+    for record in synthetic_records(args.report_steps, tokens, layers, top_k, experts):
+        sink.write(record)
+        sink.finish(record.request_ids)
+    sink.close(60)
+    ids = args.report_steps * tokens * layers * top_k
+    # In a fresh process, for its own peak memory; the streaming pass is timed apart from the PNGs.
+    code = ("import json, resource, sys, time\nimport otel_moe.report.build as build\n"
+            "from otel_moe.report.main import build_report\ntimes = {}\nplain = build.aggregate\n"
+            "def timed(*a, **k):\n    t = time.perf_counter()\n    r = plain(*a, **k)\n"
+            "    times['aggregate'] = time.perf_counter() - t\n    return r\n"
+            "build.aggregate = timed\nt = time.perf_counter()\nbuild_report([sys.argv[1]], sys.argv[2])\n"
+            "print(json.dumps({'seconds': time.perf_counter() - t, 'aggregate_seconds': times['aggregate'], "
+            "'peak_rss_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))")
+    result = json.loads(subprocess.run([sys.executable, "-c", code, str(path), str(work / "report-out")],
+                                       check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    return {"expert_ids_per_s": round(ids / result["aggregate_seconds"]), "expert_ids": ids,
+            "aggregate_seconds": round(result["aggregate_seconds"], 2),
+            "whole_report_seconds": round(result["seconds"], 2), "seconds": round(result["seconds"], 2),
+            "whole_report_expert_ids_per_s": round(ids / result["seconds"]),
+            "input_mib": round(path.stat().st_size / 2**20, 1), "peak_rss_mib": round(result["peak_rss_kib"] / 1024, 1),
+            "note": "expert_ids_per_s: the streaming pass over the input; the PNGs (fixed cost, 2 per layer) come on top"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="bench/results.json")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--sections", default="vllm,collector,report")
+    parser.add_argument("--modes", default=None)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--prompts", type=int, default=None)
+    parser.add_argument("--prompt-len", type=int, default=None)
+    parser.add_argument("--gen-len", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    parser.add_argument("--collector-steps", type=int, default=60)
+    parser.add_argument("--report-steps", type=int, default=200)
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    args.modes = args.modes or ",".join(MODES_GPU if gpu else MODES_CPU)
+    args.layers = args.layers or (12 if gpu else 8)
+    args.prompts = args.prompts or (256 if gpu else 16)
+    args.prompt_len = args.prompt_len or (128 if gpu else 32)
+    args.gen_len = args.gen_len or (128 if gpu else 32)
+    args.gpu_memory_utilization = args.gpu_memory_utilization or (0.12 if gpu else 0.05)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process, modes side by side
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOG_MOE", "otlp")  # so the plugin installs; each engine then picks its own flags
+    work = Path(tempfile.mkdtemp(prefix="otel-moe-bench-"))
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_info(gpu)}
+    sections = args.sections.split(",")
+    try:
+        if "vllm" in sections:
+            results["vllm_gpu" if gpu else "vllm_cpu"] = bench_vllm(args, work)
+        if "collector" in sections:
+            results["collector"] = bench_collector(args, work)
+        if "report" in sections:
+            results["report"] = bench_report(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print_table(results)
+    print(f"\nwritten: {out}")
+    return 0
+
+
+def machine_info(gpu: bool) -> dict:
+    import torch
+
+    info = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    except Exception:
+        pass
+    if gpu and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def print_table(results: dict) -> None:
+    for key in ("vllm_cpu", "vllm_gpu"):
+        if key in results:
+            r = results[key]
+            print(f"\n{key}: {r['model']}, {r['prompts']} prompts x {r['gen_len']} tokens, median of {r['rounds']} rounds")
+            print(f"{'mode':<22}{'tok/s':>10}{'ratio':>8}")
+            for mode, tps in r["throughput_tok_s"].items():
+                print(f"{mode:<22}{tps:>10.0f}{r['ratio'].get(mode, 1.0):>8.3f}")
+            print(f"exact: {r['exactness']['exact']} ({r['exactness']['records']} records); dropped steps: {r['dropped_steps_max']}")
+    for key in ("collector", "report"):
+        if key in results:
+            r = results[key]
+            print(f"{key}: {r['expert_ids_per_s'] / 1e6:.1f}M expert ids/s, peak {r['peak_rss_mib']} MiB ({r['seconds']} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
