@@ -1,6 +1,6 @@
 """Binding to vLLM: the only module that knows vLLM's internals.
 
-Two wraps on the model runner classes, found by feature detection (vLLM 0.26
+Wraps on the model runner classes, found by feature detection (vLLM 0.26
 to 0.33; Model Runner V1, V2 and the CPU runner):
   - ``load_model``: after the model is built (and before torch.compile traces
     it or CUDA graphs are captured) find the MoE layers, allocate the capture
@@ -8,6 +8,7 @@ to 0.33; Model Runner V1, V2 and the CPU runner):
   - ``execute_model``: after a real step's forward (a scheduler output with
     tokens; never a profile, warm-up, dummy or capture run) hand the step to
     the recorder.
+  - ``shutdown``: flush the recorder while the engine goes down.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def install() -> int:
         except Exception as err:  # absent in this version or platform
             logger.debug("otel-moe: %s.%s not available: %s", module_name, class_name, err)
             continue
-        for method, wrapper in (("load_model", _wrap_load_model), ("execute_model", _wrap_execute_model)):
+        for method, wrapper in (("load_model", _wrap_load_model), ("execute_model", _wrap_execute_model),
+                                ("shutdown", _wrap_shutdown)):
             original = cls.__dict__.get(method)
             if original is not None and not getattr(original, _WRAPPED, False):
                 patched = wrapper(original)
@@ -94,6 +96,17 @@ def _wrap_execute_model(original: Callable) -> Callable:
 
     execute_model.__wrapped__ = original
     return execute_model
+
+
+def _wrap_shutdown(original: Callable) -> Callable:
+    def shutdown(self, *args, **kwargs):
+        recorder = getattr(self, _RECORDER, None)
+        if recorder:
+            recorder.close()  # flush while the engine goes down, not only at process exit
+        return original(self, *args, **kwargs)
+
+    shutdown.__wrapped__ = original
+    return shutdown
 
 
 def batch_order(runner: Any) -> list[str]:

@@ -92,6 +92,9 @@ def engine_env(mode: str, run_dir: Path) -> None:
 
 def bench_vllm(args, work: Path) -> dict:
     from vllm import LLM, SamplingParams
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # installs otel-moe now (VLLM_LOG_MOE=otlp); each engine then reads its own flags
 
     import seed_style
     from otel_moe import read, schema
@@ -104,7 +107,7 @@ def bench_vllm(args, work: Path) -> dict:
     engines, started = {}, {}
     common = dict(model=model, max_model_len=args.prompt_len + args.gen_len + 16, seed=0,
                   distributed_executor_backend="uni", max_num_seqs=args.prompts,
-                  gpu_memory_utilization=args.gpu_memory_utilization, skip_tokenizer_init=True)
+                  gpu_memory_utilization=args.gpu_memory_utilization)
     if model_info.get("load_format"):
         common["load_format"] = model_info["load_format"]
     if args.device == "cuda":
@@ -136,11 +139,8 @@ def bench_vllm(args, work: Path) -> dict:
                                   "output_token_ids": list(r.outputs[0].token_ids),
                                   "num_cached_tokens": r.num_cached_tokens or 0} for r in results)
         print(f"round {round_index}: " + ", ".join(f"{m} {samples[m][-1]:.0f}" for m in modes if samples[m]), flush=True)
-    del engines  # shuts the engines down: sinks flush
-    import gc
-
-    gc.collect()
-    time.sleep(2)  # let the sinks' final exports land before the collector stops
+    for llm in engines.values():  # the runners' shutdown flushes the sinks
+        llm.llm_engine.engine_core.shutdown()
     collector_peak = stop_collector(collector)
 
     throughput = {m: round(statistics.median(v), 1) for m, v in samples.items()}
