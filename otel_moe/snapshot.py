@@ -51,7 +51,7 @@ def device_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 class Snapshotter:
-    def __init__(self, buffers: RoutingBuffers, counts_only: bool, slots: int = 4) -> None:
+    def __init__(self, buffers: RoutingBuffers, counts_only: bool, slots: int = 16) -> None:
         self.buffers = buffers
         self.counts_only = counts_only
         self.on_cuda = buffers.ids.is_cuda

@@ -104,43 +104,53 @@ def bench_vllm(args, work: Path) -> dict:
     model, model_info = make_model(work, args.device, args.layers)
     collector, endpoint = start_collector(work / "collected")
     os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
-    engines, started = {}, {}
-    common = dict(model=model, max_model_len=args.prompt_len + args.gen_len + 16, seed=0,
-                  distributed_executor_backend="uni", max_num_seqs=args.prompts,
-                  gpu_memory_utilization=args.gpu_memory_utilization)
-    if model_info.get("load_format"):
-        common["load_format"] = model_info["load_format"]
-    if args.device == "cuda":
-        common["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]}
-    for mode in modes:
-        engine_env(mode, work)
-        t0 = time.monotonic()
-        engines[mode] = LLM(enforce_eager=mode.endswith("_eager"),
-                            enable_return_routed_experts=mode == "vllm_routed_experts", **common)
-        if mode == "seed_style_eager":
-            engines[mode].collective_rpc(seed_style.install(str(work / "seed_style.jsonl")))
-        started[mode] = round(time.monotonic() - t0, 1)
-        print(f"engine {mode}: started in {started[mode]} s", flush=True)
-
+    started: dict[str, float] = {}
     prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 1 for j in range(args.prompt_len)]} for i in range(args.prompts)]
     params = SamplingParams(max_tokens=args.gen_len, ignore_eos=True, temperature=0.0, detokenize=False)
     samples: dict[str, list[float]] = {m: [] for m in modes}
     outputs: dict[str, list] = {m: [] for m in modes}
-    for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
-        order = modes if round_index % 2 else list(reversed(modes))
-        for mode in order:
-            t0 = time.perf_counter()
-            results = engines[mode].generate(prompts, params, use_tqdm=False)
-            elapsed = time.perf_counter() - t0
-            generated = sum(len(r.outputs[0].token_ids) for r in results)
-            if round_index:
-                samples[mode].append(generated / elapsed)
-            outputs[mode].extend({"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids),
-                                  "output_token_ids": list(r.outputs[0].token_ids),
-                                  "num_cached_tokens": r.num_cached_tokens or 0} for r in results)
-        print(f"round {round_index}: " + ", ".join(f"{m} {samples[m][-1]:.0f}" for m in modes if samples[m]), flush=True)
-    for llm in engines.values():  # the runners' shutdown flushes the sinks
-        llm.llm_engine.engine_core.shutdown()
+
+    def build(mode: str):
+        engine_env(mode, work)
+        t0 = time.monotonic()
+        llm = LLM(enforce_eager=mode.endswith("_eager"), enable_return_routed_experts=mode == "vllm_routed_experts", **common)
+        if mode == "seed_style_eager":
+            llm.collective_rpc(seed_style.install(str(work / "seed_style.jsonl")))
+        started[mode] = round(time.monotonic() - t0, 1)
+        print(f"engine {mode}: started in {started[mode]} s", flush=True)
+        return llm
+
+    def measure(mode: str, llm, count: bool) -> None:
+        t0 = time.perf_counter()
+        results = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        if count:
+            samples[mode].append(sum(len(r.outputs[0].token_ids) for r in results) / elapsed)
+            print(f"{mode}: {samples[mode][-1]:.0f} tok/s", flush=True)
+        outputs[mode].extend({"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids),
+                              "output_token_ids": list(r.outputs[0].token_ids),
+                              "num_cached_tokens": r.num_cached_tokens or 0} for r in results)
+
+    if args.sequential:
+        # One engine alive at a time (vLLM shares one CUDA-graph memory pool per process, so
+        # engines side by side on a GPU corrupt each other); `off` opens and closes the run
+        # so drift shows.
+        for mode in [*modes, "off"] if modes[0] == "off" else modes:
+            llm = build(mode)
+            for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
+                measure(mode, llm, count=round_index > 0)
+            llm.llm_engine.engine_core.shutdown()  # the runner's shutdown flushes the sink
+            del llm
+            _free_device_memory()
+            # a long GPU run may be cut short: keep what was measured so far
+            Path(args.out + ".partial").write_text(json.dumps({"engine_start_s": started, "samples_tok_s": samples}))
+    else:
+        engines = {mode: build(mode) for mode in modes}
+        for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
+            for mode in modes if round_index % 2 else list(reversed(modes)):
+                measure(mode, engines[mode], count=round_index > 0)
+        for llm in engines.values():  # the runners' shutdown flushes the sinks
+            llm.llm_engine.engine_core.shutdown()
     collector_peak = stop_collector(collector)
 
     throughput = {m: round(statistics.median(v), 1) for m, v in samples.items()}
@@ -154,13 +164,23 @@ def bench_vllm(args, work: Path) -> dict:
     dropped = [int(s.attributes.get(schema.DROPPED_STEPS, 0)) for s in read.iter_collector_spans([str(work / "collected")])
                if s.name == schema.STEP_SPAN]
     return {
-        "model": model_info["name"], "device": args.device, "prompts": args.prompts, "prompt_len": args.prompt_len,
+        "model": model_info["name"], "device": args.device, "schedule": "sequential" if args.sequential else "interleaved", "prompts": args.prompts, "prompt_len": args.prompt_len,
         "gen_len": args.gen_len, "rounds": args.rounds, "modes": modes, "engine_start_s": started,
         "throughput_tok_s": throughput, "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
         "ratio": ratio, "sink": "otlp (gRPC) to the embedded collector on the same machine",
         "exactness": {"records": len(records), "problems": problems[:10], "exact": not problems},
         "dropped_steps_max": max(dropped, default=0), "collector_peak_rss_mib": round(collector_peak / 1024, 1),
     }
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ---- collector throughput -----------------------------------------------------
@@ -266,11 +286,13 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--gen-len", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sequential", action="store_true", help="one engine at a time (the default on cuda)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--collector-steps", type=int, default=60)
     parser.add_argument("--report-steps", type=int, default=200)
     args = parser.parse_args()
     gpu = args.device == "cuda"
+    args.sequential = args.sequential or gpu
     args.modes = args.modes or ",".join(MODES_GPU if gpu else MODES_CPU)
     args.layers = args.layers or (12 if gpu else 8)
     args.prompts = args.prompts or (256 if gpu else 16)
