@@ -15,7 +15,7 @@ from otel_moe.capture import NOT_CAPTURED, RoutingBuffers
 from otel_moe.config import Config
 from otel_moe.sinks import Sink
 from otel_moe.snapshot import Snapshotter
-from otel_moe.step import LayoutError, RequestTracker, StepRecord, external_request_id
+from otel_moe.step import LayoutError, RequestTracker, StepInputs, StepRecord, external_request_id
 
 logger = logging.getLogger("vllm.otel_moe")
 _STOP = object()
@@ -47,28 +47,30 @@ class StepRecorder:
         self._checked_capture = False
         self._last_drop_warning = 0.0
         self._closing: Optional[float] = None  # deadline, once close() began
+        self._external_ids: dict[str, str] = {}  # internal -> user's request id, while live
         self._thread = threading.Thread(target=self._drain, name="otel-moe-sink", daemon=True)
         self._thread.start()
 
     # ---- engine thread -------------------------------------------------
     def on_step(self, scheduler_output: Any, batch_order: list[str], start_ns: int, end_ns: int) -> None:
-        """Called after each real step's forward (total_num_scheduled_tokens > 0)."""
+        """Called after each real step's forward (total_num_scheduled_tokens > 0).
+
+        Only cheap work here: copy what the layout needs, start the snapshot,
+        enqueue. The layout and everything after it happen on the sink's thread.
+        """
         self.on_finished(scheduler_output)
         step = self.steps  # every real step gets an index, so drops leave visible gaps
         self.steps += 1
-        try:
-            layout = self.tracker.layout(scheduler_output, batch_order)
-        except (LayoutError, KeyError) as err:
-            self._drop(scheduler_output.total_num_scheduled_tokens, f"layout: {err}")
-            return
-        n = int(layout.request_tokens.sum())
+        n = scheduler_output.total_num_scheduled_tokens
+        inputs = StepInputs.take(scheduler_output, batch_order)
+        self.tracker.learn(inputs)
         if not self._checked_capture:
             self._check_capture(n)
         snapshot = self.snapshotter.take(n) if n <= self.buffers.max_tokens else None
         if snapshot is None:
             self._drop(n, "no free snapshot slot")
             return
-        item = (step, layout, snapshot, start_ns, end_ns, self.dropped_steps, self.dropped_tokens)
+        item = (step, inputs, snapshot, start_ns, end_ns, self.dropped_steps, self.dropped_tokens)
         try:
             self.queue.put_nowait(item)
         except queue.Full:
@@ -78,7 +80,6 @@ class StepRecorder:
 
     def on_finished(self, scheduler_output: Any) -> None:
         """Pass on the requests vLLM finished (also on steps with no tokens)."""
-        self.tracker.forget_finished(scheduler_output)
         finished = getattr(scheduler_output, "finished_req_ids", None)
         if finished:
             try:
@@ -120,18 +121,33 @@ class StepRecorder:
                 if item is None:
                     self.sink.idle()
                 elif isinstance(item, list):
-                    self.sink.finish([self._external(r) for r in item])
+                    self.tracker.forget(item)
+                    self.sink.finish([self._external(r, forget=True) for r in item])
                 else:
-                    self.sink.write(self._record(*item))
+                    record = self._record(*item)
+                    if record is not None:
+                        self.sink.write(record)
             except Exception:  # a sink problem must never reach the engine
                 self.failed_steps += 1
                 if self.failed_steps == 1:
                     logger.exception("otel-moe: writing a step failed; later failures are only counted")
 
-    def _external(self, internal_id: str) -> str:
-        return external_request_id(internal_id, self.randomized_request_ids)
+    def _external(self, internal_id: str, forget: bool = False) -> str:
+        if forget:
+            return self._external_ids.pop(internal_id, None) or external_request_id(internal_id, self.randomized_request_ids)
+        external = self._external_ids.get(internal_id)
+        if external is None:
+            external = self._external_ids[internal_id] = external_request_id(internal_id, self.randomized_request_ids)
+        return external
 
-    def _record(self, step, layout, snapshot, start_ns, end_ns, dropped_steps, dropped_tokens) -> StepRecord:
+    def _record(self, step, inputs, snapshot, start_ns, end_ns, dropped_steps, dropped_tokens) -> Optional[StepRecord]:
+        try:
+            layout = self.tracker.layout(inputs)
+        except (LayoutError, KeyError) as err:
+            if snapshot.release is not None:
+                snapshot.release()
+            self._drop(inputs.total, f"layout: {err}")
+            return None
         ids, weights, counts = snapshot.to_numpy()
         return StepRecord(
             step=step,

@@ -78,39 +78,64 @@ class StepLayout:
     prompt_lens: np.ndarray
 
 
+@dataclasses.dataclass
+class StepInputs:
+    """What the layout needs from one step, copied on the engine thread (cheap C-level
+    copies) so the engine may reuse its objects while the layout is built elsewhere."""
+
+    total: int
+    scheduled: dict  # request id -> tokens this step
+    batch_order: list  # request ids in batch order
+    new: list  # (request id, first position, prompt length) of newly scheduled requests
+    cached_ids: list
+    cached_computed: list
+
+    @classmethod
+    def take(cls, scheduler_output: Any, batch_order: list) -> "StepInputs":
+        cached = scheduler_output.scheduled_cached_reqs
+        return cls(
+            scheduler_output.total_num_scheduled_tokens,
+            dict(scheduler_output.num_scheduled_tokens),
+            batch_order,
+            [(new.req_id, new.num_computed_tokens, _prompt_len(new)) for new in scheduler_output.scheduled_new_reqs],
+            list(cached.req_ids),
+            list(cached.num_computed_tokens),
+        )
+
+
 class RequestTracker:
-    """Prompt length of every live request, learned from the scheduler's output."""
+    """Prompt length of every live request, learned from the scheduler's output.
+
+    ``learn`` runs on the engine thread for every step, dropped ones too (a
+    request's prompt length comes only with its first step); ``layout`` and
+    ``forget`` run on the sink's thread. Single dict operations: no lock needed.
+    """
 
     def __init__(self) -> None:
         self.prompt_lens: dict[str, int] = {}
 
-    def layout(self, scheduler_output: Any, batch_order: Iterable[str]) -> StepLayout:
-        starts: dict[str, int] = {}
-        for new in scheduler_output.scheduled_new_reqs:
-            starts[new.req_id] = new.num_computed_tokens
-            self.prompt_lens[new.req_id] = _prompt_len(new)
-        cached = scheduler_output.scheduled_cached_reqs
-        for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
-            starts[req_id] = computed
-        scheduled = scheduler_output.num_scheduled_tokens
-        order = [r for r in batch_order if scheduled.get(r, 0) > 0]
-        tokens = np.array([scheduled[r] for r in order], dtype=np.int64)
-        if tokens.sum() != scheduler_output.total_num_scheduled_tokens:
-            raise LayoutError(
-                f"batch order covers {int(tokens.sum())} tokens, "
-                f"the scheduler scheduled {scheduler_output.total_num_scheduled_tokens}"
-            )
-        first = np.array([starts[r] for r in order], dtype=np.int64)
+    def learn(self, inputs: StepInputs) -> None:
+        for req_id, _, prompt_len in inputs.new:
+            self.prompt_lens[req_id] = prompt_len
+
+    def layout(self, inputs: StepInputs) -> StepLayout:
+        starts = dict(zip(inputs.cached_ids, inputs.cached_computed))
+        for req_id, first, _ in inputs.new:
+            starts[req_id] = first
+        scheduled = inputs.scheduled
+        order = [r for r in inputs.batch_order if scheduled.get(r, 0) > 0]
+        tokens = np.fromiter((scheduled[r] for r in order), dtype=np.int64, count=len(order))
+        if tokens.sum() != inputs.total:
+            raise LayoutError(f"batch order covers {int(tokens.sum())} tokens, the scheduler scheduled {inputs.total}")
+        first = np.fromiter((starts[r] for r in order), dtype=np.int64, count=len(order))
         # positions: first[r] + 0..tokens[r]-1 for each request, concatenated
-        offsets = np.arange(int(tokens.sum()), dtype=np.int64) - np.repeat(
-            np.cumsum(tokens) - tokens, tokens
-        )
+        offsets = np.arange(int(tokens.sum()), dtype=np.int64) - np.repeat(np.cumsum(tokens) - tokens, tokens)
         positions = np.repeat(first, tokens) + offsets
-        prompt = np.array([self.prompt_lens.get(r, 0) for r in order], dtype=np.int64)
+        prompt = np.fromiter((self.prompt_lens.get(r, 0) for r in order), dtype=np.int64, count=len(order))
         return StepLayout(order, tokens, positions, prompt)
 
-    def forget_finished(self, scheduler_output: Any) -> None:
-        for req_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
+    def forget(self, request_ids: Iterable[str]) -> None:
+        for req_id in request_ids:
             self.prompt_lens.pop(req_id, None)
 
 

@@ -104,6 +104,13 @@ def bench_vllm(args, work: Path) -> dict:
     model, model_info = make_model(work, args.device, args.layers)
     collector, endpoint = start_collector(work / "collected")
     os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    common = dict(model=model, max_model_len=args.prompt_len + args.gen_len + 16, seed=0,
+                  distributed_executor_backend="uni", max_num_seqs=args.prompts,
+                  gpu_memory_utilization=args.gpu_memory_utilization)
+    if model_info.get("load_format"):
+        common["load_format"] = model_info["load_format"]
+    if args.device == "cuda":
+        common["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]}
     started: dict[str, float] = {}
     prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 1 for j in range(args.prompt_len)]} for i in range(args.prompts)]
     params = SamplingParams(max_tokens=args.gen_len, ignore_eos=True, temperature=0.0, detokenize=False)

@@ -10,11 +10,10 @@ queue then drops and counts steps, and the counts ride on later spans.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from opentelemetry.sdk.resources import Resource
@@ -32,7 +31,6 @@ SPAN_PAYLOAD_BYTES = 1 << 20  # per-token bytes in one moe.step span; larger ste
 EXPORT_BYTES = 3 << 20  # one export request, under the Collector's 4 MiB gRPC default
 EXPORT_SPANS = 512
 MAX_OPEN_REQUESTS = 8192  # per-request tallies kept at once; the oldest is emitted beyond
-MAX_LINKS = 64
 def make_exporter() -> SpanExporter:
     if otlp_protocol() == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -51,15 +49,55 @@ class _HandBack(SpanProcessor):
         self.pending.append(span)
 
 
-@dataclasses.dataclass
-class _RequestTally:
-    start_ns: int
-    end_ns: int
-    layers: list
-    counts: np.ndarray  # [L, E]
-    prefill: int = 0
-    decode: int = 0
-    links: list = dataclasses.field(default_factory=list)
+class RequestTallies:
+    """Per-request totals in arrays indexed by a slot per open request, so a step
+    with hundreds of requests costs a few vectorised operations, not a loop."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.slot_of: dict[str, int] = {}  # insertion order = age
+        self.free: list[int] = []
+        self.layers: list = []
+        self.prefill = np.zeros(0, np.int64)
+        self.decode = np.zeros(0, np.int64)
+        self.start_ns = np.zeros(0, np.int64)
+        self.end_ns = np.zeros(0, np.int64)
+        self.counts: Optional[np.ndarray] = None  # [slots, L, E]
+        self.first_span: dict[int, Any] = {}  # slot -> the context of its first moe.step span
+        self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        old = len(self.prefill)
+        pad = capacity - old
+        self.prefill, self.decode, self.start_ns, self.end_ns = (
+            np.pad(a, (0, pad)) for a in (self.prefill, self.decode, self.start_ns, self.end_ns))
+        if self.counts is not None:
+            self.counts = np.pad(self.counts, ((0, pad), (0, 0), (0, 0)))
+        self.free.extend(range(capacity - 1, old - 1, -1))
+
+    def slots(self, request_ids: list[str], start_ns: int, num_layers: int, num_experts: int) -> np.ndarray:
+        if self.counts is None or self.counts.shape[1:] != (num_layers, num_experts):
+            self.counts = np.zeros((len(self.prefill), num_layers, num_experts), np.int64)
+        out = np.empty(len(request_ids), np.int64)
+        for i, request_id in enumerate(request_ids):
+            slot = self.slot_of.get(request_id)
+            if slot is None:
+                if not self.free:
+                    self._grow(2 * len(self.prefill))
+                slot = self.slot_of[request_id] = self.free.pop()
+                self.prefill[slot] = self.decode[slot] = 0
+                self.counts[slot] = 0
+                self.start_ns[slot] = start_ns
+            out[i] = slot
+        return out
+
+    def pop(self, request_id: str) -> Optional[dict]:
+        slot = self.slot_of.pop(request_id, None)
+        if slot is None:
+            return None
+        self.free.append(slot)
+        return {"prefill": int(self.prefill[slot]), "decode": int(self.decode[slot]),
+                "start_ns": int(self.start_ns[slot]), "end_ns": int(self.end_ns[slot]),
+                "counts": self.counts[slot].copy(), "link": self.first_span.pop(slot, None)}
 
 
 def payload_bytes(span: ReadableSpan) -> int:
@@ -87,7 +125,7 @@ class OtlpSink:
             resource=resource,
             span_limits=SpanLimits(
                 max_span_attributes=128, max_events=4096, max_event_attributes=16,
-                max_links=MAX_LINKS, max_attribute_length=None,
+                max_links=8, max_attribute_length=None,
             ),
         )
         self._provider.add_span_processor(_HandBack(self._pending))
@@ -95,16 +133,20 @@ class OtlpSink:
 
         self.tracer = self._provider.get_tracer(schema.INSTRUMENTATION_SCOPE, version("otel-moe"))
         self.exporter = exporter or make_exporter()
-        self.requests: dict[str, _RequestTally] = {}
+        self.requests = RequestTallies()
+        self.layers: list = []  # of the latest step: the rows of moe.request counts
         self.failed_export_spans = 0
         self.evicted_requests = 0
         self._last_export = time.monotonic()
 
     # ---- steps ----------------------------------------------------------
     def write(self, record: StepRecord) -> None:
-        self._tally(record)  # first, so the request's tally can link to this step's spans
-        for span in self._step_spans(record):
+        slots = self._tally(record)
+        spans = self._step_spans(record)
+        for span in spans:
             self._pending_bytes += payload_bytes(span)
+        for slot in slots.tolist():  # a moe.request links to the step that began it
+            self.requests.first_span.setdefault(slot, spans[0].get_span_context())
         if self._pending_bytes >= EXPORT_BYTES or len(self._pending) >= EXPORT_SPANS:
             self._export()
 
@@ -167,33 +209,27 @@ class OtlpSink:
         for event in events:
             span.add_event(schema.ROUTING_EVENT, event, timestamp=record.end_ns)
         span.end(end_time=record.end_ns)
-        for r in present:
-            tally = self.requests.get(record.request_ids[r])
-            if tally is not None and len(tally.links) < MAX_LINKS:
-                tally.links.append(Link(span.get_span_context()))
         return span
 
     # ---- requests -------------------------------------------------------
-    def _tally(self, record: StepRecord) -> None:
+    def _tally(self, record: StepRecord) -> np.ndarray:
+        """Add the step to its requests' totals; returns their slots."""
+        while len(self.requests.slot_of) + len(record.request_ids) > MAX_OPEN_REQUESTS:
+            self.evicted_requests += 1
+            oldest = next(iter(self.requests.slot_of))
+            self._emit_request(oldest, self.requests.pop(oldest), incomplete=True)
+        t = self.requests
+        self.layers = record.layers
+        slots = t.slots(record.request_ids, record.start_ns, len(record.layers), record.num_experts)
         request_of = record.token_request_index()
-        prefill = record.is_prefill()
+        prefill = np.bincount(request_of, weights=record.is_prefill(), minlength=len(slots)).astype(np.int64)
+        t.prefill[slots] += prefill
+        t.decode[slots] += record.request_tokens - prefill
+        t.end_ns[slots] = record.end_ns
         per_request_counts = self._per_request_counts(record, request_of)
-        for r, request_id in enumerate(record.request_ids):
-            tally = self.requests.get(request_id)
-            if tally is None:
-                if len(self.requests) >= MAX_OPEN_REQUESTS:
-                    self.evicted_requests += 1
-                    oldest = next(iter(self.requests))
-                    self._emit_request(oldest, self.requests.pop(oldest), incomplete=True)
-                tally = self.requests[request_id] = _RequestTally(
-                    record.start_ns, record.end_ns, record.layers,
-                    np.zeros((len(record.layers), record.num_experts), np.int64))
-            mine = request_of == r
-            tally.end_ns = record.end_ns
-            tally.prefill += int(prefill[mine].sum())
-            tally.decode += int((~prefill[mine]).sum())
-            if per_request_counts is not None:
-                tally.counts += per_request_counts[r]
+        if per_request_counts is not None:
+            t.counts[slots] += per_request_counts
+        return slots
 
     @staticmethod
     def _per_request_counts(record: StepRecord, request_of: np.ndarray) -> Optional[np.ndarray]:
@@ -207,26 +243,27 @@ class OtlpSink:
 
     def finish(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
-            tally = self.requests.pop(request_id, None)
+            tally = self.requests.pop(request_id)
             if tally is not None:
                 self._emit_request(request_id, tally)
 
-    def _emit_request(self, request_id: str, tally: _RequestTally, incomplete: bool = False) -> None:
+    def _emit_request(self, request_id: str, tally: dict, incomplete: bool = False) -> None:
         attributes = {
             schema.SCHEMA: schema.SCHEMA_VERSION,
             schema.REQUEST_ID: request_id,
-            schema.PREFILL_TOKENS: tally.prefill,
-            schema.DECODE_TOKENS: tally.decode,
+            schema.PREFILL_TOKENS: tally["prefill"],
+            schema.DECODE_TOKENS: tally["decode"],
             schema.MODE: self.mode,
         }
         if self.mode == "tokens":
-            attributes[schema.LAYERS] = list(tally.layers)
-            attributes[schema.NUM_EXPERTS] = tally.counts.shape[1]
-            attributes[schema.REQUEST_EXPERT_COUNTS] = schema.encode_counts(tally.counts)
+            attributes[schema.LAYERS] = list(self.layers)
+            attributes[schema.NUM_EXPERTS] = tally["counts"].shape[1]
+            attributes[schema.REQUEST_EXPERT_COUNTS] = schema.encode_counts(tally["counts"])
         if incomplete:
             attributes[schema.REQUEST_INCOMPLETE] = True
-        span = self.tracer.start_span(schema.REQUEST_SPAN, start_time=tally.start_ns, attributes=attributes, links=tally.links)
-        span.end(end_time=tally.end_ns)
+        links = [Link(tally["link"])] if tally["link"] is not None else []
+        span = self.tracer.start_span(schema.REQUEST_SPAN, start_time=tally["start_ns"], attributes=attributes, links=links)
+        span.end(end_time=tally["end_ns"])
         self._pending_bytes += payload_bytes(span)
 
     # ---- export ---------------------------------------------------------
@@ -248,7 +285,7 @@ class OtlpSink:
 
     def close(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        for request_id in list(self.requests):
+        for request_id in list(self.requests.slot_of):
             self._emit_request(request_id, self.requests.pop(request_id))
         if time.monotonic() < deadline:
             self._export()
