@@ -146,9 +146,9 @@ def decode_step(span: Span) -> StepSpan:
         run=run_key(span.resource), step=int(a[schema.STEP_INDEX]), chunk=int(a.get(schema.STEP_CHUNK, 0)),
         start_ns=span.start_ns, end_ns=span.end_ns, top_k=top_k, num_experts=int(a[schema.NUM_EXPERTS]),
         request_ids=list(a.get(schema.REQUEST_IDS, [])),
-        request_tokens=np.asarray(a.get(schema.REQUEST_TOKENS, []), dtype=np.int64),
-        first_positions=np.asarray(a.get(schema.REQUEST_FIRST_POSITIONS, []), dtype=np.int64),
-        prompt_lens=np.asarray(a.get(schema.REQUEST_PROMPT_LENS, []), dtype=np.int64),
+        request_tokens=schema.decode_u32(a.get(schema.REQUEST_TOKENS, b"")),
+        first_positions=schema.decode_u32(a.get(schema.REQUEST_FIRST_POSITIONS, b"")),
+        prompt_lens=schema.decode_u32(a.get(schema.REQUEST_PROMPT_LENS, b"")),
         ids=ids, weights=weights, counts=counts, dropped_steps=int(a.get(schema.DROPPED_STEPS, 0)),
     )
 

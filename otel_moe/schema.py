@@ -33,9 +33,11 @@ MODE = "moe.mode"  # "tokens" | "counts"
 NUM_TOKENS = "moe.step.num_tokens"  # tokens in this span (this chunk)
 NUM_REQUESTS = "moe.step.num_requests"
 REQUEST_IDS = "moe.step.request_ids"  # string[], batch order (a request may be split over chunks)
-REQUEST_TOKENS = "moe.step.request_tokens"  # int[], tokens of each request in this span
-REQUEST_FIRST_POSITIONS = "moe.step.request_first_positions"  # int[], position of each one's first token
-REQUEST_PROMPT_LENS = "moe.step.request_prompt_lens"  # int[]: position < prompt_len -> prefill
+# Per-request arrays are bytes ("<u4", one per request id): hundreds of requests per step
+# would otherwise cost an attribute check per element in the SDK, on the engine's host.
+REQUEST_TOKENS = "moe.step.request_tokens"  # tokens of each request in this span
+REQUEST_FIRST_POSITIONS = "moe.step.request_first_positions"  # position of each one's first token
+REQUEST_PROMPT_LENS = "moe.step.request_prompt_lens"  # position < prompt_len -> prefill
 LAYERS = "moe.layers"  # int[], layers that have a moe.routing event
 TOP_K = "moe.top_k"
 NUM_EXPERTS = "moe.num_experts"
@@ -57,6 +59,7 @@ PREFILL_TOKENS = "moe.request.prefill_tokens"
 DECODE_TOKENS = "moe.request.decode_tokens"
 REQUEST_EXPERT_COUNTS = "moe.request.expert_counts"  # bytes: [L, E] "<u4", L = moe.layers, E = moe.num_experts
 COUNTS_DTYPE = "<u4"
+U32 = "<u4"
 REQUEST_INCOMPLETE = "moe.request.incomplete"  # true: evicted before vLLM reported it finished
 
 WEIGHTS_DTYPE = "<f4"
@@ -80,6 +83,16 @@ def encode_ids(ids: np.ndarray, num_experts: int) -> tuple[bytes, str]:
 
 def encode_weights(weights: np.ndarray) -> bytes:
     return np.ascontiguousarray(weights, dtype=WEIGHTS_DTYPE).tobytes()
+
+
+def encode_u32(values: np.ndarray) -> bytes:
+    return np.ascontiguousarray(values, dtype=U32).tobytes()
+
+
+def decode_u32(data: Union[bytes, str]) -> np.ndarray:
+    if isinstance(data, str):
+        data = base64.b64decode(data)
+    return np.frombuffer(data, dtype=U32).astype(np.int64)
 
 
 def encode_counts(counts: np.ndarray) -> bytes:

@@ -56,6 +56,10 @@ def _attr(key, value):
     return {"key": key, "value": {"arrayValue": {"values": inner}}}
 
 
+def u32(values) -> bytes:
+    return struct.pack(f"<{len(values)}I", *values)
+
+
 def golden_otlp_line(run="run-1", version=schema.SCHEMA_VERSION, e2e=(0.5, 0.25)) -> str:
     spans = []
     for step in (0, 1):
@@ -71,9 +75,9 @@ def golden_otlp_line(run="run-1", version=schema.SCHEMA_VERSION, e2e=(0.5, 0.25)
         attrs = {schema.SCHEMA: version, schema.STEP_INDEX: step, schema.MODE: "tokens", schema.LAYERS: [0, 1],
                  schema.TOP_K: 2, schema.NUM_EXPERTS: 4, schema.NUM_TOKENS: len(rows),
                  schema.REQUEST_IDS: requests,
-                 schema.REQUEST_TOKENS: [sum(r[1] == q for r in rows) for q in requests],
-                 schema.REQUEST_FIRST_POSITIONS: [min(r[2] for r in rows if r[1] == q) for q in requests],
-                 schema.REQUEST_PROMPT_LENS: [{"a": 2, "b": 1}[q] for q in requests]}
+                 schema.REQUEST_TOKENS: u32([sum(r[1] == q for r in rows) for q in requests]),
+                 schema.REQUEST_FIRST_POSITIONS: u32([min(r[2] for r in rows if r[1] == q) for q in requests]),
+                 schema.REQUEST_PROMPT_LENS: u32([{"a": 2, "b": 1}[q] for q in requests])}
         spans.append({"traceId": f"{step + 1:032x}", "spanId": f"{step + 1:016x}", "name": schema.STEP_SPAN, "kind": 1,
                       "startTimeUnixNano": "1", "endTimeUnixNano": "2",
                       "attributes": [_attr(k, v) for k, v in attrs.items()], "events": events})

@@ -101,15 +101,14 @@ class RequestTallies:
 
 
 def payload_bytes(span: ReadableSpan) -> int:
-    """A cheap upper estimate of a span's encoded size."""
-    size = 256 + 48 * len(span.attributes or {})
+    """A cheap upper estimate of a span's encoded size (never walks list elements)."""
+    size = 256
     for value in (span.attributes or {}).values():
-        if isinstance(value, (tuple, list)):
-            size += sum(len(v) + 4 if isinstance(v, str) else 11 for v in value)
+        size += 48 + (len(value) * 40 if isinstance(value, (tuple, list, bytes, str)) else 0)
     for event in span.events:
         size += 64
         for value in (event.attributes or {}).values():
-            size += len(value) + 8 if isinstance(value, (bytes, str)) else 16
+            size += 16 + (len(value) + 8 if isinstance(value, (bytes, str)) else 16)
             if isinstance(value, (tuple, list)):
                 size += 11 * len(value)
     return size
@@ -145,8 +144,12 @@ class OtlpSink:
         spans = self._step_spans(record)
         for span in spans:
             self._pending_bytes += payload_bytes(span)
+        first_span = self.requests.first_span
+        context = None
         for slot in slots.tolist():  # a moe.request links to the step that began it
-            self.requests.first_span.setdefault(slot, spans[0].get_span_context())
+            if slot not in first_span:
+                context = context or spans[0].get_span_context()
+                first_span[slot] = context
         if self._pending_bytes >= EXPORT_BYTES or len(self._pending) >= EXPORT_SPANS:
             self._export()
 
@@ -201,9 +204,9 @@ class OtlpSink:
             schema.NUM_TOKENS: hi - lo,
             schema.NUM_REQUESTS: len(present),
             schema.REQUEST_IDS: [record.request_ids[r] for r in present],
-            schema.REQUEST_TOKENS: tokens.tolist(),
-            schema.REQUEST_FIRST_POSITIONS: record.positions[lo + first_index].tolist(),
-            schema.REQUEST_PROMPT_LENS: record.prompt_lens[present].tolist(),
+            schema.REQUEST_TOKENS: schema.encode_u32(tokens),
+            schema.REQUEST_FIRST_POSITIONS: schema.encode_u32(record.positions[lo + first_index]),
+            schema.REQUEST_PROMPT_LENS: schema.encode_u32(record.prompt_lens[present]),
         })
         span = self.tracer.start_span(schema.STEP_SPAN, start_time=record.start_ns, attributes=attributes)
         for event in events:
@@ -226,20 +229,13 @@ class OtlpSink:
         t.prefill[slots] += prefill
         t.decode[slots] += record.request_tokens - prefill
         t.end_ns[slots] = record.end_ns
-        per_request_counts = self._per_request_counts(record, request_of)
-        if per_request_counts is not None:
-            t.counts[slots] += per_request_counts
+        if record.ids is not None:
+            # one scatter-add of every (request, layer, expert) hit, straight into the totals
+            num_layers, num_experts = len(record.layers), record.num_experts
+            key = ((slots[request_of][:, None, None] * num_layers + np.arange(num_layers)[None, :, None])
+                   * num_experts + record.ids)
+            np.add.at(t.counts.reshape(-1), key.ravel(), 1)
         return slots
-
-    @staticmethod
-    def _per_request_counts(record: StepRecord, request_of: np.ndarray) -> Optional[np.ndarray]:
-        """[R, L, E] counts, or None in counts mode (no per-token ids to split by)."""
-        if record.ids is None:
-            return None
-        num_layers, num_experts = len(record.layers), record.num_experts
-        key = (request_of[:, None, None] * num_layers + np.arange(num_layers)[None, :, None]) * num_experts + record.ids
-        counts = np.bincount(key.ravel(), minlength=len(record.request_ids) * num_layers * num_experts)
-        return counts.reshape(len(record.request_ids), num_layers, num_experts)
 
     def finish(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
