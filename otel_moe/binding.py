@@ -9,6 +9,8 @@ to 0.33; Model Runner V1, V2 and the CPU runner):
     tokens; never a profile, warm-up, dummy or capture run) hand the step to
     the recorder.
   - ``shutdown``: flush the recorder while the engine goes down.
+And one on the workers: ``compile_or_warm_up_model`` marks the warm-up, whose
+made-up requests go through the real execute_model in Model Runner V2.
 """
 from __future__ import annotations
 
@@ -31,6 +33,13 @@ RUNNER_CLASSES = (
     ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner"),  # Model Runner V2
 )
+# Workers whose warm-up pushes made-up requests ("_warmup_0_"...) through the
+# runner's real execute_model (Model Runner V2 does): those steps are not recorded.
+WORKER_CLASSES = (
+    ("vllm.v1.worker.gpu_worker", "Worker"),
+    ("vllm.v1.worker.cpu_worker", "CPUWorker"),
+)
+_WARMING = "_otel_moe_warming"
 _WRAPPED = "_otel_moe_wrapped"
 _RECORDER = "_otel_moe_recorder"
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -43,24 +52,44 @@ def install() -> int:
     this process later (a benchmark's second engine, say) follows the
     environment of its own creation.
     """
-    wrapped = 0
-    for module_name, class_name in RUNNER_CLASSES:
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except Exception as err:  # absent in this version or platform
-            logger.debug("otel-moe: %s.%s not available: %s", module_name, class_name, err)
-            continue
-        for method, wrapper in (("load_model", _wrap_load_model), ("execute_model", _wrap_execute_model),
-                                ("shutdown", _wrap_shutdown)):
-            original = cls.__dict__.get(method)
-            if original is not None and not getattr(original, _WRAPPED, False):
-                patched = wrapper(original)
-                setattr(patched, _WRAPPED, True)
-                setattr(cls, method, patched)
-                wrapped += 1
+    runner_methods = (("load_model", _wrap_load_model), ("execute_model", _wrap_execute_model),
+                      ("shutdown", _wrap_shutdown))
+    wrapped = sum(_wrap_class(m, c, runner_methods) for m, c in RUNNER_CLASSES)
+    for module_name, class_name in WORKER_CLASSES:
+        _wrap_class(module_name, class_name, (("compile_or_warm_up_model", _wrap_warm_up),))
     if wrapped == 0:
         logger.warning("otel-moe: no vLLM model runner found; routing will not be recorded")
     return wrapped
+
+
+def _wrap_class(module_name: str, class_name: str, methods) -> int:
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except Exception as err:  # absent in this version or platform
+        logger.debug("otel-moe: %s.%s not available: %s", module_name, class_name, err)
+        return 0
+    wrapped = 0
+    for method, wrapper in methods:
+        original = cls.__dict__.get(method)  # only what this class defines itself
+        if original is not None and not getattr(original, _WRAPPED, False):
+            patched = wrapper(original)
+            patched.__wrapped__ = original
+            setattr(patched, _WRAPPED, True)
+            setattr(cls, method, patched)
+            wrapped += 1
+    return wrapped
+
+
+def _wrap_warm_up(original: Callable) -> Callable:
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        runner = getattr(self, "model_runner", None)
+        setattr(runner, _WARMING, True)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            setattr(runner, _WARMING, False)
+
+    return compile_or_warm_up_model
 
 
 def _wrap_load_model(original: Callable) -> Callable:
@@ -71,14 +100,13 @@ def _wrap_load_model(original: Callable) -> Callable:
             setattr(self, _RECORDER, (config and attach(self, config)) or False)
         return result
 
-    load_model.__wrapped__ = original
     return load_model
 
 
 def _wrap_execute_model(original: Callable) -> Callable:
     def execute_model(self, scheduler_output, *args, **kwargs):
         recorder = getattr(self, _RECORDER, None)
-        if not recorder or kwargs.get("dummy_run") or scheduler_output is None:
+        if not recorder or kwargs.get("dummy_run") or scheduler_output is None or getattr(self, _WARMING, False):
             return original(self, scheduler_output, *args, **kwargs)
         if not getattr(scheduler_output, "total_num_scheduled_tokens", 0):
             recorder.on_finished(scheduler_output)  # a step with no tokens still finishes requests
@@ -94,7 +122,6 @@ def _wrap_execute_model(original: Callable) -> Callable:
                 logger.exception("otel-moe: recording a step failed; later failures are only counted")
         return result
 
-    execute_model.__wrapped__ = original
     return execute_model
 
 
@@ -105,7 +132,6 @@ def _wrap_shutdown(original: Callable) -> Callable:
             recorder.close()  # flush while the engine goes down, not only at process exit
         return original(self, *args, **kwargs)
 
-    shutdown.__wrapped__ = original
     return shutdown
 
 

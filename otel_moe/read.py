@@ -141,7 +141,7 @@ def decode_step(span: Span) -> StepSpan:
             weights[layer] = schema.decode_array(event[schema.EXPERT_WEIGHTS], schema.WEIGHTS_DTYPE, top_k)
             counts[layer] = np.bincount(ids[layer].ravel().astype(np.int64), minlength=int(a[schema.NUM_EXPERTS]))
         else:
-            counts[layer] = np.asarray(event[schema.EXPERT_COUNTS], dtype=np.int64)
+            counts[layer] = schema.decode_u32(event[schema.EXPERT_COUNTS])
     return StepSpan(
         run=run_key(span.resource), step=int(a[schema.STEP_INDEX]), chunk=int(a.get(schema.STEP_CHUNK, 0)),
         start_ns=span.start_ns, end_ns=span.end_ns, top_k=top_k, num_experts=int(a[schema.NUM_EXPERTS]),

@@ -20,6 +20,13 @@ from otel_moe.step import LayoutError, RequestTracker, StepInputs, StepRecord, e
 logger = logging.getLogger("vllm.otel_moe")
 _STOP = object()
 DROP_WARNING_INTERVAL_S = 60.0
+# The engine's loop is Python too: a sink thread that held the GIL until the
+# interpreter's 5 ms switch interval forced it out would stall the engine on
+# every step. The sink thread gives the GIL up after each item instead.
+
+
+def yield_gil() -> None:
+    time.sleep(0)
 IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
 
 
@@ -126,11 +133,13 @@ class StepRecorder:
                 else:
                     record = self._record(*item)
                     if record is not None:
+                        yield_gil()
                         self.sink.write(record)
             except Exception:  # a sink problem must never reach the engine
                 self.failed_steps += 1
                 if self.failed_steps == 1:
                     logger.exception("otel-moe: writing a step failed; later failures are only counted")
+            yield_gil()
 
     def _external(self, internal_id: str, forget: bool = False) -> str:
         if forget:

@@ -23,6 +23,7 @@ from opentelemetry.trace import Link
 
 from otel_moe import schema
 from otel_moe.config import Config, otlp_protocol
+from otel_moe.recorder import yield_gil
 from otel_moe.step import StepRecord
 
 logger = logging.getLogger("vllm.otel_moe")
@@ -141,6 +142,7 @@ class OtlpSink:
     # ---- steps ----------------------------------------------------------
     def write(self, record: StepRecord) -> None:
         slots = self._tally(record)
+        yield_gil()  # let the engine's thread in between the pieces of work (see recorder)
         spans = self._step_spans(record)
         for span in spans:
             self._pending_bytes += payload_bytes(span)
@@ -171,7 +173,8 @@ class OtlpSink:
         common = self._common_attributes(record)
         if record.ids is None:  # counts mode: one small span per step
             counts = record.layer_counts()
-            events = [{schema.LAYER: layer, schema.EXPERT_COUNTS: counts[c].tolist()} for c, layer in enumerate(record.layers)]
+            events = [{schema.LAYER: layer, schema.EXPERT_COUNTS: schema.encode_u32(counts[c])}
+                      for c, layer in enumerate(record.layers)]
             return [self._emit_step(record, common, 0, record.num_tokens, 0, 1, events)]
         per_token = len(record.layers) * record.top_k * (schema.ids_dtype(record.num_experts).itemsize + 4)
         chunk_tokens = max(1, SPAN_PAYLOAD_BYTES // per_token)
@@ -271,6 +274,7 @@ class OtlpSink:
         spans, self._pending[:] = list(self._pending), []
         self._pending_bytes = 0
         for batch in _batches(spans):
+            yield_gil()
             try:
                 ok = self.exporter.export(batch) == SpanExportResult.SUCCESS
             except Exception:
