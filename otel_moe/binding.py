@@ -30,15 +30,15 @@ logger = logging.getLogger("vllm.otel_moe")
 
 RUNNER_CLASSES = (
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),  # Model Runner V1
-    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner"),  # Model Runner V2
 )
 # Workers whose warm-up pushes made-up requests ("_warmup_0_"...) through the
 # runner's real execute_model (Model Runner V2 does): those steps are not recorded.
-WORKER_CLASSES = (
-    ("vllm.v1.worker.gpu_worker", "Worker"),
-    ("vllm.v1.worker.cpu_worker", "CPUWorker"),
-)
+WORKER_CLASSES = (("vllm.v1.worker.gpu_worker", "Worker"),)
+# Only on the CPU platform: importing vLLM's CPU worker replaces torch.cuda.Event
+# process-wide (vllm/v1/worker/cpu/shm.py), which breaks Inductor on a GPU.
+CPU_RUNNER_CLASSES = (("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),)
+CPU_WORKER_CLASSES = (("vllm.v1.worker.cpu_worker", "CPUWorker"),)
 _WARMING = "_otel_moe_warming"
 _WRAPPED = "_otel_moe_wrapped"
 _RECORDER = "_otel_moe_recorder"
@@ -54,12 +54,24 @@ def install() -> int:
     """
     runner_methods = (("load_model", _wrap_load_model), ("execute_model", _wrap_execute_model),
                       ("shutdown", _wrap_shutdown))
-    wrapped = sum(_wrap_class(m, c, runner_methods) for m, c in RUNNER_CLASSES)
-    for module_name, class_name in WORKER_CLASSES:
+    runners, workers = RUNNER_CLASSES, WORKER_CLASSES
+    if _on_cpu():
+        runners, workers = runners + CPU_RUNNER_CLASSES, workers + CPU_WORKER_CLASSES
+    wrapped = sum(_wrap_class(m, c, runner_methods) for m, c in runners)
+    for module_name, class_name in workers:
         _wrap_class(module_name, class_name, (("compile_or_warm_up_model", _wrap_warm_up),))
     if wrapped == 0:
         logger.warning("otel-moe: no vLLM model runner found; routing will not be recorded")
     return wrapped
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cpu()
+    except Exception:
+        return False
 
 
 def _wrap_class(module_name: str, class_name: str, methods) -> int:
