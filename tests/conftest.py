@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from otel_moe.collector.process import CollectorProcess  # noqa: F401  (tests import it from here)
+
 HERE = Path(__file__).parent
 VLLM_RUN = HERE / "vllm_run.py"
 FLAGS = ("VLLM_LOG_MOE", "VLLM_LOG_LAYER", "VLLM_LOG_MOE_MODE", "VLLM_NUM_MOE_LAYERS", "OTEL_MOE_RUN_ID")
@@ -114,40 +116,6 @@ def qwen2_prefix_cached(models, tmp_path_factory) -> VllmRun:
     spec = {"model": models["qwen2_moe"], "eager": True, "prompts": prompts, "max_tokens": 4,
             "max_num_batched_tokens": 128, "prefix_caching": True, "batches": [[0], [1, 2]]}
     return run_vllm(wd, spec, VLLM_LOG_MOE=str(wd / "routing.jsonl"))
-
-
-class CollectorProcess:
-    """The real embedded collector, as a subprocess on free loopback ports."""
-
-    def __init__(self, out_dir: Path, *extra: str):
-        import re
-
-        self.out_dir = out_dir
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "otel_moe.cli", "collector", "--out", str(out_dir),
-             "--grpc-port", "0", "--http-port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        ready = self.proc.stdout.readline()  # printed once both receivers listen
-        match = re.search(r"gRPC ([\d.]+):(\d+) OTLP/HTTP [\d.]+:(\d+)", ready)
-        if not match:
-            self.proc.kill()
-            raise RuntimeError(f"collector did not start: {ready!r} {self.proc.stderr.read()}")
-        self.host, self.grpc_port, self.http_port = match.group(1), int(match.group(2)), int(match.group(3))
-
-    @property
-    def grpc_endpoint(self) -> str:
-        return f"http://{self.host}:{self.grpc_port}"
-
-    @property
-    def http_endpoint(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
-
-    def stop(self, sig=None) -> int:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig or signal.SIGTERM)
-        return self.proc.wait(timeout=30)
 
 
 @pytest.fixture

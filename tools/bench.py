@@ -12,10 +12,7 @@ import argparse
 import json
 import os
 import platform
-import re
-import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,34 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
+from otel_moe.collector.process import CollectorProcess  # noqa: E402
+
 MODES_CPU = ["off", "counts", "tokens", "off_eager", "seed_style_eager"]
 MODES_GPU = ["off", "counts", "tokens", "vllm_routed_experts", "off_eager", "seed_style_eager"]
-
-
-# ---- the embedded collector as a subprocess ---------------------------------
-def start_collector(out_dir: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "otel_moe.cli", "collector", "--out", str(out_dir),
-                             "--grpc-port", "0", "--http-port", "0"], stdout=subprocess.PIPE, text=True)
-    match = re.search(r"gRPC ([\d.]+:\d+)", proc.stdout.readline())
-    if not match:
-        proc.kill()
-        raise RuntimeError("collector did not start")
-    return proc, f"http://{match.group(1)}"
-
-
-def stop_collector(proc: subprocess.Popen) -> int:
-    """SIGTERM, wait; returns the collector's peak resident memory in KiB."""
-    peak = peak_rss_kib(proc.pid)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    return peak
-
-
-def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
 
 
 # ---- vLLM overhead ----------------------------------------------------------
@@ -102,8 +75,8 @@ def bench_vllm(args, work: Path) -> dict:
 
     modes = args.modes.split(",")
     model, model_info = make_model(work, args.device, args.layers)
-    collector, endpoint = start_collector(work / "collected")
-    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    collector = CollectorProcess(work / "collected")
+    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
     common = dict(model=model, max_model_len=args.prompt_len + args.gen_len + 16, seed=0,
                   distributed_executor_backend="uni", max_num_seqs=args.prompts,
                   gpu_memory_utilization=args.gpu_memory_utilization)
@@ -158,7 +131,8 @@ def bench_vllm(args, work: Path) -> dict:
                 measure(mode, engines[mode], count=round_index > 0)
         for llm in engines.values():  # the runners' shutdown flushes the sinks
             llm.llm_engine.engine_core.shutdown()
-    collector_peak = stop_collector(collector)
+    collector_peak = collector.peak_rss_kib()
+    collector.stop()
 
     throughput = {m: round(statistics.median(v), 1) for m, v in samples.items()}
     ratio = {m: round(throughput[m] / throughput["off"], 3) for m in modes if m != "off"}
@@ -215,8 +189,8 @@ def bench_collector(args, work: Path) -> dict:
 
     layers, top_k, experts, tokens, steps = 24, 4, 60, 2048, args.collector_steps
     records = list(synthetic_records(steps, tokens, layers, top_k, experts))
-    proc, endpoint = start_collector(work / "collector-bench")
-    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    collector = CollectorProcess(work / "collector-bench")
+    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
     sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {})
     t0 = time.perf_counter()
     for record in records:
@@ -224,7 +198,8 @@ def bench_collector(args, work: Path) -> dict:
         sink.finish(record.request_ids)
     sink.close(120)
     elapsed = time.perf_counter() - t0  # every export acknowledged: written by the collector
-    peak = stop_collector(proc)
+    peak = collector.peak_rss_kib()
+    collector.stop()
     ids = steps * tokens * layers * top_k
     files = list((work / "collector-bench").glob("traces*.json"))
     return {"expert_ids_per_s": round(ids / elapsed), "expert_ids": ids, "seconds": round(elapsed, 2),

@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,19 +33,6 @@ if __name__ == "__main__":
 """
 
 
-def start_collector(out_dir: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "otel_moe.cli", "collector", "--out", str(out_dir), "--grpc-port", "0", "--http-port", "0"],
-        stdout=subprocess.PIPE, text=True)
-    ready = proc.stdout.readline()  # printed once it listens: no sleeping
-    match = re.search(r"gRPC ([\d.]+:\d+)", ready)
-    if not match:
-        proc.kill()
-        raise SystemExit(f"the collector did not start: {ready!r}")
-    print(ready.strip())
-    return proc, f"http://{match.group(1)}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="out/demo")
@@ -62,14 +47,17 @@ def main() -> int:
     tiny_model.build(str(model), "qwen2_moe")
     print(f"tiny model: {model}")
 
-    collector, endpoint = start_collector(out / "collected")
+    from otel_moe.collector.process import CollectorProcess
+
+    collector = CollectorProcess(out / "collected")
+    endpoint = collector.grpc_endpoint
+    print(f"embedded collector: OTLP/gRPC {endpoint}, OTLP/HTTP {collector.http_endpoint}")
     try:
         env = dict(os.environ, VLLM_LOG_MOE="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
                    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc", OTEL_SERVICE_NAME="otel-moe-demo")
         subprocess.run([sys.executable, "-c", GENERATE, str(model), json.dumps(PROMPTS), endpoint], env=env, check=True)
     finally:
-        collector.send_signal(signal.SIGTERM)
-        collector.wait(timeout=30)
+        collector.stop()
     print(f"collector files (OTLP/JSON, one export per line): {out / 'collected'}")
 
     from otel_moe.report.main import build_report
