@@ -239,14 +239,15 @@ def bench_report(args, work: Path) -> dict:
         sink.finish(record.request_ids)
     sink.close(60)
     ids = args.report_steps * tokens * layers * top_k
-    # In a fresh process, for its own peak memory; the streaming pass is timed apart from the PNGs.
-    code = ("import json, resource, sys, time\nimport otel_moe.report.build as build\n"
+    # In a fresh process, for its own peak memory (VmHWM: ru_maxrss would carry the forking
+    # parent's peak across exec); the streaming pass is timed apart from the PNGs.
+    code = ("import json, sys, time\nimport otel_moe.report.build as build\n"
             "from otel_moe.report.main import build_report\ntimes = {}\nplain = build.aggregate\n"
             "def timed(*a, **k):\n    t = time.perf_counter()\n    r = plain(*a, **k)\n"
             "    times['aggregate'] = time.perf_counter() - t\n    return r\n"
             "build.aggregate = timed\nt = time.perf_counter()\nbuild_report([sys.argv[1]], sys.argv[2])\n"
             "print(json.dumps({'seconds': time.perf_counter() - t, 'aggregate_seconds': times['aggregate'], "
-            "'peak_rss_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))")
+            "'peak_rss_kib': [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]}))")
     result = json.loads(subprocess.run([sys.executable, "-c", code, str(path), str(work / "report-out")],
                                        check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     return {"expert_ids_per_s": round(ids / result["aggregate_seconds"]), "expert_ids": ids,
