@@ -35,3 +35,50 @@ def test_jsonl_on_a_full_disk_drops_and_counts(models, mixtral_eager_layers, tmp
     assert _tokens(run) == _tokens(mixtral_eager_layers)
     assert "cannot write /dev/full" in run.log
     assert "failed in the sink" in run.log
+
+
+LONG = {"prompts": ["the expert router sends every token to a few experts"] * 4, "max_tokens": 300,
+        "max_num_batched_tokens": 64, "max_model_len": 512, "eager": True}
+
+
+def test_collector_killed_mid_run(models, tmp_path):
+    """SIGKILL the collector once routing is flowing: vLLM finishes every request with the
+    same tokens as without telemetry, and the JSONL sink beside it stays exact."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import VLLM_RUN, CollectorProcess, clean_env
+    from otel_moe.verify import exactness_problems
+
+    reference = run_vllm(tmp_path / "off", {"model": models["mixtral"], **LONG})
+    collector = CollectorProcess(tmp_path / "collected")
+    killed = threading.Event()
+
+    def kill_when_routing_arrives():
+        live = tmp_path / "collected" / "traces.json"
+        while not killed.is_set():  # no event for "a line landed in a file": poll it
+            if live.exists() and b'"moe.step"' in live.read_bytes():
+                collector.stop(signal.SIGKILL)
+                killed.set()
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_when_routing_arrives, daemon=True)
+    watcher.start()
+    wd = tmp_path / "on"
+    wd.mkdir()
+    (wd / "spec.json").write_text(json.dumps({"model": models["mixtral"], **LONG}))
+    proc = subprocess.run([sys.executable, str(VLLM_RUN), str(wd / "spec.json"), str(wd / "outputs.json")],
+                          env=clean_env(VLLM_LOG_MOE=f"otlp,{wd / 'routing.jsonl'}", OTEL_EXPORTER_OTLP_TIMEOUT="1",
+                                        OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint),
+                          capture_output=True, text=True, timeout=600)
+    killed.set()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = json.loads((wd / "outputs.json").read_text())["outputs"]
+    assert collector.proc.returncode == -signal.SIGKILL  # it really died mid-run
+    assert [o["output_token_ids"] for o in outputs] == _tokens(reference)
+    records = [json.loads(line) for line in open(wd / "routing.jsonl")]
+    assert exactness_problems(records, outputs, [0, 1, 2, 3]) == []
+    assert "OTLP export of" in proc.stdout + proc.stderr

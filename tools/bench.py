@@ -209,6 +209,48 @@ def bench_collector(args, work: Path) -> dict:
             "note": "sender (OTLP exporter) and collector share this machine's cores"}
 
 
+# ---- soak: the collector under sustained load ------------------------------------
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench_soak(args, work: Path) -> dict:
+    """Minutes of steady OTLP load into the collector (rotating its files), its memory sampled."""
+    from otel_moe.config import from_env
+    from otel_moe.sinks.otlp import OtlpSink
+
+    layers, top_k, experts, tokens = 24, 4, 60, 2048
+    records = list(synthetic_records(8, tokens, layers, top_k, experts))
+    collector = CollectorProcess(work / "soak", "--rotate-mb", "64")
+    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {})
+    samples, steps, t0 = [], 0, time.monotonic()
+    next_sample = t0
+    while time.monotonic() - t0 < args.soak_seconds:
+        record = records[steps % len(records)]
+        record.step = steps
+        sink.write(record)
+        sink.finish(record.request_ids)
+        steps += 1
+        if time.monotonic() >= next_sample:
+            samples.append(rss_kib(collector.proc.pid))
+            next_sample += 1.0
+            for old in sorted((work / "soak").glob("traces-*.json"))[:-2]:
+                old.unlink()  # keep the disk bounded: rotation is what is being soaked
+    sink.close(60)
+    elapsed = time.monotonic() - t0
+    peak = collector.peak_rss_kib()
+    collector.stop()
+    tail = samples[len(samples) // 2:]
+    return {"seconds": round(elapsed, 1), "expert_ids_per_s": round(steps * tokens * layers * top_k / elapsed),
+            "failed_export_spans": sink.failed_export_spans, "collector_rss_mib_first_10s": round(max(samples[:10]) / 1024, 1),
+            "collector_rss_mib_second_half_max": round(max(tail) / 1024, 1), "collector_peak_rss_mib": round(peak / 1024, 1),
+            "note": "bounded memory: the second half's maximum stays at the level of the first seconds"}
+
+
 # ---- report throughput ----------------------------------------------------------
 def bench_report(args, work: Path) -> dict:
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -262,7 +304,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--sections", default="vllm,collector,report")
+    parser.add_argument("--sections", default="vllm,collector,report,soak")
+    parser.add_argument("--soak-seconds", type=float, default=120)
     parser.add_argument("--modes", default=None)
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--prompts", type=int, default=None)
@@ -295,6 +338,8 @@ def main() -> int:
             results["collector"] = bench_collector(args, work)
         if "report" in sections:
             results["report"] = bench_report(args, work)
+        if "soak" in sections:
+            results["soak"] = bench_soak(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
@@ -329,6 +374,10 @@ def print_table(results: dict) -> None:
             for mode, tps in r["throughput_tok_s"].items():
                 print(f"{mode:<22}{tps:>10.0f}{r['ratio'].get(mode, 1.0):>8.3f}")
             print(f"exact: {r['exactness']['exact']} ({r['exactness']['records']} records); dropped steps: {r['dropped_steps_max']}")
+    if "soak" in results:
+        r = results["soak"]
+        print(f"soak: {r['seconds']} s at {r['expert_ids_per_s'] / 1e6:.1f}M ids/s, collector RSS "
+              f"{r['collector_rss_mib_first_10s']} MiB early, {r['collector_rss_mib_second_half_max']} MiB late")
     for key in ("collector", "report"):
         if key in results:
             r = results[key]

@@ -31,6 +31,7 @@ logger = logging.getLogger("vllm.otel_moe")
 SPAN_PAYLOAD_BYTES = 1 << 20  # per-token bytes in one moe.step span; larger steps are chunked
 EXPORT_BYTES = 3 << 20  # one export request, under the Collector's 4 MiB gRPC default
 EXPORT_SPANS = 512
+EXPORT_INTERVAL_S = 1.0  # pending spans wait at most this long, so live files stay fresh
 MAX_OPEN_REQUESTS = 8192  # per-request tallies kept at once; the oldest is emitted beyond
 def make_exporter() -> SpanExporter:
     if otlp_protocol() == "grpc":
@@ -152,7 +153,8 @@ class OtlpSink:
             if slot not in first_span:
                 context = context or spans[0].get_span_context()
                 first_span[slot] = context
-        if self._pending_bytes >= EXPORT_BYTES or len(self._pending) >= EXPORT_SPANS:
+        if (self._pending_bytes >= EXPORT_BYTES or len(self._pending) >= EXPORT_SPANS
+                or time.monotonic() - self._last_export >= EXPORT_INTERVAL_S):
             self._export()
 
     def _common_attributes(self, record: StepRecord) -> dict:
@@ -271,6 +273,7 @@ class OtlpSink:
             self._export()
 
     def _export(self) -> None:
+        self._last_export = time.monotonic()
         spans, self._pending[:] = list(self._pending), []
         self._pending_bytes = 0
         for batch in _batches(spans):
