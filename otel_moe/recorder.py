@@ -20,14 +20,17 @@ from otel_moe.step import LayoutError, RequestTracker, StepInputs, StepRecord, e
 logger = logging.getLogger("vllm.otel_moe")
 _STOP = object()
 DROP_WARNING_INTERVAL_S = 60.0
-# The engine's loop is Python too: a sink thread that held the GIL until the
-# interpreter's 5 ms switch interval forced it out would stall the engine on
-# every step. The sink thread gives the GIL up after each item instead.
+IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
 
 
 def yield_gil() -> None:
+    """Let another thread run now.
+
+    The engine's loop is Python too: a sink thread that held the GIL until the
+    interpreter's 5 ms switch interval forced it out would stall the engine on
+    every step, so the sink thread gives the GIL up between pieces of work.
+    """
     time.sleep(0)
-IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
 
 
 class StepRecorder:
@@ -92,7 +95,11 @@ class StepRecorder:
             try:
                 self.queue.put_nowait(list(finished))
             except queue.Full:
-                pass  # their moe.request spans come out at close instead
+                # Forget them here (single dict operations: safe beside the sink's thread);
+                # their moe.request spans come out when evicted or at close.
+                self.tracker.forget(finished)
+                for request_id in finished:
+                    self._external_ids.pop(request_id, None)
 
     def _check_capture(self, n: int) -> None:
         # One host sync, on the first real step only: a layer whose rows were
