@@ -106,7 +106,10 @@ def payload_bytes(span: ReadableSpan) -> int:
     """A cheap upper estimate of a span's encoded size (never walks list elements)."""
     size = 256
     for value in (span.attributes or {}).values():
-        size += 48 + (len(value) * 40 if isinstance(value, (tuple, list, bytes, str)) else 0)
+        if isinstance(value, (bytes, str)):
+            size += 56 + len(value)
+        else:
+            size += 48 + (len(value) * 40 if isinstance(value, (tuple, list)) else 0)
     for event in span.events:
         size += 64
         for value in (event.attributes or {}).values():
