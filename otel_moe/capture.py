@@ -45,9 +45,6 @@ class RoutingBuffers:
         self.ids = torch.full(shape, NOT_CAPTURED, dtype=torch.int32, device=device)
         self.weights = torch.zeros(shape, dtype=torch.float32, device=device)
 
-    def slot_of(self, layer: int) -> int:
-        return self.layers.index(layer)
-
     def ids_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
         return _row_writer(self.ids[:, slot], self.max_tokens)
 

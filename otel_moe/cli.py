@@ -14,9 +14,9 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from otel_moe.summary import print_jsonl_summary
+    from otel_moe.summary import run
 
-    return print_jsonl_summary(args.path)
+    return run(args.inputs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_tiny_model)
 
-    summary = commands.add_parser("summary", help="per-layer expert counts of a JSONL routing log")
-    summary.add_argument("path")
+    summary = commands.add_parser("summary", help="per-layer expert usage of collector files or JSONL logs")
+    summary.add_argument("inputs", nargs="+")
     summary.set_defaults(run=_summary)
 
     from otel_moe.collector import server

@@ -158,8 +158,8 @@ def collector_files(path: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     names = sorted(n for n in os.listdir(path) if n.endswith((".json", ".jsonl")))
-    live = [n for n in names if n in ("traces.json",)]
-    return [os.path.join(path, n) for n in [*[n for n in names if n not in live], *live]]
+    names.sort(key=lambda n: n == "traces.json")  # stable: the live file goes last
+    return [os.path.join(path, n) for n in names]
 
 
 def iter_collector_spans(paths: list[str], stats: Optional[LineStats] = None) -> Iterator[Span]:

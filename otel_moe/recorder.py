@@ -43,7 +43,6 @@ class StepRecorder:
         randomized_request_ids: bool = True,
     ) -> None:
         self.buffers = buffers
-        self.config = config
         self.sink = sink
         self.dp_rank = dp_rank
         self.randomized_request_ids = randomized_request_ids

@@ -1,43 +1,41 @@
-"""A short per-layer text summary of a JSONL routing log (used by ``make demo``)."""
+"""A short per-layer text summary of routing, from the report's own aggregation
+(``otel-moe summary`` and ``make demo``)."""
 from __future__ import annotations
 
-import json
-from collections import defaultdict
-
-import numpy as np
+import sys
 
 
-def jsonl_layer_counts(path: str) -> tuple[dict[int, np.ndarray], dict[int, int]]:
-    """Per layer: expert counts and routed tokens, from tokens- or counts-mode lines."""
-    counts: dict[int, np.ndarray] = {}
-    tokens: dict[int, int] = defaultdict(int)
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            layer = row["layer"]
-            if "counts" in row:
-                add = np.asarray(row["counts"], dtype=np.int64)
-                tokens[layer] += row["num_tokens"]
-            else:
-                add = np.bincount(row["expert_ids"], minlength=1)
-                tokens[layer] += 1
-            have = counts.get(layer, np.zeros(0, dtype=np.int64))
-            size = max(len(have), len(add))
-            counts[layer] = np.pad(have, (0, size - len(have))) + np.pad(add, (0, size - len(add)))
-    return counts, dict(tokens)
+def summarize(inputs: list[str]) -> dict:
+    """summary.json's content for these inputs (collector files or JSONL logs), without images."""
+    from otel_moe.read import LineStats
+    from otel_moe.report.build import aggregate, summary
+    from otel_moe.report.inputs import input_files
+
+    stats = LineStats()
+    return summary(aggregate(inputs, stats), stats, input_files(inputs))
 
 
-def print_jsonl_summary(path: str) -> int:
-    counts, tokens = jsonl_layer_counts(path)
-    if not counts:
-        print(f"{path}: no routing records")
-        return 1
-    print(f"{path}: {len(counts)} layers")
-    print(f"{'layer':>5} {'tokens':>7}  {'top experts (share)':<40} max/mean")
-    for layer in sorted(counts):
-        c = counts[layer]
-        share = c / c.sum()
-        top = np.argsort(-c)[:3]
-        tops = ", ".join(f"e{e} {share[e]:.0%}" for e in top)
-        print(f"{layer:>5} {tokens[layer]:>7}  {tops:<40} {c.max() / c.mean():.2f}")
+def print_summary(summary: dict) -> None:
+    requests = summary["requests"].values()
+    with_latency = [r for r in requests if r["e2e_s"] is not None]
+    print(f"{len(summary['requests'])} requests, {len(with_latency)} with vLLM latency spans")
+    print(f"{'layer':>5} {'tokens':>7}  {'top experts (share)':<34} {'max/mean':>8} {'entropy':>8}")
+    for layer, stats in summary["layers"].items():
+        counts = stats["counts"]
+        total = sum(counts)
+        top = sorted(range(len(counts)), key=lambda e: -counts[e])[:3]
+        tops = ", ".join(f"e{e} {counts[e] / total:.0%}" for e in top)
+        print(f"{layer:>5} {stats['tokens']:>7}  {tops:<34} {stats['imbalance_max_over_mean']:>8.2f} "
+              f"{stats['entropy_bits']:>5.2f}/{stats['max_entropy_bits']:.0f}")
+
+
+def run(inputs: list[str]) -> int:
+    from otel_moe.read import SchemaError
+    from otel_moe.report.build import EmptyInput
+
+    try:
+        print_summary(summarize(inputs))
+    except (EmptyInput, SchemaError, FileNotFoundError) as err:
+        print(f"otel-moe summary: error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from otel_moe import config
 from otel_moe.config import ConfigError, from_env, parse_layers
 from otel_moe.plugin import register
 from conftest import clean_env

@@ -184,3 +184,13 @@ def test_jsonl_log_of_a_real_run_recounts_exactly(qwen2_compiled, tmp_path):
         recount = np.bincount([e for r in records if r["layer"] == layer for e in r["expert_ids"]], minlength=8)
         assert summary["layers"][str(layer)]["counts"] == recount.tolist()
         assert summary["layers"][str(layer)]["tokens"] == sum(r["layer"] == layer for r in records)
+
+
+def test_summary_command_prints_each_layer(tmp_path):
+    golden_jsonl(tmp_path / "routing.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "otel_moe.cli", "summary", str(tmp_path / "routing.jsonl")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    assert [(r[0], r[1]) for r in rows] == [("0", "5"), ("1", "5")]  # layer, tokens
+    assert "e0 40%" in proc.stdout and "e2 50%" in proc.stdout  # LAYER0 4/10, LAYER1 5/10

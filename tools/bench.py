@@ -56,7 +56,7 @@ def make_model(work: Path, device: str, layers: int) -> tuple[str, dict]:
                         "load_format": "dummy"}
 
 
-def engine_env(mode: str, run_dir: Path) -> None:
+def engine_env(mode: str) -> None:
     """The flags an engine of this mode is built with (read when its model loads)."""
     os.environ["VLLM_LOG_MOE"] = "otlp" if mode in ("counts", "tokens") else ""
     os.environ["VLLM_LOG_MOE_MODE"] = "counts" if mode == "counts" else "tokens"
@@ -91,7 +91,7 @@ def bench_vllm(args, work: Path) -> dict:
     outputs: dict[str, list] = {m: [] for m in modes}
 
     def build(mode: str):
-        engine_env(mode, work)
+        engine_env(mode)
         t0 = time.monotonic()
         llm = LLM(enforce_eager=mode.endswith("_eager"), enable_return_routed_experts=mode == "vllm_routed_experts", **common)
         if mode == "seed_style_eager":

@@ -61,25 +61,12 @@ def main() -> int:
     print(f"collector files (OTLP/JSON, one export per line): {out / 'collected'}")
 
     from otel_moe.report.main import build_report
+    from otel_moe.summary import print_summary
 
-    summary = build_report([str(out / "collected")], str(out / "report"))
-    print_summary(summary)
+    print()
+    print_summary(build_report([str(out / "collected")], str(out / "report")))
     print(f"\nreport: {out / 'report' / 'report.html'}")
     return 0
-
-
-def print_summary(summary: dict) -> None:
-    requests = summary["requests"].values()
-    with_latency = [r for r in requests if r["e2e_s"] is not None]
-    print(f"\n{len(summary['requests'])} requests, {len(with_latency)} with vLLM latency spans")
-    print(f"{'layer':>5} {'tokens':>7}  {'top experts (share)':<34} {'max/mean':>8} {'entropy':>8}")
-    for layer, stats in summary["layers"].items():
-        counts = stats["counts"]
-        total = sum(counts)
-        top = sorted(range(len(counts)), key=lambda e: -counts[e])[:3]
-        tops = ", ".join(f"e{e} {counts[e] / total:.0%}" for e in top)
-        print(f"{layer:>5} {stats['tokens']:>7}  {tops:<34} {stats['imbalance_max_over_mean']:>8.2f} "
-              f"{stats['entropy_bits']:>5.2f}/{stats['max_entropy_bits']:.0f}")
 
 
 if __name__ == "__main__":

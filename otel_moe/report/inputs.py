@@ -151,9 +151,8 @@ def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] =
                         raise ValueError("neither OTLP/JSON nor an otel-moe JSONL row")
                 except read.SchemaError:
                     raise
-                except (ValueError, KeyError, TypeError) as err:
+                except (ValueError, KeyError, TypeError):
                     stats.bad_lines += 1
-                    del err
         if jsonl is not None:
             done = jsonl.flush()
             if done is not None:

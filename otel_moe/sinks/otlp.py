@@ -41,14 +41,22 @@ def make_exporter() -> SpanExporter:
     return OTLPSpanExporter()  # endpoint, headers, timeout, TLS: all from OTEL_* variables
 
 
-class _HandBack(SpanProcessor):
-    """Ended spans go to the sink's pending list (same thread: no lock)."""
+class _Pending(SpanProcessor):
+    """Ended spans, each sized once, wait here for the sink's next export.
+    They end on the sink's own thread: no lock."""
 
-    def __init__(self, pending: list) -> None:
-        self.pending = pending
+    def __init__(self) -> None:
+        self.spans: list[tuple[ReadableSpan, int]] = []
+        self.bytes = 0
 
     def on_end(self, span: ReadableSpan) -> None:
-        self.pending.append(span)
+        size = payload_bytes(span)
+        self.spans.append((span, size))
+        self.bytes += size
+
+    def take(self) -> list[tuple[ReadableSpan, int]]:
+        spans, self.spans, self.bytes = self.spans, [], 0
+        return spans
 
 
 class RequestTallies:
@@ -123,8 +131,7 @@ class OtlpSink:
     def __init__(self, config: Config, resource_attributes: dict, exporter: Optional[SpanExporter] = None) -> None:
         self.mode = config.mode
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "vllm", **resource_attributes})
-        self._pending: list[ReadableSpan] = []
-        self._pending_bytes = 0
+        self._pending = _Pending()
         self._provider = TracerProvider(
             resource=resource,
             span_limits=SpanLimits(
@@ -132,7 +139,7 @@ class OtlpSink:
                 max_links=8, max_attribute_length=None,
             ),
         )
-        self._provider.add_span_processor(_HandBack(self._pending))
+        self._provider.add_span_processor(self._pending)
         from importlib.metadata import version
 
         self.tracer = self._provider.get_tracer(schema.INSTRUMENTATION_SCOPE, version("otel-moe"))
@@ -148,15 +155,13 @@ class OtlpSink:
         slots = self._tally(record)
         yield_gil()  # let the engine's thread in between the pieces of work (see recorder)
         spans = self._step_spans(record)
-        for span in spans:
-            self._pending_bytes += payload_bytes(span)
         first_span = self.requests.first_span
         context = None
         for slot in slots.tolist():  # a moe.request links to the step that began it
             if slot not in first_span:
                 context = context or spans[0].get_span_context()
                 first_span[slot] = context
-        if (self._pending_bytes >= EXPORT_BYTES or len(self._pending) >= EXPORT_SPANS
+        if (self._pending.bytes >= EXPORT_BYTES or len(self._pending.spans) >= EXPORT_SPANS
                 or time.monotonic() - self._last_export >= EXPORT_INTERVAL_S):
             self._export()
 
@@ -268,18 +273,15 @@ class OtlpSink:
         links = [Link(tally["link"])] if tally["link"] is not None else []
         span = self.tracer.start_span(schema.REQUEST_SPAN, start_time=tally["start_ns"], attributes=attributes, links=links)
         span.end(end_time=tally["end_ns"])
-        self._pending_bytes += payload_bytes(span)
 
     # ---- export ---------------------------------------------------------
     def idle(self) -> None:
-        if self._pending:
+        if self._pending.spans:
             self._export()
 
     def _export(self) -> None:
         self._last_export = time.monotonic()
-        spans, self._pending[:] = list(self._pending), []
-        self._pending_bytes = 0
-        for batch in _batches(spans):
+        for batch in _batches(self._pending.take()):
             yield_gil()
             try:
                 ok = self.exporter.export(batch) == SpanExportResult.SUCCESS
@@ -301,11 +303,10 @@ class OtlpSink:
             pass
 
 
-def _batches(spans: list) -> list[list]:
+def _batches(sized_spans: list[tuple[ReadableSpan, int]]) -> list[list]:
     """Cut spans into export requests of at most EXPORT_BYTES / EXPORT_SPANS."""
     batches, batch, size = [], [], 0
-    for span in spans:
-        span_size = payload_bytes(span)
+    for span, span_size in sized_spans:
         if batch and (size + span_size > EXPORT_BYTES or len(batch) >= EXPORT_SPANS):
             batches.append(batch)
             batch, size = [], 0
