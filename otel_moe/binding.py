@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 from otel_moe import schema
 from otel_moe.capture import RoutingBuffers
 from otel_moe.config import NUM_MOE_LAYERS, Config, from_env
+from otel_moe.plugin import RUN_ID as RUN_ID_VARIABLE
 
 logger = logging.getLogger("vllm.otel_moe")
 
@@ -214,7 +215,7 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
 
     dp_rank = getattr(parallel, "data_parallel_rank", 0) or 0
     resource = {
-        schema.RUN_ID: os.environ.get("OTEL_MOE_RUN_ID", ""),
+        schema.RUN_ID: os.environ.get(RUN_ID_VARIABLE, ""),
         "vllm.model": str(vllm_config.model_config.model),
         "vllm.data_parallel_rank": dp_rank,
         "process.pid": os.getpid(),
