@@ -22,7 +22,7 @@ import re
 import time
 from typing import Any, Callable, Optional
 
-from otel_moe import schema
+from otel_moe import profiler_ranges, schema
 from otel_moe.capture import RoutingBuffers
 from otel_moe.config import NUM_MOE_LAYERS, Config, from_env
 from otel_moe.plugin import RUN_ID as RUN_ID_VARIABLE
@@ -121,21 +121,31 @@ def _wrap_execute_model(original: Callable) -> Callable:
         recorder = getattr(self, _RECORDER, None)
         if not recorder or kwargs.get("dummy_run") or scheduler_output is None or getattr(self, _WARMING, False):
             return original(self, scheduler_output, *args, **kwargs)
-        if not getattr(scheduler_output, "total_num_scheduled_tokens", 0):
-            recorder.on_finished(scheduler_output)  # a step with no tokens still finishes requests
+        tokens = getattr(scheduler_output, "total_num_scheduled_tokens", 0)
+        step = _telemetry(recorder, recorder.begin_step) if tokens else None
+        if step is None:  # no tokens, or recording is off: finishes still pass
+            _telemetry(recorder, recorder.on_paused_step, scheduler_output)
             return original(self, scheduler_output, *args, **kwargs)
+        requests = len(scheduler_output.num_scheduled_tokens)
         start_ns = time.time_ns()
-        result = original(self, scheduler_output, *args, **kwargs)
+        with profiler_ranges.step_range(step, tokens, requests, recorder.dp_rank, recorder.run_id):
+            result = original(self, scheduler_output, *args, **kwargs)
         end_ns = time.time_ns()
-        try:
-            recorder.on_step(scheduler_output, batch_order(self), start_ns, end_ns)
-        except Exception:  # telemetry never fails a step
-            recorder.failed_steps += 1
-            if recorder.failed_steps == 1:
-                logger.exception("otel-moe: recording a step failed; later failures are only counted")
+        _telemetry(recorder, recorder.on_step, scheduler_output, batch_order(self), start_ns, end_ns)
         return result
 
     return execute_model
+
+
+def _telemetry(recorder: Any, call: Callable, *args) -> Any:
+    """Run a recorder call on the engine thread; telemetry never fails a step."""
+    try:
+        return call(*args)
+    except Exception:
+        recorder.failed_steps += 1
+        if recorder.failed_steps == 1:
+            logger.exception("otel-moe: recording a step failed; later failures are only counted")
+        return None
 
 
 def _wrap_shutdown(original: Callable) -> Callable:
@@ -196,7 +206,15 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         )
     if _tensor_parallel_rank() != 0:
         return None  # every TP rank routes the same tokens: rank 0 records them once
-    selected = sorted(layer for layer in moe_layers if config.layers.wants(layer))
+    control = None
+    if config.control_path:
+        from otel_moe.control import ControlState, ControlWatcher
+
+        control = ControlWatcher(config.control_path, ControlState.from_config(config),
+                                 validate=lambda state: state.layers.check_against(set(moe_layers)))
+    # Under live control any layer may be asked for later, so all are captured;
+    # the recorder snapshots only the selected ones.
+    selected = sorted(layer for layer in moe_layers if control or config.layers.wants(layer))
     if not selected:
         return None  # another pipeline stage holds the selected layers
     first_router = moe_layers[selected[0]].router
@@ -209,6 +227,8 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
     )
     for slot, layer in enumerate(selected):
         bind_router(moe_layers[layer], buffers, slot)
+        if not profiler_ranges.wrap_layer(moe_layers[layer], layer):
+            logger.debug("otel-moe: layer %d has no per-layer forward to put a profiler range around", layer)
 
     from otel_moe.recorder import StepRecorder
     from otel_moe.sinks import open_sinks
@@ -226,13 +246,16 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         open_sinks(config, resource),
         dp_rank=dp_rank,
         randomized_request_ids=not _request_id_randomization_disabled(),
+        control=control,
+        run_id=resource[schema.RUN_ID],
     )
     # Spawned vLLM processes leave through multiprocessing, which skips atexit
     # but runs its own finalizers; the main process runs those at exit too.
     multiprocessing.util.Finalize(recorder, recorder.close, exitpriority=100)
     logger.info(
-        "otel-moe: recording %s layers %s (top_k=%d, %d experts) to %s",
-        config.mode, selected, buffers.top_k, buffers.num_experts, ", ".join(config.destinations),
+        "otel-moe: recording %s layers %s (top_k=%d, %d experts) to %s%s",
+        config.mode, recorder.layers, buffers.top_k, buffers.num_experts, ", ".join(config.destinations),
+        f"; live control through {config.control_path} ({'on' if recorder.recording else 'off'} now)" if control else "",
     )
     return recorder
 

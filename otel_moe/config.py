@@ -15,6 +15,7 @@ LOG_LAYER = "VLLM_LOG_LAYER"
 LOG_MODE = "VLLM_LOG_MOE_MODE"
 NUM_MOE_LAYERS = "VLLM_NUM_MOE_LAYERS"
 QUEUE_STEPS = "VLLM_LOG_MOE_QUEUE_STEPS"
+CONTROL = "VLLM_LOG_MOE_CONTROL"
 
 OTLP = "otlp"
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
@@ -37,6 +38,13 @@ class LayerSelection:
 
     layers: Optional[frozenset[int]]
     text: str = "all"
+    source: str = LOG_LAYER  # what errors name: the variable, or a control field
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayerSelection) and self.layers == other.layers
+
+    def __hash__(self) -> int:
+        return hash(self.layers)
 
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
@@ -49,7 +57,7 @@ class LayerSelection:
         if missing:
             have = _ranges(sorted(model_layers)) or "none"
             raise _refuse(
-                LOG_LAYER,
+                self.source,
                 self.text,
                 f"MoE layers of this model ({have}); the model has no MoE layer {missing}",
             )
@@ -69,10 +77,11 @@ def _ranges(values: list[int]) -> str:
 LAYER_SYNTAX = "'all', a layer index like 0, a list like 0,12,23, a range like 0-5, or a mix"
 
 
-def parse_layers(text: str) -> LayerSelection:
+def parse_layers(text: str, source: str = LOG_LAYER) -> LayerSelection:
+    """``source`` names the variable (or control field) in errors."""
     text = text.strip()
     if text == "" or text.lower() == "all":
-        return LayerSelection(None, "all")
+        return LayerSelection(None, "all", source)
     layers: set[int] = set()
     for part in text.split(","):
         part = part.strip()
@@ -81,11 +90,11 @@ def parse_layers(text: str) -> LayerSelection:
             first = int(lo)
             last = int(hi) if sep else first
         except ValueError:
-            raise _refuse(LOG_LAYER, text, LAYER_SYNTAX) from None
+            raise _refuse(source, text, LAYER_SYNTAX) from None
         if first < 0 or last < first:
-            raise _refuse(LOG_LAYER, text, LAYER_SYNTAX)
+            raise _refuse(source, text, LAYER_SYNTAX)
         layers.update(range(first, last + 1))
-    return LayerSelection(frozenset(layers), text)
+    return LayerSelection(frozenset(layers), text, source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +104,7 @@ class Config:
     mode: str  # "tokens" | "counts"
     expected_moe_layers: Optional[int]  # VLLM_NUM_MOE_LAYERS, only checked
     queue_steps: int
+    control_path: Optional[str] = None  # VLLM_LOG_MOE_CONTROL: live start/stop/switch
 
     @property
     def jsonl_paths(self) -> list[str]:
@@ -140,10 +150,14 @@ def from_env(env: Mapping[str, str] = os.environ) -> Optional[Config]:
         raise _refuse(LOG_MODE, env[LOG_MODE], " or ".join(MODES))
     expected = env.get(NUM_MOE_LAYERS, "").strip()
     queue = env.get(QUEUE_STEPS, "").strip()
+    control = env.get(CONTROL, "").strip() or None
+    if control is not None and (os.path.isdir(control) or not os.path.isdir(os.path.dirname(os.path.abspath(control)))):
+        raise _refuse(CONTROL, control, "a file path in an existing directory (the file itself may be absent)")
     return Config(
         destinations=tuple(dict.fromkeys(destinations)),
         layers=parse_layers(env.get(LOG_LAYER, "")),
         mode=mode,
         expected_moe_layers=_positive_int(NUM_MOE_LAYERS, expected) if expected else None,
         queue_steps=_positive_int(QUEUE_STEPS, queue) if queue else DEFAULT_QUEUE_STEPS,
+        control_path=control,
     )

@@ -11,14 +11,26 @@ import threading
 import time
 from typing import Any, Optional
 
+import torch
+
 from otel_moe.capture import NOT_CAPTURED, RoutingBuffers
-from otel_moe.config import Config
+from otel_moe.config import MODES, Config
+from otel_moe.control import ControlState, ControlWatcher
 from otel_moe.sinks import Sink
 from otel_moe.snapshot import Snapshotter
 from otel_moe.step import LayoutError, RequestTracker, StepInputs, StepRecord, external_request_id
 
 logger = logging.getLogger("vllm.otel_moe")
 _STOP = object()
+
+
+class _Finished(list):
+    """Request ids vLLM finished, as a queue item, with the control version then."""
+
+    def __init__(self, request_ids, control_version: int) -> None:
+        super().__init__(request_ids)
+        self.control_version = control_version
+
 DROP_WARNING_INTERVAL_S = 60.0
 IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
 
@@ -41,13 +53,19 @@ class StepRecorder:
         sink: Sink,
         dp_rank: int = 0,
         randomized_request_ids: bool = True,
+        control: Optional[ControlWatcher] = None,
+        run_id: str = "",
     ) -> None:
         self.buffers = buffers
+        self.run_id = run_id
         self.sink = sink
         self.dp_rank = dp_rank
         self.randomized_request_ids = randomized_request_ids
         self.tracker = RequestTracker()
-        self.snapshotter = Snapshotter(buffers, counts_only=config.mode == "counts")
+        self.control = control
+        # Under live control either form may be asked for later: room for both.
+        self.snapshotter = Snapshotter(buffers, MODES if control else (config.mode,))
+        self._apply(control.state if control else ControlState.from_config(config))
         self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=config.queue_steps)
         self.steps = 0
         self.dropped_steps = 0
@@ -57,29 +75,56 @@ class StepRecorder:
         self._last_drop_warning = 0.0
         self._closing: Optional[float] = None  # deadline, once close() began
         self._external_ids: dict[str, str] = {}  # internal -> user's request id, while live
+        self._partial: set[str] = set()  # live requests recorded only in part (control changed)
         self._thread = threading.Thread(target=self._drain, name="otel-moe-sink", daemon=True)
         self._thread.start()
 
     # ---- engine thread -------------------------------------------------
+    def begin_step(self) -> Optional[int]:
+        """Before a real step's forward: the index it will be recorded under,
+        or ``None`` while recording is off (then ``on_paused_step`` follows)."""
+        if self.control is not None and self.control.poll():
+            self._apply(self.control.state)
+        return self.steps if self.recording else None
+
+    def _apply(self, state: ControlState) -> None:
+        """Take a (validated) control state: which layers, which form, on or off."""
+        self.recording = state.recording
+        self.counts_only = state.mode == "counts"
+        self.layers = [layer for layer in self.buffers.layers if state.layers.wants(layer)]
+        columns = [self.buffers.layers.index(layer) for layer in self.layers]
+        everything = columns == list(range(len(self.buffers.layers)))
+        self._columns = None if everything else torch.tensor(columns, device=self.buffers.ids.device)
+        self.control_version = self.control.version if self.control else 0
+
+    def on_paused_step(self, scheduler_output: Any) -> None:
+        """A real step while recording is off: only learn the prompt lengths of
+        new requests (recording may resume mid-request) and pass on finishes."""
+        self.on_finished(scheduler_output)
+        self.tracker.learn_new(scheduler_output.scheduled_new_reqs, self.control_version)
+
     def on_step(self, scheduler_output: Any, batch_order: list[str], start_ns: int, end_ns: int) -> None:
-        """Called after each real step's forward (total_num_scheduled_tokens > 0).
+        """Called after each recorded step's forward (total_num_scheduled_tokens > 0).
 
         Only cheap work here: copy what the layout needs, start the snapshot,
         enqueue. The layout and everything after it happen on the sink's thread.
         """
         self.on_finished(scheduler_output)
-        step = self.steps  # every real step gets an index, so drops leave visible gaps
+        step = self.steps  # every recorded step gets an index, so drops leave visible gaps
         self.steps += 1
         n = scheduler_output.total_num_scheduled_tokens
         inputs = StepInputs.take(scheduler_output, batch_order)
-        self.tracker.learn(inputs)
+        self.tracker.learn(inputs, self.control_version)
         if not self._checked_capture:
             self._check_capture(n)
-        snapshot = self.snapshotter.take(n) if n <= self.buffers.max_tokens else None
+        snapshot = None
+        if n <= self.buffers.max_tokens:
+            snapshot = self.snapshotter.take(n, self._columns, self.counts_only)
         if snapshot is None:
             self._drop(n, "no free snapshot slot")
             return
-        item = (step, inputs, snapshot, start_ns, end_ns, self.dropped_steps, self.dropped_tokens)
+        item = (step, inputs, snapshot, start_ns, end_ns, self.dropped_steps, self.dropped_tokens,
+                self.layers, self.control_version)
         try:
             self.queue.put_nowait(item)
         except queue.Full:
@@ -92,13 +137,14 @@ class StepRecorder:
         finished = getattr(scheduler_output, "finished_req_ids", None)
         if finished:
             try:
-                self.queue.put_nowait(list(finished))
+                self.queue.put_nowait(_Finished(finished, self.control_version))
             except queue.Full:
-                # Forget them here (single dict operations: safe beside the sink's thread);
+                # Forget them here (single dict/set operations: safe beside the sink's thread);
                 # their moe.request spans come out when evicted or at close.
                 self.tracker.forget(finished)
                 for request_id in finished:
                     self._external_ids.pop(request_id, None)
+                    self._partial.discard(request_id)
 
     def _check_capture(self, n: int) -> None:
         # One host sync, on the first real step only: a layer whose rows were
@@ -133,9 +179,8 @@ class StepRecorder:
             try:
                 if item is None:
                     self.sink.idle()
-                elif isinstance(item, list):
-                    self.tracker.forget(item)
-                    self.sink.finish([self._external(r, forget=True) for r in item])
+                elif isinstance(item, _Finished):
+                    self._finish(item)
                 else:
                     record = self._record(*item)
                     if record is not None:
@@ -147,6 +192,14 @@ class StepRecorder:
                     logger.exception("otel-moe: writing a step failed; later failures are only counted")
             yield_gil()
 
+    def _finish(self, finished: _Finished) -> None:
+        partial = self._partial.intersection(finished)
+        partial.update(self.tracker.changed_since_arrival(finished, finished.control_version))
+        self._partial.difference_update(finished)
+        self.tracker.forget(finished)
+        external = {r: self._external(r, forget=True) for r in finished}
+        self.sink.finish(list(external.values()), {external[r] for r in partial})
+
     def _external(self, internal_id: str, forget: bool = False) -> str:
         if forget:
             return self._external_ids.pop(internal_id, None) or external_request_id(internal_id, self.randomized_request_ids)
@@ -155,7 +208,8 @@ class StepRecorder:
             external = self._external_ids[internal_id] = external_request_id(internal_id, self.randomized_request_ids)
         return external
 
-    def _record(self, step, inputs, snapshot, start_ns, end_ns, dropped_steps, dropped_tokens) -> Optional[StepRecord]:
+    def _record(self, step, inputs, snapshot, start_ns, end_ns, dropped_steps, dropped_tokens,
+                layers, control_version) -> Optional[StepRecord]:
         try:
             layout = self.tracker.layout(inputs)
         except (LayoutError, KeyError) as err:
@@ -163,12 +217,13 @@ class StepRecorder:
                 snapshot.release()
             self._drop(inputs.total, f"layout: {err}")
             return None
+        self._partial.update(self.tracker.changed_since_arrival(layout.internal_ids, control_version))
         ids, weights, counts = snapshot.to_numpy()
         return StepRecord(
             step=step,
             start_ns=start_ns,
             end_ns=end_ns,
-            layers=self.buffers.layers,
+            layers=layers,
             top_k=self.buffers.top_k,
             num_experts=self.buffers.num_experts,
             request_ids=[self._external(r) for r in layout.internal_ids],
@@ -181,6 +236,7 @@ class StepRecorder:
             dp_rank=self.dp_rank,
             dropped_steps=dropped_steps,
             dropped_tokens=dropped_tokens,
+            control_version=control_version,
         )
 
     def close(self, timeout_s: float = 5.0) -> None:

@@ -12,7 +12,8 @@ Schema version 1 (documented in docs/schema.md):
 from __future__ import annotations
 
 import base64
-from typing import Any, Union
+import re
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -45,6 +46,7 @@ DP_RANK = "moe.dp_rank"
 DROPPED_STEPS = "otel_moe.dropped_steps"  # cumulative, this process, since start
 DROPPED_TOKENS = "otel_moe.dropped_tokens"
 FAILED_EXPORT_SPANS = "otel_moe.failed_export_spans"
+CONTROL_VERSION = "otel_moe.control.version"  # live-control changes applied before this step
 
 # moe.routing event
 LAYER = "moe.layer"
@@ -61,6 +63,9 @@ REQUEST_EXPERT_COUNTS = "moe.request.expert_counts"  # bytes: [L, E] "<u4", L = 
 COUNTS_DTYPE = "<u4"
 U32 = "<u4"
 REQUEST_INCOMPLETE = "moe.request.incomplete"  # true: evicted before vLLM reported it finished
+# true: live control paused recording or switched layers/mode while the request ran,
+# so its token and expert counts cover only part of it
+REQUEST_PARTIAL = "moe.request.partial"
 
 WEIGHTS_DTYPE = "<f4"
 
@@ -70,6 +75,36 @@ VLLM_TTFT = "gen_ai.latency.time_to_first_token"
 VLLM_E2E = "gen_ai.latency.e2e"
 VLLM_QUEUE = "gen_ai.latency.time_in_queue"
 VLLM_COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
+
+
+# torch.profiler ranges (record_function names) in vLLM's profiler traces.
+# Names carry the values because Chrome-trace user annotations have no arguments.
+STEP_RANGE = "otel_moe.step"  # around a recorded step's model execution
+LAYER_RANGE = "otel_moe.layer"  # around one MoE layer, where its Python runs (not in CUDA-graph replays)
+_STEP_RANGE_PATTERN = re.compile(
+    rf"^{re.escape(STEP_RANGE)} (\d+) tokens=(\d+) requests=(\d+) dp=(\d+) run=(\S*)$")
+_LAYER_RANGE_PATTERN = re.compile(rf"^{re.escape(LAYER_RANGE)} (\d+)$")
+
+
+def step_range_name(step: int, tokens: int, requests: int, dp_rank: int, run_id: str) -> str:
+    return f"{STEP_RANGE} {step} tokens={tokens} requests={requests} dp={dp_rank} run={run_id}"
+
+
+def parse_step_range(name: str) -> Optional[dict]:
+    match = _STEP_RANGE_PATTERN.match(name)
+    if match is None:
+        return None
+    step, tokens, requests, dp_rank, run_id = match.groups()
+    return {"step": int(step), "tokens": int(tokens), "requests": int(requests), "dp_rank": int(dp_rank), "run_id": run_id}
+
+
+def layer_range_name(layer: int) -> str:
+    return f"{LAYER_RANGE} {layer}"
+
+
+def parse_layer_range(name: str) -> Optional[int]:
+    match = _LAYER_RANGE_PATTERN.match(name)
+    return int(match.group(1)) if match else None
 
 
 def ids_dtype(num_experts: int) -> np.dtype:

@@ -51,41 +51,57 @@ def device_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 class Snapshotter:
-    def __init__(self, buffers: RoutingBuffers, counts_only: bool, slots: int = 16) -> None:
+    """Takes snapshots of some columns (layers) of the buffers, as ids or as counts.
+
+    Which columns and which form can change from step to step (live control),
+    so each pinned slot is a flat buffer big enough for all columns and both
+    forms that may be asked for, viewed at the step's shape.
+    """
+
+    def __init__(self, buffers: RoutingBuffers, modes: tuple[str, ...], slots: int = 16) -> None:
         self.buffers = buffers
-        self.counts_only = counts_only
         self.on_cuda = buffers.ids.is_cuda
         self._free: "queue.SimpleQueue[int]" = queue.SimpleQueue()
-        self._host: list[tuple[torch.Tensor, ...]] = []
+        self._host: list[dict[str, torch.Tensor]] = []
         if self.on_cuda:
+            sizes = {}
+            if "tokens" in modes:
+                sizes.update(ids=(buffers.ids.numel(), torch.int32), weights=(buffers.weights.numel(), torch.float32))
+            if "counts" in modes:
+                sizes["counts"] = (len(buffers.layers) * buffers.num_experts, torch.int64)
             for slot in range(slots):
-                if counts_only:
-                    shapes = [((len(buffers.layers), buffers.num_experts), torch.int64)]
-                else:
-                    shapes = [(buffers.ids.shape, torch.int32), (buffers.weights.shape, torch.float32)]
-                self._host.append(tuple(torch.empty(s, dtype=d, pin_memory=True) for s, d in shapes))
+                self._host.append({k: torch.empty(n, dtype=d, pin_memory=True) for k, (n, d) in sizes.items()})
                 self._free.put(slot)
 
-    def take(self, num_tokens: int) -> Optional[Snapshot]:
-        """Snapshot rows 0..num_tokens-1; ``None`` when no host slot is free (drop)."""
+    def take(self, num_tokens: int, columns: Optional[torch.Tensor], counts_only: bool) -> Optional[Snapshot]:
+        """Snapshot rows 0..num_tokens-1 of ``columns`` (all when ``None``);
+        ``None`` when no host slot is free (drop)."""
         ids = self.buffers.ids[:num_tokens]
+        weights = self.buffers.weights[:num_tokens]
+        if columns is not None:
+            ids, weights = ids.index_select(1, columns), weights.index_select(1, columns)
         if not self.on_cuda:
-            if self.counts_only:
+            if counts_only:
                 return Snapshot(None, None, device_counts(ids, self.buffers.num_experts))
-            return Snapshot(ids.clone(), self.buffers.weights[:num_tokens].clone(), None)
+            return Snapshot(ids.clone(), weights.clone(), None)
         try:
             slot = self._free.get_nowait()
         except queue.Empty:
             return None
         host = self._host[slot]
-        if self.counts_only:
-            counts = host[0].copy_(device_counts(ids, self.buffers.num_experts), non_blocking=True)
-            snap = Snapshot(None, None, counts)
+        if counts_only:
+            counts = device_counts(ids, self.buffers.num_experts)
+            snap = Snapshot(None, None, _pinned_view(host["counts"], counts).copy_(counts, non_blocking=True))
         else:
-            host_ids = host[0][:num_tokens].copy_(ids, non_blocking=True)
-            host_w = host[1][:num_tokens].copy_(self.buffers.weights[:num_tokens], non_blocking=True)
+            host_ids = _pinned_view(host["ids"], ids).copy_(ids, non_blocking=True)
+            host_w = _pinned_view(host["weights"], weights).copy_(weights, non_blocking=True)
             snap = Snapshot(host_ids, host_w, None)
         snap.event = torch.cuda.Event()
         snap.event.record()
         snap.release = lambda: self._free.put(slot)
         return snap
+
+
+def _pinned_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The front of a flat pinned buffer, shaped like ``like`` (contiguous)."""
+    return flat[: like.numel()].view(like.shape)

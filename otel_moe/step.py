@@ -46,6 +46,7 @@ class StepRecord:
     dp_rank: int = 0
     dropped_steps: int = 0  # cumulative drops of this process when the step was taken
     dropped_tokens: int = 0
+    control_version: int = 0  # changes of live control applied before this step (0: none)
 
     @property
     def num_tokens(self) -> int:
@@ -104,19 +105,33 @@ class StepInputs:
 
 
 class RequestTracker:
-    """Prompt length of every live request, learned from the scheduler's output.
+    """Prompt length of every live request, learned from the scheduler's output,
+    and the live-control version it arrived under (a change later means the
+    request was recorded only in part).
 
-    ``learn`` runs on the engine thread for every step, dropped ones too (a
-    request's prompt length comes only with its first step); ``layout`` and
-    ``forget`` run on the sink's thread. Single dict operations: no lock needed.
+    ``learn`` runs on the engine thread for every step, dropped and paused ones
+    too (a request's prompt length comes only with its first step); ``layout``
+    and ``forget`` run on the sink's thread. Single dict operations: no lock needed.
     """
 
     def __init__(self) -> None:
         self.prompt_lens: dict[str, int] = {}
+        self.arrived_under: dict[str, int] = {}  # request id -> control version at its first step
 
-    def learn(self, inputs: StepInputs) -> None:
+    def learn(self, inputs: StepInputs, control_version: int = 0) -> None:
         for req_id, _, prompt_len in inputs.new:
             self.prompt_lens[req_id] = prompt_len
+            self.arrived_under[req_id] = control_version
+
+    def learn_new(self, scheduled_new_reqs: Iterable[Any], control_version: int = 0) -> None:
+        """``learn`` straight from the scheduler's new requests (steps not recorded)."""
+        for new in scheduled_new_reqs:
+            self.prompt_lens[new.req_id] = _prompt_len(new)
+            self.arrived_under[new.req_id] = control_version
+
+    def changed_since_arrival(self, request_ids: Iterable[str], control_version: int) -> list[str]:
+        """Those of ``request_ids`` that arrived under another control version."""
+        return [r for r in request_ids if self.arrived_under.get(r, control_version) != control_version]
 
     def layout(self, inputs: StepInputs) -> StepLayout:
         starts = dict(zip(inputs.cached_ids, inputs.cached_computed))
@@ -137,6 +152,7 @@ class RequestTracker:
     def forget(self, request_ids: Iterable[str]) -> None:
         for req_id in request_ids:
             self.prompt_lens.pop(req_id, None)
+            self.arrived_under.pop(req_id, None)
 
 
 class LayoutError(RuntimeError):

@@ -11,8 +11,9 @@ from otel_moe.step import StepRecord
 class Sink(Protocol):
     def write(self, record: StepRecord) -> None: ...
 
-    def finish(self, request_ids: list[str]) -> None:
-        """vLLM reported these requests (external ids) finished."""
+    def finish(self, request_ids: list[str], partial: set[str] = frozenset()) -> None:
+        """vLLM reported these requests (external ids) finished; ``partial`` of them
+        were recorded only in part (live control changed while they ran)."""
 
     def idle(self) -> None:
         """No step arrived for a while: export what is pending."""
@@ -31,7 +32,7 @@ def open_sinks(config: Config, resource_attributes: dict) -> Sink:
         else:
             from otel_moe.sinks.jsonl import JsonlSink
 
-            sinks.append(JsonlSink(destination, config.mode))
+            sinks.append(JsonlSink(destination))
     return sinks[0] if len(sinks) == 1 else Tee(sinks)
 
 
@@ -44,8 +45,8 @@ class Tee:
     def write(self, record: StepRecord) -> None:
         self._each(lambda s: s.write(record))
 
-    def finish(self, request_ids: list[str]) -> None:
-        self._each(lambda s: s.finish(request_ids))
+    def finish(self, request_ids: list[str], partial: set[str] = frozenset()) -> None:
+        self._each(lambda s: s.finish(request_ids, partial))
 
     def idle(self) -> None:
         self._each(lambda s: s.idle())

@@ -55,14 +55,14 @@ def count_lines(record: StepRecord) -> list[str]:
 
 
 class JsonlSink:
-    def __init__(self, path: str, mode: str) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.format = count_lines if mode == "counts" else token_lines
         self.fd = open_append(path)
         self.failed_writes = 0
 
     def write(self, record: StepRecord) -> None:
-        data = "".join(self.format(record)).encode()
+        lines = count_lines(record) if record.ids is None else token_lines(record)
+        data = "".join(lines).encode()
         try:
             written = os.write(self.fd, data)
             if written != len(data):  # short write: disk full mid-step
@@ -73,7 +73,7 @@ class JsonlSink:
                 logger.warning("otel-moe: cannot write %s (%s); dropping steps and counting", self.path, err)
             raise
 
-    def finish(self, request_ids: list[str]) -> None:
+    def finish(self, request_ids: list[str], partial: set[str] = frozenset()) -> None:
         pass  # token lines already name their request
 
     def idle(self) -> None:

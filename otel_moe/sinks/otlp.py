@@ -84,9 +84,9 @@ class RequestTallies:
             self.counts = np.pad(self.counts, ((0, pad), (0, 0), (0, 0)))
         self.free.extend(range(capacity - 1, old - 1, -1))
 
-    def slots(self, request_ids: list[str], start_ns: int, num_layers: int, num_experts: int) -> np.ndarray:
-        if self.counts is None or self.counts.shape[1:] != (num_layers, num_experts):
-            self.counts = np.zeros((len(self.prefill), num_layers, num_experts), np.int64)
+    def slots(self, request_ids: list[str], start_ns: int, layers: list, num_experts: int) -> np.ndarray:
+        if self.counts is None or self.layers != layers or self.counts.shape[2] != num_experts:
+            self._relayer(layers, num_experts)
         out = np.empty(len(request_ids), np.int64)
         for i, request_id in enumerate(request_ids):
             slot = self.slot_of.get(request_id)
@@ -99,6 +99,15 @@ class RequestTallies:
                 self.start_ns[slot] = start_ns
             out[i] = slot
         return out
+
+    def _relayer(self, layers: list, num_experts: int) -> None:
+        """Live control switched layers: keep the totals of layers still recorded."""
+        counts = np.zeros((len(self.prefill), len(layers), num_experts), np.int64)
+        if self.counts is not None and self.counts.shape[2] == num_experts:
+            for column, layer in enumerate(layers):
+                if layer in self.layers:
+                    counts[:, column] = self.counts[:, self.layers.index(layer)]
+        self.counts, self.layers = counts, list(layers)
 
     def pop(self, request_id: str) -> Optional[dict]:
         slot = self.slot_of.pop(request_id, None)
@@ -129,7 +138,7 @@ def payload_bytes(span: ReadableSpan) -> int:
 
 class OtlpSink:
     def __init__(self, config: Config, resource_attributes: dict, exporter: Optional[SpanExporter] = None) -> None:
-        self.mode = config.mode
+        self.mode = config.mode  # of the latest step (live control may switch it)
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "vllm", **resource_attributes})
         self._pending = _Pending()
         self._provider = TracerProvider(
@@ -145,13 +154,13 @@ class OtlpSink:
         self.tracer = self._provider.get_tracer(schema.INSTRUMENTATION_SCOPE, version("otel-moe"))
         self.exporter = exporter or make_exporter()
         self.requests = RequestTallies()
-        self.layers: list = []  # of the latest step: the rows of moe.request counts
         self.failed_export_spans = 0
         self.evicted_requests = 0
         self._last_export = time.monotonic()
 
     # ---- steps ----------------------------------------------------------
     def write(self, record: StepRecord) -> None:
+        self.mode = "counts" if record.ids is None else "tokens"
         slots = self._tally(record)
         yield_gil()  # let the engine's thread in between the pieces of work (see recorder)
         spans = self._step_spans(record)
@@ -177,6 +186,7 @@ class OtlpSink:
             schema.DROPPED_STEPS: record.dropped_steps,
             schema.DROPPED_TOKENS: record.dropped_tokens,
             schema.FAILED_EXPORT_SPANS: self.failed_export_spans,
+            schema.CONTROL_VERSION: record.control_version,
         }
 
     def _step_spans(self, record: StepRecord) -> list:
@@ -235,8 +245,7 @@ class OtlpSink:
             oldest = next(iter(self.requests.slot_of))
             self._emit_request(oldest, self.requests.pop(oldest), incomplete=True)
         t = self.requests
-        self.layers = record.layers
-        slots = t.slots(record.request_ids, record.start_ns, len(record.layers), record.num_experts)
+        slots = t.slots(record.request_ids, record.start_ns, record.layers, record.num_experts)
         request_of = record.token_request_index()
         prefill = np.bincount(request_of, weights=record.is_prefill(), minlength=len(slots)).astype(np.int64)
         t.prefill[slots] += prefill
@@ -250,13 +259,13 @@ class OtlpSink:
             np.add.at(t.counts.reshape(-1), key.ravel(), 1)
         return slots
 
-    def finish(self, request_ids: list[str]) -> None:
+    def finish(self, request_ids: list[str], partial: set[str] = frozenset()) -> None:
         for request_id in request_ids:
             tally = self.requests.pop(request_id)
             if tally is not None:
-                self._emit_request(request_id, tally)
+                self._emit_request(request_id, tally, partial=request_id in partial)
 
-    def _emit_request(self, request_id: str, tally: dict, incomplete: bool = False) -> None:
+    def _emit_request(self, request_id: str, tally: dict, incomplete: bool = False, partial: bool = False) -> None:
         attributes = {
             schema.SCHEMA: schema.SCHEMA_VERSION,
             schema.REQUEST_ID: request_id,
@@ -265,11 +274,13 @@ class OtlpSink:
             schema.MODE: self.mode,
         }
         if self.mode == "tokens":
-            attributes[schema.LAYERS] = list(self.layers)
+            attributes[schema.LAYERS] = list(self.requests.layers)
             attributes[schema.NUM_EXPERTS] = tally["counts"].shape[1]
             attributes[schema.REQUEST_EXPERT_COUNTS] = schema.encode_counts(tally["counts"])
         if incomplete:
             attributes[schema.REQUEST_INCOMPLETE] = True
+        if partial:
+            attributes[schema.REQUEST_PARTIAL] = True
         links = [Link(tally["link"])] if tally["link"] is not None else []
         span = self.tracer.start_span(schema.REQUEST_SPAN, start_time=tally["start_ns"], attributes=attributes, links=links)
         span.end(end_time=tally["end_ns"])

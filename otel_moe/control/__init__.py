@@ -1,0 +1,171 @@
+"""Live control of recording: start, stop, switch layers and mode while vLLM runs.
+
+The control channel is one small JSON file named by ``VLLM_LOG_MOE_CONTROL``::
+
+    {"recording": true, "layers": "0,12-15", "mode": "counts"}
+
+Every recording worker process (however many engines, DP ranks or API
+servers there are on the host) looks at the file's identity (inode, mtime,
+size: one ``os.stat``) once per real engine step, and re-reads it only when
+that changed. Writers replace the file atomically (write + rename), so a
+reader never sees half a file, and every write makes a new inode, so even two
+writes within one filesystem timestamp tick are seen as a change.
+
+A missing file means "as the flags say" (VLLM_LOG_LAYER, VLLM_LOG_MOE_MODE,
+recording on). A file that does not parse is refused when the engine starts;
+one that goes bad while it runs is logged and ignored (the last good state
+stays), since telemetry must never fail the engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Mapping, Optional
+
+from otel_moe.config import MODES, Config, ConfigError, LayerSelection, parse_layers
+
+logger = logging.getLogger("vllm.otel_moe")
+
+RECORDING, LAYERS, MODE = "recording", "layers", "mode"
+FIELDS = (RECORDING, LAYERS, MODE)
+
+
+class ControlError(ConfigError):
+    """A control request or control file has a value otel-moe cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlState:
+    recording: bool
+    layers: LayerSelection
+    mode: str  # "tokens" | "counts"
+
+    @classmethod
+    def from_config(cls, config: Config) -> "ControlState":
+        return cls(True, config.layers, config.mode)
+
+    def as_json(self) -> dict:
+        return {RECORDING: self.recording, LAYERS: self.layers.text, MODE: self.mode}
+
+    def updated(self, changes: Mapping[str, Any], where: str = "control") -> "ControlState":
+        """This state with ``changes`` applied; ``ControlError`` names the bad field."""
+        unknown = sorted(set(changes) - set(FIELDS))
+        if unknown:
+            raise ControlError(f"otel-moe: {where}: unknown field(s) {unknown}; allowed: {', '.join(FIELDS)}")
+        recording, layers, mode = self.recording, self.layers, self.mode
+        if RECORDING in changes:
+            recording = changes[RECORDING]
+            if not isinstance(recording, bool):
+                raise ControlError(f"otel-moe: {where}: {RECORDING}={recording!r} is invalid; allowed: true or false")
+        if LAYERS in changes:
+            text = changes[LAYERS]
+            if isinstance(text, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in text):
+                text = ",".join(str(v) for v in text)
+            if not isinstance(text, str):
+                raise ControlError(f"otel-moe: {where}: {LAYERS}={text!r} is invalid; allowed: a string like '0,3-5' or 'all', or a list of integers")
+            try:
+                layers = parse_layers(text, source=f"{where}: {LAYERS}")
+            except ConfigError as err:
+                raise ControlError(str(err)) from None
+        if MODE in changes:
+            mode = changes[MODE]
+            if mode not in MODES:
+                raise ControlError(f"otel-moe: {where}: {MODE}={mode!r} is invalid; allowed: {' or '.join(MODES)}")
+        return ControlState(recording, layers, mode)
+
+
+class ControlFile:
+    """Reads and atomically rewrites the control file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+
+    def read(self, base: ControlState) -> ControlState:
+        """The state the file asks for, over ``base`` (a missing file asks nothing)."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return base
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ControlError(f"otel-moe: control file {self.path} is not JSON: {err}") from None
+        if not isinstance(content, dict):
+            raise ControlError(f"otel-moe: control file {self.path} must hold a JSON object like {json.dumps(base.as_json())}")
+        return base.updated(content, where=f"control file {self.path}")
+
+    def update(self, changes: Mapping[str, Any], base: ControlState) -> ControlState:
+        """Apply ``changes`` to what the file holds now and write the result.
+
+        Read-modify-write under a lock file, so two API servers updating
+        different fields at once both take effect.
+        """
+        with open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self.read(base).updated(changes)
+            self._replace(json.dumps(state.as_json()) + "\n")
+        return state
+
+    def _replace(self, text: str) -> None:
+        directory = os.path.dirname(self.path)
+        fd, temporary = tempfile.mkstemp(prefix=".otel-moe-control-", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+
+class ControlWatcher:
+    """Per-step view of the control file for one recording worker (engine thread)."""
+
+    def __init__(self, path: str, defaults: ControlState,
+                 validate: Callable[[ControlState], None] = lambda state: None) -> None:
+        """``validate`` raises ``ConfigError`` for a state this worker cannot
+        record (layers the model does not have)."""
+        self.file = ControlFile(path)
+        self.defaults = defaults
+        self.validate = validate
+        self.version = 0  # bumped on every change applied
+        self._identity = self._stat()
+        self.state = self._read()  # a bad file refuses the start (ConfigError)
+
+    def _read(self) -> ControlState:
+        state = self.file.read(self.defaults)
+        self.validate(state)
+        return state
+
+    def _stat(self) -> Optional[tuple[int, int, int]]:
+        try:
+            st = os.stat(self.file.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def poll(self) -> bool:
+        """Re-read the file if it changed; True when the state changed."""
+        identity = self._stat()
+        if identity == self._identity:
+            return False
+        self._identity = identity
+        try:
+            state = self._read()
+        except (ConfigError, OSError) as err:
+            logger.error("otel-moe: %s; recording stays %s", err, json.dumps(self.state.as_json()))
+            return False
+        if state == self.state:
+            return False
+        self.state = state
+        self.version += 1
+        logger.info("otel-moe: control: recording is now %s", json.dumps(state.as_json()))
+        return True

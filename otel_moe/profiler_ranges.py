@@ -1,0 +1,69 @@
+"""Named ranges in the torch profiler's trace, so kernel time lines up with routing.
+
+While vLLM's torch profiler runs (``--profiler-config``, ``/start_profile``,
+``LLM.start_profile()``), every recorded step's model execution is wrapped in
+``otel_moe.step <index> tokens=<n> requests=<r> dp=<rank> run=<id>`` (the same
+index as the step's ``moe.step`` span / JSONL ``step``), and every MoE layer
+whose Python runs in that step in ``otel_moe.layer <N>``. CUDA-graph replays
+run no Python, so there only the step range appears; ``otel-moe report``
+then attributes the graph's MoE kernels to layers by their order.
+
+With the profiler off this costs one C call per step and per layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, ContextManager
+
+import torch
+
+from otel_moe import schema
+
+_in_step = False  # layer ranges only inside a recorded step (never in warm-up or paused steps)
+
+
+def profiling() -> bool:
+    return torch.autograd._profiler_enabled()
+
+
+def step_range(step: int, tokens: int, requests: int, dp_rank: int, run_id: str) -> ContextManager:
+    if not profiling():
+        return contextlib.nullcontext()
+    return _step_range(schema.step_range_name(step, tokens, requests, dp_rank, run_id))
+
+
+@contextlib.contextmanager
+def _step_range(name: str):
+    global _in_step
+    _in_step = True
+    try:
+        with torch.profiler.record_function(name):
+            yield
+    finally:
+        _in_step = False
+
+
+def wrap_layer(moe_module: Any, layer: int) -> bool:
+    """Wrap this MoE module's per-layer forward (the runner's ``_forward_impl``,
+    which vLLM's opaque ``moe_forward`` custom op calls at run time) in a layer
+    range. False when the module has no such method (an unknown vLLM layout)."""
+    for attribute in ("_forward_impl", "forward_impl"):
+        forward = getattr(moe_module, attribute, None)
+        if callable(forward):
+            setattr(moe_module, attribute, _with_layer_range(forward, schema.layer_range_name(layer)))
+            return True
+    return False
+
+
+def _with_layer_range(forward: Callable, name: str) -> Callable:
+    @functools.wraps(forward)
+    def forward_in_range(*args, **kwargs):
+        # is_compiling first: should Dynamo ever trace this, it stops there and
+        # guards on nothing else.
+        if not torch.compiler.is_compiling() and _in_step and profiling():
+            with torch.profiler.record_function(name):
+                return forward(*args, **kwargs)
+        return forward(*args, **kwargs)
+
+    return forward_in_range
