@@ -128,7 +128,7 @@ def _wrap_execute_model(original: Callable) -> Callable:
             return original(self, scheduler_output, *args, **kwargs)
         requests = len(scheduler_output.num_scheduled_tokens)
         start_ns = time.time_ns()
-        with profiler_ranges.step_range(step, tokens, requests, recorder.dp_rank, recorder.run_id):
+        with profiler_ranges.step_range(step, tokens, requests, recorder.model_moe_layers, recorder.dp_rank, recorder.run_id):
             result = original(self, scheduler_output, *args, **kwargs)
         end_ns = time.time_ns()
         _telemetry(recorder, recorder.on_step, scheduler_output, batch_order(self), start_ns, end_ns)
@@ -248,6 +248,7 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         randomized_request_ids=not _request_id_randomization_disabled(),
         control=control,
         run_id=resource[schema.RUN_ID],
+        model_moe_layers=sorted(moe_layers),
     )
     # Spawned vLLM processes leave through multiprocessing, which skips atexit
     # but runs its own finalizers; the main process runs those at exit too.

@@ -1,4 +1,4 @@
-"""``otel-moe``: the command line (tiny-model, collector, report, summary)."""
+"""``otel-moe``: the command line (tiny-model, collector, report, summary, control)."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     report_parser = commands.add_parser("report", help="histograms, heatmap, imbalance and latency from routing data")
     report.add_arguments(report_parser)
     report_parser.set_defaults(run=report.run)
+
+    from otel_moe import control
+
+    control_parser = commands.add_parser("control", help="start, stop or switch recording on a running vLLM (live control file)")
+    control.add_arguments(control_parser)
+    control_parser.set_defaults(run=control.run)
 
     args = parser.parse_args(argv)
     return args.run(args)

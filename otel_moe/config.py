@@ -55,7 +55,7 @@ class LayerSelection:
             return
         missing = sorted(self.layers - model_layers)
         if missing:
-            have = _ranges(sorted(model_layers)) or "none"
+            have = format_ranges(sorted(model_layers)) or "none"
             raise _refuse(
                 self.source,
                 self.text,
@@ -63,7 +63,8 @@ class LayerSelection:
             )
 
 
-def _ranges(values: list[int]) -> str:
+def format_ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (the inverse of parse_layers)."""
     parts, start = [], None
     for i, v in enumerate(values):
         if start is None:

@@ -2,7 +2,7 @@
 
 While vLLM's torch profiler runs (``--profiler-config``, ``/start_profile``,
 ``LLM.start_profile()``), every recorded step's model execution is wrapped in
-``otel_moe.step <index> tokens=<n> requests=<r> dp=<rank> run=<id>`` (the same
+``otel_moe.step <index> tokens=<n> requests=<r> moe_layers=<all MoE layers> dp=<rank> run=<id>`` (the same
 index as the step's ``moe.step`` span / JSONL ``step``), and every MoE layer
 whose Python runs in that step in ``otel_moe.layer <N>``. CUDA-graph replays
 run no Python, so there only the step range appears; ``otel-moe report``
@@ -27,10 +27,10 @@ def profiling() -> bool:
     return torch.autograd._profiler_enabled()
 
 
-def step_range(step: int, tokens: int, requests: int, dp_rank: int, run_id: str) -> ContextManager:
+def step_range(step: int, tokens: int, requests: int, moe_layers: list[int], dp_rank: int, run_id: str) -> ContextManager:
     if not profiling():
         return contextlib.nullcontext()
-    return _step_range(schema.step_range_name(step, tokens, requests, dp_rank, run_id))
+    return _step_range(schema.step_range_name(step, tokens, requests, moe_layers, dp_rank, run_id))
 
 
 @contextlib.contextmanager

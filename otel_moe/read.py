@@ -57,6 +57,7 @@ class StepSpan:
     weights: dict[int, np.ndarray]
     counts: dict[int, np.ndarray]  # layer -> [E] (both modes)
     dropped_steps: int = 0
+    dp_rank: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -150,6 +151,7 @@ def decode_step(span: Span) -> StepSpan:
         first_positions=schema.decode_u32(a.get(schema.REQUEST_FIRST_POSITIONS, b"")),
         prompt_lens=schema.decode_u32(a.get(schema.REQUEST_PROMPT_LENS, b"")),
         ids=ids, weights=weights, counts=counts, dropped_steps=int(a.get(schema.DROPPED_STEPS, 0)),
+        dp_rank=int(a.get(schema.DP_RANK, 0)),
     )
 
 

@@ -55,9 +55,11 @@ class StepRecorder:
         randomized_request_ids: bool = True,
         control: Optional[ControlWatcher] = None,
         run_id: str = "",
+        model_moe_layers: Optional[list[int]] = None,
     ) -> None:
         self.buffers = buffers
         self.run_id = run_id
+        self.model_moe_layers = model_moe_layers or list(buffers.layers)  # recorded or not
         self.sink = sink
         self.dp_rank = dp_rank
         self.randomized_request_ids = randomized_request_ids

@@ -17,6 +17,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from otel_moe.config import format_ranges, parse_layers
+
 SCHEMA_VERSION = 1
 SCHEMA = "otel_moe.schema_version"
 INSTRUMENTATION_SCOPE = "otel_moe"
@@ -82,20 +84,24 @@ VLLM_COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
 STEP_RANGE = "otel_moe.step"  # around a recorded step's model execution
 LAYER_RANGE = "otel_moe.layer"  # around one MoE layer, where its Python runs (not in CUDA-graph replays)
 _STEP_RANGE_PATTERN = re.compile(
-    rf"^{re.escape(STEP_RANGE)} (\d+) tokens=(\d+) requests=(\d+) dp=(\d+) run=(\S*)$")
+    rf"^{re.escape(STEP_RANGE)} (\d+) tokens=(\d+) requests=(\d+) moe_layers=([0-9,-]+) dp=(\d+) run=(\S*)$")
 _LAYER_RANGE_PATTERN = re.compile(rf"^{re.escape(LAYER_RANGE)} (\d+)$")
 
 
-def step_range_name(step: int, tokens: int, requests: int, dp_rank: int, run_id: str) -> str:
-    return f"{STEP_RANGE} {step} tokens={tokens} requests={requests} dp={dp_rank} run={run_id}"
+def step_range_name(step: int, tokens: int, requests: int, moe_layers: list[int], dp_rank: int, run_id: str) -> str:
+    """``moe_layers``: every MoE layer this worker runs, in forward order (recorded
+    or not): what kernels replayed from a CUDA graph are attributed to by order."""
+    return (f"{STEP_RANGE} {step} tokens={tokens} requests={requests} "
+            f"moe_layers={format_ranges(moe_layers)} dp={dp_rank} run={run_id}")
 
 
 def parse_step_range(name: str) -> Optional[dict]:
     match = _STEP_RANGE_PATTERN.match(name)
     if match is None:
         return None
-    step, tokens, requests, dp_rank, run_id = match.groups()
-    return {"step": int(step), "tokens": int(tokens), "requests": int(requests), "dp_rank": int(dp_rank), "run_id": run_id}
+    step, tokens, requests, moe_layers, dp_rank, run_id = match.groups()
+    return {"step": int(step), "tokens": int(tokens), "requests": int(requests),
+            "moe_layers": sorted(parse_layers(moe_layers).layers or ()), "dp_rank": int(dp_rank), "run_id": run_id}
 
 
 def layer_range_name(layer: int) -> str:

@@ -5,7 +5,8 @@ the otel-moe flags coming from its environment). Usage:
   python tests/vllm_run.py SPEC.json OUT.json
 SPEC: {"model", "prompts": [str], "max_tokens": int | [int], "eager": bool,
        "max_num_batched_tokens": int, "prefix_caching": bool, "batches": [[prompt index]]?,
-       "otlp_traces_endpoint": str?}
+       "otlp_traces_endpoint": str?,
+       "profile_dir": str?, "profile_batches": [batch index]?  (torch profiler around those batches)}
 """
 import json
 import sys
@@ -18,6 +19,11 @@ def main(spec_path: str, out_path: str) -> None:
     extra = {}
     if spec.get("otlp_traces_endpoint"):
         extra = {"otlp_traces_endpoint": spec["otlp_traces_endpoint"], "disable_log_stats": False}
+    if spec.get("profile_dir"):
+        from vllm.config import ProfilerConfig
+
+        extra["profiler_config"] = ProfilerConfig(profiler="torch", torch_profiler_dir=spec["profile_dir"],
+                                                  torch_profiler_with_stack=False)
     llm = LLM(
         model=spec["model"],
         enforce_eager=spec.get("eager", False),
@@ -34,9 +40,14 @@ def main(spec_path: str, out_path: str) -> None:
         max_tokens = [max_tokens] * len(spec["prompts"])
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
     outputs = []
-    for batch in spec.get("batches", [list(range(len(spec["prompts"])))]):
+    for index, batch in enumerate(spec.get("batches", [list(range(len(spec["prompts"])))])):
         prompts = [spec["prompts"][i] for i in batch]
+        profiled = index in spec.get("profile_batches", [])
+        if profiled:
+            llm.start_profile()
         results = llm.generate(prompts, [params[i] for i in batch], use_tqdm=False)
+        if profiled:
+            llm.stop_profile()
         for r in results:
             outputs.append({
                 "request_id": r.request_id,

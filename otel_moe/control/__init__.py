@@ -24,10 +24,11 @@ import fcntl
 import json
 import logging
 import os
+import sys
 import tempfile
 from typing import Any, Callable, Mapping, Optional
 
-from otel_moe.config import MODES, Config, ConfigError, LayerSelection, parse_layers
+from otel_moe.config import CONTROL, MODES, Config, ConfigError, LayerSelection, from_env, parse_layers
 
 logger = logging.getLogger("vllm.otel_moe")
 
@@ -86,30 +87,39 @@ class ControlFile:
         self.path = os.path.abspath(path)
 
     def read(self, base: ControlState) -> ControlState:
-        """The state the file asks for, over ``base`` (a missing file asks nothing)."""
+        """The state the file asks for, over ``base`` (what the flags say)."""
+        return base.updated(self.read_fields(), where=f"control file {self.path}")
+
+    def read_fields(self) -> dict:
+        """The fields the file sets (none when it is missing)."""
         try:
             with open(self.path, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
-            return base
+            return {}
         try:
             content = json.loads(text)
         except json.JSONDecodeError as err:
             raise ControlError(f"otel-moe: control file {self.path} is not JSON: {err}") from None
         if not isinstance(content, dict):
-            raise ControlError(f"otel-moe: control file {self.path} must hold a JSON object like {json.dumps(base.as_json())}")
-        return base.updated(content, where=f"control file {self.path}")
+            raise ControlError(f'otel-moe: control file {self.path} must hold a JSON object like {{"{RECORDING}": false}}')
+        return content
 
     def update(self, changes: Mapping[str, Any], base: ControlState) -> ControlState:
-        """Apply ``changes`` to what the file holds now and write the result.
+        """Set ``changes`` in the file (other fields stay as they are) and return
+        the state it now asks for over ``base``.
 
-        Read-modify-write under a lock file, so two API servers updating
-        different fields at once both take effect.
+        Only the fields ever set are stored, so a writer whose flags differ from
+        the engine's (a shell without VLLM_LOG_LAYER) never overrides the rest.
+        Read-modify-write under a lock file: two API servers updating at once
+        both take effect. Nothing is written when a value is invalid.
         """
+        base.updated(changes, where="request")  # refuse bad values with the request's words
         with open(self.path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            state = self.read(base).updated(changes)
-            self._replace(json.dumps(state.as_json()) + "\n")
+            fields = {**self.read_fields(), **changes}
+            state = base.updated(fields, where=f"control file {self.path}")
+            self._replace(json.dumps(fields) + "\n")
         return state
 
     def _replace(self, text: str) -> None:
@@ -169,3 +179,40 @@ class ControlWatcher:
         self.version += 1
         logger.info("otel-moe: control: recording is now %s", json.dumps(state.as_json()))
         return True
+
+
+# ---- command line: otel-moe control ------------------------------------------
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("action", choices=("status", "start", "stop", "set"),
+                        help="status: print what the file asks for; start/stop: recording on/off; "
+                             "set: change --layers/--mode only")
+    parser.add_argument("--file", default=os.environ.get(CONTROL, ""),
+                        help=f"the control file (default: ${CONTROL})")
+    parser.add_argument("--layers", help="layers to record: 'all', 3, 0,12, 0-5 ...")
+    parser.add_argument("--mode", choices=MODES, help="tokens (every token's experts) or counts (per-step histograms)")
+
+
+def run(args: Any) -> int:
+    if not args.file:
+        print(f"otel-moe control: no control file: pass --file or set {CONTROL}", file=sys.stderr)
+        return 2
+    changes: dict[str, Any] = {}
+    if args.action in ("start", "stop"):
+        changes[RECORDING] = args.action == "start"
+    if args.layers is not None:
+        changes[LAYERS] = args.layers
+    if args.mode is not None:
+        changes[MODE] = args.mode
+    if args.action == "set" and not changes:
+        print("otel-moe control set: give --layers and/or --mode", file=sys.stderr)
+        return 2
+    try:
+        cfg = from_env()
+        base = ControlState.from_config(cfg) if cfg else ControlState(True, parse_layers(""), MODES[0])
+        control = ControlFile(args.file)
+        state = control.update(changes, base) if changes else control.read(base)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(json.dumps(state.as_json()))
+    return 0

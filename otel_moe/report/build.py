@@ -9,13 +9,17 @@ import numpy as np
 from otel_moe.read import LineStats, SchemaError
 from otel_moe.report.aggregate import RunStats, entropy_bits
 from otel_moe.report.inputs import Latency, StepBatch, input_files, stream
+from otel_moe.report.profile import ProfileJoin
 
 
 class EmptyInput(ValueError):
     """No routing record in the input."""
 
 
-def aggregate(paths: list[str], stats: LineStats, progress: bool = False) -> dict[str, RunStats]:
+def aggregate(paths: list[str], stats: LineStats, progress: bool = False,
+              profile: Optional[ProfileJoin] = None) -> dict[str, RunStats]:
+    """Per-run statistics of the routing input; ``profile`` also collects the
+    routing of the steps a profiler trace covers."""
     runs: dict[str, RunStats] = {}
     latencies: list[Latency] = []
     total = sum(os.path.getsize(f) for f in input_files(paths))
@@ -26,6 +30,9 @@ def aggregate(paths: list[str], stats: LineStats, progress: bool = False) -> dic
             continue
         run = runs.setdefault(item.run, RunStats())
         _add_step(run, item)
+        if profile is not None and item.layers:
+            profile.add(item.run, item.dp_rank, item.step, {lb.layer: lb.counts for lb in item.layers},
+                        item.layers[0].num_tokens)
     if bar:
         bar.close()
     for run in runs.values():

@@ -22,6 +22,21 @@ def _img(name: str, alt: str) -> str:
     return f'<figure><img src="{html.escape(name)}" alt="{html.escape(alt)}"><figcaption>{html.escape(name)}</figcaption></figure>'
 
 
+def _profile_section(joined: dict, image) -> list[str]:
+    note = (f"{joined['steps_joined']} of the {joined['steps_in_trace']} steps in the torch.profiler trace joined to "
+            f"their routing records by step index; MoE time from {', '.join(joined['time_source'])}.")
+    if joined["steps_with_other_token_count"]:
+        note += f" <b>{joined['steps_with_other_token_count']} joined steps have another token count than their record.</b>"
+    parts = ["<h2>Profiler: MoE time against load imbalance</h2>", f"<p class='note'>{note}</p>"]
+    if image:
+        parts.append(_img(image, "MoE time and imbalance per layer"))
+    parts.append(_table(
+        ["layer", "steps", "MoE time per step (µs)", "mean max/mean", "corr(time per token, max/mean)"],
+        [[name, v["steps"], v["moe_us_mean"], v["imbalance_max_over_mean_mean"], v["time_per_token_imbalance_correlation"]]
+         for name, v in joined["layers"].items()]))
+    return parts
+
+
 def render(summary: dict, images: dict) -> str:
     layers = summary["layers"]
     inputs = summary["inputs"]
@@ -58,6 +73,8 @@ def render(summary: dict, images: dict) -> str:
         parts += ["<h2>Request latency</h2><p class='note'>No vLLM <code>llm_request</code> spans in the input: run vLLM "
                   "with <code>--otlp-traces-endpoint</code> (offline: <code>otlp_traces_endpoint=</code> and "
                   "<code>disable_log_stats=False</code>) pointed at the same collector.</p>"]
+    if "profile" in summary:
+        parts += _profile_section(summary["profile"], images.get("profile"))
     parts.append("<h2>Per layer</h2><p class='note'>Counts per expert with the uniform share dashed, then the same split "
                  "by phase: prefill (prompt tokens) against decode (generated tokens).</p>")
     for name in layers:

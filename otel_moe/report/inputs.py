@@ -33,6 +33,7 @@ class StepBatch:
     request_tokens: np.ndarray
     prefill_tokens: np.ndarray
     layers: list[LayerBatch]
+    dp_rank: int = 0
 
 
 @dataclasses.dataclass
@@ -68,7 +69,7 @@ def step_from_span(span: read.Span) -> StepBatch:
                    request_of if layer in step.ids else None, prefill if layer in step.ids else None)
         for layer in sorted(step.counts)
     ]
-    return StepBatch(step.run, step.step, step.request_ids, step.request_tokens, prefill_tokens, layers)
+    return StepBatch(step.run, step.step, step.request_ids, step.request_tokens, prefill_tokens, layers, step.dp_rank)
 
 
 def latency_from_span(span: read.Span) -> Latency:

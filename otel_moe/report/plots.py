@@ -104,3 +104,30 @@ def latency(out_dir: str, requests: dict[str, dict]) -> str | None:
     ax.set_ylabel("end-to-end latency (ms)")
     ax.set_title("latency against expert spread")
     return _save(fig, out_dir, "latency.png")
+
+
+def profile(out_dir: str, joined: dict) -> str | None:
+    """MoE time per layer (from the profiler trace) beside the same steps' imbalance."""
+    layers = joined["layers"]
+    if not layers:
+        return None
+    names = list(layers)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = np.arange(len(names))
+    left.bar(x, [layers[n]["moe_us_mean"] for n in names], color="#4c72b0")
+    left.set_xticks(x, names)
+    left.set_xlabel("layer")
+    left.set_ylabel("MoE time per step (µs)", color="#4c72b0")
+    twin = left.twinx()
+    imbalance = [layers[n]["imbalance_max_over_mean_mean"] for n in names]
+    twin.plot(x, [np.nan if v is None else v for v in imbalance], "o-", color="#c44e52")
+    twin.set_ylabel("max / mean expert load", color="#c44e52")
+    left.set_title(f"per layer, over {joined['steps_joined']} profiled steps")
+    points = np.asarray(joined["points"], dtype=float).reshape(-1, 5)
+    if len(points):
+        scatter = right.scatter(points[:, 3], points[:, 2] / points[:, 4], c=points[:, 0], s=10, cmap="viridis")
+        fig.colorbar(scatter, ax=right, label="layer")
+    right.set_xlabel("max / mean expert load in the step")
+    right.set_ylabel("MoE time per token (µs)")
+    right.set_title("each (step, layer): time against imbalance")
+    return _save(fig, out_dir, "profile_moe_time.png")
