@@ -17,7 +17,8 @@ from otel_moe.collector.process import CollectorProcess  # noqa: F401  (tests im
 
 HERE = Path(__file__).parent
 VLLM_RUN = HERE / "vllm_run.py"
-FLAGS = ("VLLM_LOG_MOE", "VLLM_LOG_LAYER", "VLLM_LOG_MOE_MODE", "VLLM_NUM_MOE_LAYERS", "OTEL_MOE_RUN_ID")
+FLAGS = ("VLLM_LOG_MOE", "VLLM_LOG_LAYER", "VLLM_LOG_MOE_MODE", "VLLM_NUM_MOE_LAYERS", "VLLM_LOG_MOE_CONTROL",
+         "VLLM_LOG_MOE_QUEUE_STEPS", "OTEL_MOE_RUN_ID", "VLLM_API_KEY")
 
 
 def clean_env(**flags: str) -> dict:
@@ -79,8 +80,11 @@ CHUNKED = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "max_num_batched_tokens
 
 @pytest.fixture(scope="session")
 def qwen2_compiled(models, tmp_path_factory) -> VllmRun:
+    """Also under vLLM's torch profiler (its trace in ``profile/``): compiled, so
+    the MoE layers run inside the graph and the trace has step ranges only."""
     wd = tmp_path_factory.mktemp("qwen2_compiled")
-    return run_vllm(wd, {"model": models["qwen2_moe"], **CHUNKED}, VLLM_LOG_MOE=str(wd / "routing.jsonl"))
+    return run_vllm(wd, {"model": models["qwen2_moe"], **CHUNKED, "profile_dir": str(wd / "profile"),
+                         "profile_batches": [0]}, VLLM_LOG_MOE=str(wd / "routing.jsonl"))
 
 
 @pytest.fixture(scope="session")
@@ -110,11 +114,13 @@ SHARED_PREFIX = "the model learns which expert knows what " * 20
 
 @pytest.fixture(scope="session")
 def qwen2_prefix_cached(models, tmp_path_factory) -> VllmRun:
-    """Two batches; the second repeats a long prefix of the first, so it hits the cache."""
+    """Two batches; the second repeats a long prefix of the first, so it hits the cache.
+    The second runs under vLLM's torch profiler (eager: layer ranges too)."""
     wd = tmp_path_factory.mktemp("qwen2_prefix")
     prompts = [SHARED_PREFIX + "one", SHARED_PREFIX + "two two", SHARED_PREFIX + "three"]
     spec = {"model": models["qwen2_moe"], "eager": True, "prompts": prompts, "max_tokens": 4,
-            "max_num_batched_tokens": 128, "prefix_caching": True, "batches": [[0], [1, 2]]}
+            "max_num_batched_tokens": 128, "prefix_caching": True, "batches": [[0], [1, 2]],
+            "profile_dir": str(wd / "profile"), "profile_batches": [1]}
     return run_vllm(wd, spec, VLLM_LOG_MOE=str(wd / "routing.jsonl"))
 
 

@@ -114,7 +114,8 @@ class JsonlSteps:
             ids = np.asarray([r["expert_ids"] for r in layer_rows], dtype=np.int64)
             request_of = np.asarray([index.setdefault(r["request_id"], len(index)) for r in layer_rows])
             prefill = np.asarray([r["phase"] == "prefill" for r in layer_rows])
-            num_experts = int(ids.max()) + 1 if ids.size else 0
+            # lines written before num_experts was added: size by the largest id seen
+            num_experts = layer_rows[0].get("num_experts") or (int(ids.max()) + 1 if ids.size else 0)
             layers.append(LayerBatch(layer, num_experts, np.bincount(ids.ravel(), minlength=num_experts), len(layer_rows),
                                      ids, np.asarray([r["expert_weights"] for r in layer_rows], dtype=np.float32),
                                      request_of, prefill))

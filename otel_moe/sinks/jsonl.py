@@ -40,7 +40,7 @@ def token_lines(record: StepRecord) -> list[str]:
         for column, layer in enumerate(record.layers):
             lines.append(
                 f'{{"step": {record.step}, "layer": {layer}{who}{ids[t][column]}, '
-                f'"expert_weights": {weights[t][column]}}}\n'
+                f'"expert_weights": {weights[t][column]}, "num_experts": {record.num_experts}}}\n'
             )
     return lines
 
