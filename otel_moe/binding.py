@@ -122,7 +122,7 @@ def _wrap_execute_model(original: Callable) -> Callable:
         if not recorder or kwargs.get("dummy_run") or scheduler_output is None or getattr(self, _WARMING, False):
             return original(self, scheduler_output, *args, **kwargs)
         tokens = getattr(scheduler_output, "total_num_scheduled_tokens", 0)
-        step = _telemetry(recorder, recorder.begin_step) if tokens else None
+        step = _telemetry(recorder, recorder.begin_step, scheduler_output) if tokens else None
         if step is None:  # no tokens, or recording is off: finishes still pass
             _telemetry(recorder, recorder.on_paused_step, scheduler_output)
             return original(self, scheduler_output, *args, **kwargs)

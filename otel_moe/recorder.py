@@ -25,11 +25,12 @@ _STOP = object()
 
 
 class _Finished(list):
-    """Request ids vLLM finished, as a queue item, with the control version then."""
+    """Request ids vLLM finished, as a queue item; ``partial``: those of them
+    that live control left recorded only in part."""
 
-    def __init__(self, request_ids, control_version: int) -> None:
+    def __init__(self, request_ids, partial: set) -> None:
         super().__init__(request_ids)
-        self.control_version = control_version
+        self.partial = partial
 
 DROP_WARNING_INTERVAL_S = 60.0
 IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
@@ -74,18 +75,25 @@ class StepRecorder:
         self.dropped_tokens = 0
         self.failed_steps = 0
         self._checked_capture = False
+        self._last_finished = None
         self._last_drop_warning = 0.0
         self._closing: Optional[float] = None  # deadline, once close() began
         self._external_ids: dict[str, str] = {}  # internal -> user's request id, while live
-        self._partial: set[str] = set()  # live requests recorded only in part (control changed)
+        # Live requests that live control left recorded only in part: they were
+        # live when recording stopped or switched layers or mode, or began while
+        # it was off. Engine thread only.
+        self._partial: set[str] = set()
         self._thread = threading.Thread(target=self._drain, name="otel-moe-sink", daemon=True)
         self._thread.start()
 
     # ---- engine thread -------------------------------------------------
-    def begin_step(self) -> Optional[int]:
+    def begin_step(self, scheduler_output: Any) -> Optional[int]:
         """Before a real step's forward: the index it will be recorded under,
         or ``None`` while recording is off (then ``on_paused_step`` follows)."""
         if self.control is not None and self.control.poll():
+            # Requests that finished before the change are whole: pass them on first.
+            self.on_finished(scheduler_output)
+            self._partial.update(self.tracker.live())
             self._apply(self.control.state)
         return self.steps if self.recording else None
 
@@ -103,7 +111,9 @@ class StepRecorder:
         """A real step while recording is off: only learn the prompt lengths of
         new requests (recording may resume mid-request) and pass on finishes."""
         self.on_finished(scheduler_output)
-        self.tracker.learn_new(scheduler_output.scheduled_new_reqs, self.control_version)
+        began = self.tracker.learn_new(scheduler_output.scheduled_new_reqs)
+        if not self.recording:
+            self._partial.update(began)
 
     def on_step(self, scheduler_output: Any, batch_order: list[str], start_ns: int, end_ns: int) -> None:
         """Called after each recorded step's forward (total_num_scheduled_tokens > 0).
@@ -116,7 +126,7 @@ class StepRecorder:
         self.steps += 1
         n = scheduler_output.total_num_scheduled_tokens
         inputs = StepInputs.take(scheduler_output, batch_order)
-        self.tracker.learn(inputs, self.control_version)
+        self.tracker.learn(inputs)
         if not self._checked_capture:
             self._check_capture(n)
         snapshot = None
@@ -137,16 +147,18 @@ class StepRecorder:
     def on_finished(self, scheduler_output: Any) -> None:
         """Pass on the requests vLLM finished (also on steps with no tokens)."""
         finished = getattr(scheduler_output, "finished_req_ids", None)
-        if finished:
+        if finished and finished is not self._last_finished:
+            self._last_finished = finished  # a step's finishes may be passed on early (begin_step)
+            partial = self._partial.intersection(finished)
+            self._partial.difference_update(finished)
             try:
-                self.queue.put_nowait(_Finished(finished, self.control_version))
+                self.queue.put_nowait(_Finished(finished, partial))
             except queue.Full:
                 # Forget them here (single dict/set operations: safe beside the sink's thread);
                 # their moe.request spans come out when evicted or at close.
                 self.tracker.forget(finished)
                 for request_id in finished:
                     self._external_ids.pop(request_id, None)
-                    self._partial.discard(request_id)
 
     def _check_capture(self, n: int) -> None:
         # One host sync, on the first real step only: a layer whose rows were
@@ -195,12 +207,9 @@ class StepRecorder:
             yield_gil()
 
     def _finish(self, finished: _Finished) -> None:
-        partial = self._partial.intersection(finished)
-        partial.update(self.tracker.changed_since_arrival(finished, finished.control_version))
-        self._partial.difference_update(finished)
         self.tracker.forget(finished)
         external = {r: self._external(r, forget=True) for r in finished}
-        self.sink.finish(list(external.values()), {external[r] for r in partial})
+        self.sink.finish(list(external.values()), {external[r] for r in finished.partial})
 
     def _external(self, internal_id: str, forget: bool = False) -> str:
         if forget:
@@ -219,7 +228,6 @@ class StepRecorder:
                 snapshot.release()
             self._drop(inputs.total, f"layout: {err}")
             return None
-        self._partial.update(self.tracker.changed_since_arrival(layout.internal_ids, control_version))
         ids, weights, counts = snapshot.to_numpy()
         return StepRecord(
             step=step,

@@ -105,9 +105,7 @@ class StepInputs:
 
 
 class RequestTracker:
-    """Prompt length of every live request, learned from the scheduler's output,
-    and the live-control version it arrived under (a change later means the
-    request was recorded only in part).
+    """Prompt length of every live request, learned from the scheduler's output.
 
     ``learn`` runs on the engine thread for every step, dropped and paused ones
     too (a request's prompt length comes only with its first step); ``layout``
@@ -116,22 +114,22 @@ class RequestTracker:
 
     def __init__(self) -> None:
         self.prompt_lens: dict[str, int] = {}
-        self.arrived_under: dict[str, int] = {}  # request id -> control version at its first step
 
-    def learn(self, inputs: StepInputs, control_version: int = 0) -> None:
+    def learn(self, inputs: StepInputs) -> None:
         for req_id, _, prompt_len in inputs.new:
             self.prompt_lens[req_id] = prompt_len
-            self.arrived_under[req_id] = control_version
 
-    def learn_new(self, scheduled_new_reqs: Iterable[Any], control_version: int = 0) -> None:
-        """``learn`` straight from the scheduler's new requests (steps not recorded)."""
+    def learn_new(self, scheduled_new_reqs: Iterable[Any]) -> list[str]:
+        """``learn`` straight from the scheduler's new requests (steps not
+        recorded); returns their ids."""
+        ids = []
         for new in scheduled_new_reqs:
             self.prompt_lens[new.req_id] = _prompt_len(new)
-            self.arrived_under[new.req_id] = control_version
+            ids.append(new.req_id)
+        return ids
 
-    def changed_since_arrival(self, request_ids: Iterable[str], control_version: int) -> list[str]:
-        """Those of ``request_ids`` that arrived under another control version."""
-        return [r for r in request_ids if self.arrived_under.get(r, control_version) != control_version]
+    def live(self) -> list[str]:
+        return list(self.prompt_lens)  # one C-level copy: safe beside the sink's thread
 
     def layout(self, inputs: StepInputs) -> StepLayout:
         starts = dict(zip(inputs.cached_ids, inputs.cached_computed))
@@ -152,7 +150,6 @@ class RequestTracker:
     def forget(self, request_ids: Iterable[str]) -> None:
         for req_id in request_ids:
             self.prompt_lens.pop(req_id, None)
-            self.arrived_under.pop(req_id, None)
 
 
 class LayoutError(RuntimeError):

@@ -1,6 +1,7 @@
 """Live control on a real ``vllm serve``: recording stopped, restarted on other
-layers in counts mode, switched back, all through the plugin's HTTP endpoints,
-while one server keeps running."""
+layers in counts mode, switched back and switched again under a running
+request, all through the plugin's HTTP endpoints while one server keeps
+running, recording to JSONL and through OTLP to a real collector."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_env
+from conftest import CollectorProcess, clean_env, otlp_env
+from otel_moe import read, schema
 
 VLLM_SERVE = Path(__file__).parent / "vllm_serve.py"
 
@@ -26,6 +29,7 @@ PROMPTS = {  # request id -> (prompt, max_tokens); sent one after another
     "while-stopped": ("nothing of this request may be recorded " * 2, 6),
     "counts-1-3": ("now only layers one and three, as histograms", 4),
     "tokens-again": ("every layer and every token again " * 2, 3),
+    "across-switch": ("a long answer, during which layers switch to 0 and 2", 300),  # streamed
 }
 
 
@@ -36,27 +40,40 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str, workdir: Path) -> None:
+    def __init__(self, model: str, workdir: Path, otlp_endpoint: str) -> None:
         self.model = model
         self.workdir = workdir
         self.routing = workdir / "routing.jsonl"
         self.control = workdir / "control.json"
         self.port = _free_port()
         self.log = workdir / "serve.log"
-        env = clean_env(VLLM_LOG_MOE=str(self.routing), VLLM_LOG_MOE_CONTROL=str(self.control))
+        env = clean_env(VLLM_LOG_MOE=f"otlp,{self.routing}", VLLM_LOG_MOE_CONTROL=str(self.control),
+                        **otlp_env(otlp_endpoint))
         self.proc = subprocess.Popen(
             [sys.executable, str(VLLM_SERVE), "serve", model, "--port", str(self.port),
              "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "8",
              "--max-num-batched-tokens", "64", "--gpu-memory-utilization", "0.2", "--seed", "0",
-             "--api-key", API_KEY, "--middleware", "otel_moe.control.http.middleware"],
+             "--api-key", API_KEY, "--middleware", "otel_moe.control.http.middleware",
+             "--shutdown-timeout", "30"],  # let the workers flush telemetry at exit (README)
             env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.lines: list[str] = []
         self._started = threading.Event()
         threading.Thread(target=self._read_log, daemon=True).start()
-        if not self._started.wait(600) or self.proc.poll() is not None:
+        if not self._started.wait(600) or not self._listening():
             self.stop()
             raise RuntimeError("vllm serve did not start; log tail:\n" + "".join(self.lines[-60:]))
+
+    def _listening(self, timeout_s: float = 30) -> bool:
+        # uvicorn logs "startup complete" a moment before its socket listens
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return True
+            except OSError:
+                time.sleep(0.05)
+        return False
 
     def _read_log(self) -> None:
         for line in self.proc.stdout:
@@ -65,8 +82,8 @@ class Server:
                 self._started.set()
         self._started.set()  # exited: let the waiter look
 
-    def call(self, method: str, path: str, body: dict | None = None, key: str | None = API_KEY,
-             headers: dict | None = None) -> tuple[int, dict]:
+    def _request(self, method: str, path: str, body: dict | None, key: str | None,
+                 headers: dict | None) -> urllib.request.Request:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
         request.add_header("Content-Type", "application/json")
@@ -74,19 +91,40 @@ class Server:
             request.add_header("Authorization", f"Bearer {key}")
         for name, value in (headers or {}).items():
             request.add_header(name, value)
+        return request
+
+    def call(self, method: str, path: str, body: dict | None = None, key: str | None = API_KEY,
+             headers: dict | None = None) -> tuple[int, dict]:
         try:
-            with urllib.request.urlopen(request, timeout=120) as response:
+            with urllib.request.urlopen(self._request(method, path, body, key, headers), timeout=120) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
 
-    def complete(self, request_id: str) -> dict:
+    def _completion(self, request_id: str, stream: bool = False) -> urllib.request.Request:
         prompt, max_tokens = PROMPTS[request_id]
-        status, body = self.call("POST", "/v1/completions", {
-            "model": self.model, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0.0, "ignore_eos": True}, headers={"X-Request-Id": request_id})
-        assert status == 200, body
-        return body["usage"]
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        return self._request("POST", "/v1/completions", body, API_KEY, {"X-Request-Id": request_id})
+
+    def complete(self, request_id: str) -> dict:
+        with urllib.request.urlopen(self._completion(request_id), timeout=120) as response:
+            return json.loads(response.read())["usage"]
+
+    def complete_switching(self, request_id: str, switch: dict) -> tuple[dict, tuple]:
+        """Stream a completion; once its first token arrived, send ``switch``."""
+        answer, usage = None, None
+        with urllib.request.urlopen(self._completion(request_id, stream=True), timeout=120) as response:
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                usage = chunk.get("usage") or usage
+                if answer is None:
+                    answer = self.call("POST", "/otel_moe/recording", switch)
+        return usage, answer
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -104,7 +142,13 @@ class Server:
 def controlled_serve(models, tmp_path_factory):
     """One server, one scripted session of control calls and requests; the
     tests read what each call answered and what the server recorded."""
-    server = Server(models["qwen2_moe"], tmp_path_factory.mktemp("serve_control"))
+    workdir = tmp_path_factory.mktemp("serve_control")
+    collector = CollectorProcess(workdir / "collected")
+    try:
+        server = Server(models["qwen2_moe"], workdir, collector.grpc_endpoint)
+    except Exception:
+        collector.stop()
+        raise
     answers, usage = {}, {}
     try:
         answers["status unauthenticated"] = server.call("GET", "/otel_moe/recording", key=None)
@@ -118,10 +162,17 @@ def controlled_serve(models, tmp_path_factory):
         usage["counts-1-3"] = server.complete("counts-1-3")
         answers["tokens all"] = server.call("POST", "/otel_moe/recording", {"layers": "all", "mode": "tokens"})
         usage["tokens-again"] = server.complete("tokens-again")
+        usage["across-switch"], answers["layers 0,2"] = server.complete_switching("across-switch", {"layers": "0,2"})
         answers["unknown endpoint"] = server.call("POST", "/otel_moe/recording/pause")
     finally:
         returncode = server.stop()
+        assert collector.stop() == 0
     return server, answers, usage, returncode
+
+
+def _name(request_id: str) -> str:
+    """cmpl-<X-Request-Id>-<prompt index> -> the X-Request-Id."""
+    return request_id.removeprefix("cmpl-").rsplit("-", 1)[0]
 
 
 def _rows(server) -> list[dict]:
@@ -143,9 +194,10 @@ def test_control_endpoints_answer_the_state_or_a_named_error(controlled_serve):
     assert answers["bad field"][0] == 400 and "unknown field(s) ['layer']" in answers["bad field"][1]["error"]
     assert answers["start counts 1,3"] == (200, {"recording": True, "layers": "1,3", "mode": "counts"})
     assert answers["tokens all"] == (200, {"recording": True, "layers": "all", "mode": "tokens"})
+    assert answers["layers 0,2"] == (200, {"recording": True, "layers": "0,2", "mode": "tokens"})
     assert answers["unknown endpoint"][0] == 404
     # the file keeps only what was set, so the flags still decide the rest
-    assert json.loads(server.control.read_text()) == {"recording": True, "layers": "all", "mode": "tokens"}
+    assert json.loads(server.control.read_text()) == {"recording": True, "layers": "0,2", "mode": "tokens"}
 
 
 def test_recording_follows_the_control_calls(controlled_serve):
@@ -155,14 +207,12 @@ def test_recording_follows_the_control_calls(controlled_serve):
     count_rows = [r for r in rows if "counts" in r]
     positions = defaultdict(lambda: defaultdict(list))  # request -> layer -> positions
     for r in token_rows:
-        positions[r["request_id"]][r["layer"]].append(r["position"])
-    recorded = {request_id.removeprefix("cmpl-").rsplit("-", 1)[0] for request_id in positions}
-    # nothing while stopped; the requests recorded in tokens mode are exact, on every layer
-    assert recorded == {"before-stop", "tokens-again"}
-    for request_id, by_layer in positions.items():
-        name = request_id.removeprefix("cmpl-").rsplit("-", 1)[0]
-        assert sorted(by_layer) == [0, 1, 2, 3]
-        for layer_positions in by_layer.values():
+        positions[_name(r["request_id"])][r["layer"]].append(r["position"])
+    # nothing while stopped; requests recorded in tokens mode are exact, on every layer asked for
+    assert set(positions) == {"before-stop", "tokens-again", "across-switch"}
+    for name in ("before-stop", "tokens-again"):
+        assert sorted(positions[name]) == [0, 1, 2, 3]
+        for layer_positions in positions[name].values():
             assert sorted(layer_positions) == list(range(_tokens(usage[name])))
     # counts mode, layers 1 and 3 only, covers exactly the tokens of the one request sent then
     assert {r["layer"] for r in count_rows} == {1, 3}
@@ -170,7 +220,29 @@ def test_recording_follows_the_control_calls(controlled_serve):
         layer_rows = [r for r in count_rows if r["layer"] == layer]
         assert sum(r["num_tokens"] for r in layer_rows) == _tokens(usage["counts-1-3"])
         assert all(sum(r["counts"]) == 2 * r["num_tokens"] for r in layer_rows)  # top_k = 2
+    # switched to layers 0 and 2 mid-request: those two layers stay whole, 1 and 3 stop at the switch
+    across = positions["across-switch"]
+    for layer in (0, 2):
+        assert sorted(across[layer]) == list(range(_tokens(usage["across-switch"])))
+    assert sorted(across[1]) == sorted(across[3]) == list(range(len(across[1])))
+    assert 0 < len(across[1]) < _tokens(usage["across-switch"])
     # steps are numbered only while recording: one run of indices, no gap for the stopped part
     assert sorted({r["step"] for r in rows}) == list(range(len({r["step"] for r in rows})))
     applied = [line for line in server.lines if "otel-moe: control: recording is now" in line]
-    assert len(applied) == 3  # stop, start counts, tokens all (refused calls never reached the file)
+    assert len(applied) == 4  # stop, start counts, tokens all, layers 0,2 (refused calls never reached the file)
+
+
+def test_request_spans_say_which_requests_control_cut(controlled_serve):
+    server, _, usage, _ = controlled_serve
+    spans = list(read.iter_collector_spans([str(server.workdir / "collected")]))
+    requests = {_name(s.attributes[schema.REQUEST_ID]): s.attributes for s in spans if s.name == schema.REQUEST_SPAN}
+    # a request sent while stopped left no trace; one cut by a switch says so
+    assert set(requests) == {"before-stop", "counts-1-3", "tokens-again", "across-switch"}
+    assert [n for n, a in requests.items() if a.get(schema.REQUEST_PARTIAL)] == ["across-switch"]
+    across = requests["across-switch"]
+    assert across[schema.LAYERS] == [0, 2]  # the layers recorded at the end, their counts whole
+    counts = schema.decode_counts(across[schema.REQUEST_EXPERT_COUNTS], across[schema.NUM_EXPERTS])
+    assert counts.sum(axis=1).tolist() == [2 * _tokens(usage["across-switch"])] * 2
+    modes = {read.decode_step(s).step: s.attributes[schema.MODE] for s in spans if s.name == schema.STEP_SPAN}
+    jsonl_modes = {r["step"]: "counts" if "counts" in r else "tokens" for r in _rows(server)}
+    assert modes == jsonl_modes and set(modes.values()) == {"tokens", "counts"}

@@ -119,7 +119,8 @@ class ControlFile:
             fcntl.flock(lock, fcntl.LOCK_EX)
             fields = {**self.read_fields(), **changes}
             state = base.updated(fields, where=f"control file {self.path}")
-            self._replace(json.dumps(fields) + "\n")
+            normal = state.as_json()  # [1, 3] is stored as "1,3"
+            self._replace(json.dumps({field: normal[field] for field in fields}) + "\n")
         return state
 
     def _replace(self, text: str) -> None:
