@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from otel_moe.collector.process import CollectorProcess  # noqa: E402
 
-MODES_CPU = ["off", "counts", "tokens", "off_eager", "seed_style_eager"]
-MODES_GPU = ["off", "counts", "tokens", "vllm_routed_experts", "off_eager", "seed_style_eager"]
+# paused: otel-moe installed and capturing in the graph, recording switched off by live control
+MODES_CPU = ["off", "paused", "counts", "tokens", "off_eager", "seed_style_eager"]
+MODES_GPU = ["off", "paused", "counts", "tokens", "vllm_routed_experts", "off_eager", "seed_style_eager"]
 
 
 # ---- vLLM overhead ----------------------------------------------------------
@@ -56,11 +57,16 @@ def make_model(work: Path, device: str, layers: int) -> tuple[str, dict]:
                         "load_format": "dummy"}
 
 
-def engine_env(mode: str) -> None:
+def engine_env(mode: str, work: Path) -> None:
     """The flags an engine of this mode is built with (read when its model loads)."""
-    os.environ["VLLM_LOG_MOE"] = "otlp" if mode in ("counts", "tokens") else ""
+    os.environ["VLLM_LOG_MOE"] = "otlp" if mode in ("counts", "tokens", "paused") else ""
     os.environ["VLLM_LOG_MOE_MODE"] = "counts" if mode == "counts" else "tokens"
     os.environ["OTEL_MOE_RUN_ID"] = f"bench-{mode}"
+    os.environ.pop("VLLM_LOG_MOE_CONTROL", None)
+    if mode == "paused":
+        control = work / "control-paused.json"
+        control.write_text('{"recording": false}')
+        os.environ["VLLM_LOG_MOE_CONTROL"] = str(control)
 
 
 def bench_vllm(args, work: Path) -> dict:
@@ -91,7 +97,7 @@ def bench_vllm(args, work: Path) -> dict:
     outputs: dict[str, list] = {m: [] for m in modes}
 
     def build(mode: str):
-        engine_env(mode)
+        engine_env(mode, work)
         t0 = time.monotonic()
         llm = LLM(enforce_eager=mode.endswith("_eager"), enable_return_routed_experts=mode == "vllm_routed_experts", **common)
         if mode == "seed_style_eager":
@@ -142,8 +148,9 @@ def bench_vllm(args, work: Path) -> dict:
         if span.name == schema.STEP_SPAN and span.resource.get(schema.RUN_ID) == "bench-tokens":
             records.extend(read.decode_step(span).token_rows())
     problems = exactness_problems(records, outputs["tokens"], list(range(args.layers))) if "tokens" in modes else []
-    dropped = [int(s.attributes.get(schema.DROPPED_STEPS, 0)) for s in read.iter_collector_spans([str(work / "collected")])
-               if s.name == schema.STEP_SPAN]
+    spans = [s for s in read.iter_collector_spans([str(work / "collected")]) if s.name == schema.STEP_SPAN]
+    dropped = [int(s.attributes.get(schema.DROPPED_STEPS, 0)) for s in spans]
+    paused_spans = sum(s.resource.get(schema.RUN_ID) == "bench-paused" for s in spans)
     return {
         "model": model_info["name"], "device": args.device, "schedule": "sequential" if args.sequential else "interleaved", "prompts": args.prompts, "prompt_len": args.prompt_len,
         "gen_len": args.gen_len, "rounds": args.rounds, "modes": modes, "engine_start_s": started,
@@ -151,6 +158,7 @@ def bench_vllm(args, work: Path) -> dict:
         "ratio": ratio, "sink": "otlp (gRPC) to the embedded collector on the same machine",
         "exactness": {"records": len(records), "problems": problems[:10], "exact": not problems},
         "dropped_steps_max": max(dropped, default=0), "collector_peak_rss_mib": round(collector_peak / 1024, 1),
+        "paused_step_spans": paused_spans,  # recording off: must be 0
     }
 
 
@@ -162,6 +170,62 @@ def _free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ---- torch.profiler join ------------------------------------------------------
+def bench_profile(args, work: Path) -> dict:
+    """vLLM's torch profiler around one batch, compiled (CUDA graphs on a GPU) and
+    eager: does the report join every profiled step, from which time source, and
+    what does the trace attribute per layer? Keeps a trimmed trace of each."""
+    from vllm import LLM, SamplingParams
+    from vllm.config import ProfilerConfig
+
+    from otel_moe.report.main import build_report
+    from otel_moe.report.profile import load_events, trace_files
+
+    model, model_info = make_model(work, args.device, args.layers)
+    prompts = [{"prompt_token_ids": [(5 * i + j) % 500 + 1 for j in range(48)]} for i in range(16)]
+    params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0, detokenize=False)
+    results = {"model": model_info["name"]}
+    for tag, eager in (("compiled", False), ("eager", True)):
+        routing, traces = work / f"profile-{tag}.jsonl", work / f"profile-{tag}"
+        engine_env("tokens", work)
+        os.environ["VLLM_LOG_MOE"], os.environ["OTEL_MOE_RUN_ID"] = str(routing), f"profile-{tag}"
+        llm = LLM(model=model, enforce_eager=eager, max_model_len=128, seed=0, distributed_executor_backend="uni",
+                  gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=16,
+                  profiler_config=ProfilerConfig(profiler="torch", torch_profiler_dir=str(traces),
+                                                 torch_profiler_with_stack=False),
+                  **({"load_format": model_info["load_format"]} if model_info.get("load_format") else {}))
+        llm.generate(prompts, params, use_tqdm=False)  # warm
+        llm.start_profile()
+        llm.generate(prompts, params, use_tqdm=False)
+        llm.stop_profile()
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        _free_device_memory()
+        joined = build_report([str(routing), str(traces)], str(work / f"profile-report-{tag}"))["profile"]
+        [trace] = trace_files([str(traces)])
+        kept = Path(args.out).parent / f"profile-{args.device}-{tag}.trace.json.gz"
+        _keep_two_steps(load_events(trace), kept)
+        results[tag] = {k: v for k, v in joined.items() if k not in ("points", "traces")}
+        results[tag]["trimmed_trace"] = str(kept)
+    return results
+
+
+def _keep_two_steps(events: list[dict], out: Path) -> None:
+    """The first two otel_moe.step ranges of a trace with what they launched:
+    small enough to keep beside the results (and to test the join against)."""
+    import gzip
+
+    steps = sorted((e for e in events if e["name"].startswith("otel_moe.step ")), key=lambda e: e["ts"])[:2]
+    start, end = steps[0]["ts"], steps[-1]["ts"] + steps[-1]["dur"]
+    inside = [e for e in events if start <= e["ts"] <= end and e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset")]
+    correlations = {(e.get("args") or {}).get("correlation") for e in inside} - {None}
+    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+              and (e.get("args") or {}).get("correlation") in correlations]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(out, "wt") as f:
+        json.dump({"traceEvents": inside + device}, f)
 
 
 # ---- collector throughput -----------------------------------------------------
@@ -304,7 +368,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--sections", default="vllm,collector,report,soak")
+    parser.add_argument("--sections", default="vllm,profile,collector,report,soak")
     parser.add_argument("--soak-seconds", type=float, default=120)
     parser.add_argument("--modes", default=None)
     parser.add_argument("--layers", type=int, default=None)
@@ -334,6 +398,8 @@ def main() -> int:
     try:
         if "vllm" in sections:
             results["vllm_gpu" if gpu else "vllm_cpu"] = bench_vllm(args, work)
+        if "profile" in sections:
+            results["profile_gpu" if gpu else "profile_cpu"] = bench_profile(args, work)
         if "collector" in sections:
             results["collector"] = bench_collector(args, work)
         if "report" in sections:
@@ -373,7 +439,14 @@ def print_table(results: dict) -> None:
             print(f"{'mode':<22}{'tok/s':>10}{'ratio':>8}")
             for mode, tps in r["throughput_tok_s"].items():
                 print(f"{mode:<22}{tps:>10.0f}{r['ratio'].get(mode, 1.0):>8.3f}")
-            print(f"exact: {r['exactness']['exact']} ({r['exactness']['records']} records); dropped steps: {r['dropped_steps_max']}")
+            print(f"exact: {r['exactness']['exact']} ({r['exactness']['records']} records); dropped steps: {r['dropped_steps_max']}; "
+                  f"step spans while paused: {r['paused_step_spans']}")
+    for key in ("profile_cpu", "profile_gpu"):
+        for tag, r in results.get(key, {}).items():
+            if isinstance(r, dict):
+                print(f"{key} {tag}: {r['steps_joined']} of {r['steps_in_trace']} profiled steps joined "
+                      f"({', '.join(r['time_source'])}); per-layer MoE us: "
+                      + ", ".join(f"{layer}: {v['moe_us_mean']:.0f}" for layer, v in r["layers"].items()))
     if "soak" in results:
         r = results["soak"]
         print(f"soak: {r['seconds']} s at {r['expert_ids_per_s'] / 1e6:.1f}M ids/s, collector RSS "
