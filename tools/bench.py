@@ -181,7 +181,7 @@ def bench_profile(args, work: Path) -> dict:
     from vllm.config import ProfilerConfig
 
     from otel_moe.report.main import build_report
-    from otel_moe.report.profile import load_events, trace_files
+    from otel_moe.report.profile import load_events, profiled_steps, trace_files
 
     model, model_info = make_model(work, args.device, args.layers)
     prompts = [{"prompt_token_ids": [(5 * i + j) % 500 + 1 for j in range(48)]} for i in range(16)]
@@ -206,20 +206,24 @@ def bench_profile(args, work: Path) -> dict:
         joined = build_report([str(routing), str(traces)], str(work / f"profile-report-{tag}"))["profile"]
         [trace] = trace_files([str(traces)])
         kept = Path(args.out).parent / f"profile-{args.device}-{tag}.trace.json.gz"
-        _keep_two_steps(load_events(trace), kept)
+        events = load_events(trace)
+        _keep_some_steps(events, kept)
         results[tag] = {k: v for k, v in joined.items() if k not in ("points", "traces")}
+        results[tag]["steps"] = [[s.step, s.tokens, s.source, len(s.layer_us)] for s in profiled_steps(events)]
         results[tag]["trimmed_trace"] = str(kept)
     return results
 
 
-def _keep_two_steps(events: list[dict], out: Path) -> None:
-    """The first two otel_moe.step ranges of a trace with what they launched:
-    small enough to keep beside the results (and to test the join against)."""
+def _keep_some_steps(events: list[dict], out: Path) -> None:
+    """The first two and last two otel_moe.step ranges of a trace with what they
+    launched: small enough to keep beside the results (and to test the join against)."""
     import gzip
 
-    steps = sorted((e for e in events if e["name"].startswith("otel_moe.step ")), key=lambda e: e["ts"])[:2]
-    start, end = steps[0]["ts"], steps[-1]["ts"] + steps[-1]["dur"]
-    inside = [e for e in events if start <= e["ts"] <= end and e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset")]
+    steps = sorted((e for e in events if e["name"].startswith("otel_moe.step ") and e.get("cat") == "user_annotation"),
+                   key=lambda e: e["ts"])
+    steps = steps[:2] + steps[-2:]  # a prefill and a decode or two
+    inside = [e for e in events if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset")
+              and any(s["ts"] <= e["ts"] <= s["ts"] + s["dur"] for s in steps)]
     correlations = {(e.get("args") or {}).get("correlation") for e in inside} - {None}
     device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
               and (e.get("args") or {}).get("correlation") in correlations]

@@ -32,6 +32,7 @@ import numpy as np
 from otel_moe import schema
 
 DEFAULT_MOE_KERNELS = r"moe|expert|topk|top_k"
+HOST_RANGE_CATEGORY = "user_annotation"
 KERNEL_CATEGORIES = ("kernel",)
 LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 TRACE_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz")
@@ -93,7 +94,9 @@ def profiled_steps(events: list[dict], moe_kernels: str = DEFAULT_MOE_KERNELS) -
         thread = (e.get("pid"), e.get("tid"))
         if e.get("cat") == "cpu_op" and matcher.search(name):
             cpu_ops[thread].append((float(e["ts"]), float(e["ts"]) + float(e["dur"]), name))
-        if not name.startswith("otel_moe."):
+        # Kineto mirrors each range onto the GPU timeline ("gpu_user_annotation",
+        # spanning the GPU's time, idle gaps included): only the host's ranges count.
+        if not name.startswith("otel_moe.") or e.get("cat") != HOST_RANGE_CATEGORY:
             continue
         fields = schema.parse_step_range(name)
         if fields is not None:
@@ -109,7 +112,9 @@ def profiled_steps(events: list[dict], moe_kernels: str = DEFAULT_MOE_KERNELS) -
         thread = (e.get("pid"), e.get("tid"))
         ranges = _within(layer_ranges.get(thread, []), start, end)
         launched = _within(kernels.get(e.get("pid"), []), start, end)
-        if ranges and launched:
+        if kernels and not launched:
+            layer_us, source = {}, "no gpu kernels linked to the step"
+        elif ranges and launched:
             layer_us, source = _kernels_in_ranges(launched, ranges), "gpu kernels in layer ranges"
         elif ranges:
             layer_us, source = {layer: 0.0 for _, _, layer in ranges}, "layer ranges (cpu)"
