@@ -227,7 +227,8 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
     )
     for slot, layer in enumerate(selected):
         bind_router(moe_layers[layer], buffers, slot)
-        if not profiler_ranges.wrap_layer(moe_layers[layer], layer):
+    for layer, module in moe_layers.items():  # recorded or not: the profiler trace shows every MoE layer
+        if not profiler_ranges.wrap_layer(module, layer):
             logger.debug("otel-moe: layer %d has no per-layer forward to put a profiler range around", layer)
 
     from otel_moe.recorder import StepRecorder

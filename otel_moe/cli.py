@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_arguments(report_parser)
     report_parser.set_defaults(run=report.run)
 
-    from otel_moe import control
+    from otel_moe.control import cli as control
 
     control_parser = commands.add_parser("control", help="start, stop or switch recording on a running vLLM (live control file)")
     control.add_arguments(control_parser)

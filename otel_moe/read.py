@@ -81,6 +81,7 @@ class StepSpan:
                     "position": int(positions[t]), "phase": PREFILL if prefill[t] else DECODE,
                     "expert_ids": self.ids[layer][t].tolist(),
                     "expert_weights": [float(w) for w in self.weights[layer][t]],
+                    "num_experts": self.num_experts,
                 }
 
 

@@ -22,6 +22,8 @@ from otel_moe.step import LayoutError, RequestTracker, StepInputs, StepRecord, e
 
 logger = logging.getLogger("vllm.otel_moe")
 _STOP = object()
+DROP_WARNING_INTERVAL_S = 60.0
+IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
 
 
 class _Finished(list):
@@ -31,9 +33,6 @@ class _Finished(list):
     def __init__(self, request_ids, partial: set) -> None:
         super().__init__(request_ids)
         self.partial = partial
-
-DROP_WARNING_INTERVAL_S = 60.0
-IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
 
 
 def yield_gil() -> None:

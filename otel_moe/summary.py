@@ -27,6 +27,14 @@ def print_summary(summary: dict) -> None:
         tops = ", ".join(f"e{e} {counts[e] / total:.0%}" for e in top)
         print(f"{layer:>5} {stats['tokens']:>7}  {tops:<34} {stats['imbalance_max_over_mean']:>8.2f} "
               f"{stats['entropy_bits']:>5.2f}/{stats['max_entropy_bits']:.0f}")
+    profile = summary.get("profile")
+    if profile:
+        print(f"profiler trace: {profile['steps_joined']} of {profile['steps_in_trace']} steps joined to their routing "
+              f"({', '.join(profile['time_source'])})")
+        print(f"{'layer':>5} {'MoE us/step':>12} {'max/mean':>8}")
+        for layer, stats in profile["layers"].items():
+            imbalance = stats["imbalance_max_over_mean_mean"]
+            print(f"{layer:>5} {stats['moe_us_mean']:>12.1f} {imbalance if imbalance is not None else float('nan'):>8.2f}")
 
 
 def run(inputs: list[str]) -> int:
