@@ -112,7 +112,7 @@ def profile(out_dir: str, joined: dict) -> str | None:
     if not layers:
         return None
     names = list(layers)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.2))
     x = np.arange(len(names))
     left.bar(x, [layers[n]["moe_us_mean"] for n in names], color="#4c72b0")
     left.set_xticks(x, names)
