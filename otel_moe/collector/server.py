@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import signal
+import socket
 import sys
 import threading
 import zlib
@@ -135,6 +136,23 @@ def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
+def _stop_signals() -> socket.socket:
+    """A socket that becomes readable on SIGTERM or SIGINT.
+
+    The interpreter's C-level handler writes the signal number to the wakeup fd
+    from whichever thread the OS picked, so the main thread's blocking read
+    always wakes. (A Python handler setting a threading.Event could deadlock on
+    the Event's own lock, and one waking only the main thread could miss a
+    signal delivered to a gRPC thread.)
+    """
+    readable, writable = socket.socketpair()
+    writable.setblocking(False)
+    signal.set_wakeup_fd(writable.fileno())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)  # the wakeup fd does the work
+    return readable
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="otel-moe collector", description=__doc__)
     add_arguments(parser)
@@ -151,19 +169,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    stopped = _stop_signals()
     collector = Collector(
         args.out, args.host, args.grpc_port, args.http_port,
         max_request_bytes=int(args.max_request_mb * (1 << 20)),
         rotate_bytes=int(args.rotate_mb * (1 << 20)) if args.rotate_mb else None,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     collector.start()
     # Tests and `make demo` wait for this line rather than sleeping.
     print(f"otel-moe collector: OTLP/gRPC {collector.host}:{collector.grpc_port} "
           f"OTLP/HTTP {collector.host}:{collector.http_port} writing {collector.files.path}", flush=True)
-    stop.wait()
+    stopped.recv(1)
     collector.stop()
     print(f"otel-moe collector: stopped after {collector.files.lines} lines", flush=True)
     return 0
