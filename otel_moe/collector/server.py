@@ -136,8 +136,10 @@ def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def _stop_signals() -> socket.socket:
-    """A socket that becomes readable on SIGTERM or SIGINT.
+def _stop_signals() -> tuple[socket.socket, socket.socket]:
+    """A socket pair whose first end becomes readable on SIGTERM or SIGINT
+    (keep both alive: a closed write end's fd number would be reused by the
+    next file opened, and the signal byte written into it).
 
     The interpreter's C-level handler writes the signal number to the wakeup fd
     from whichever thread the OS picked, so the main thread's blocking read
@@ -150,7 +152,7 @@ def _stop_signals() -> socket.socket:
     signal.set_wakeup_fd(writable.fileno())
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)  # the wakeup fd does the work
-    return readable
+    return readable, writable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    stopped = _stop_signals()
+    stopped, _wakeup = _stop_signals()
     collector = Collector(
         args.out, args.host, args.grpc_port, args.http_port,
         max_request_bytes=int(args.max_request_mb * (1 << 20)),
