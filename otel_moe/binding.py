@@ -121,12 +121,10 @@ def _wrap_execute_model(original: Callable) -> Callable:
         recorder = getattr(self, _RECORDER, None)
         if not recorder or kwargs.get("dummy_run") or scheduler_output is None or getattr(self, _WARMING, False):
             return original(self, scheduler_output, *args, **kwargs)
-        tokens = getattr(scheduler_output, "total_num_scheduled_tokens", 0)
-        step = _telemetry(recorder, recorder.begin_step, scheduler_output) if tokens else None
-        if step is None:  # no tokens, or recording is off: finishes still pass
-            _telemetry(recorder, recorder.on_paused_step, scheduler_output)
+        step = _telemetry(recorder, recorder.begin_step, scheduler_output)
+        if step is None:  # no tokens, or recording is off
             return original(self, scheduler_output, *args, **kwargs)
-        requests = len(scheduler_output.num_scheduled_tokens)
+        tokens, requests = scheduler_output.total_num_scheduled_tokens, len(scheduler_output.num_scheduled_tokens)
         start_ns = time.time_ns()
         with profiler_ranges.step_range(step, tokens, requests, recorder.model_moe_layers, recorder.dp_rank, recorder.run_id):
             result = original(self, scheduler_output, *args, **kwargs)

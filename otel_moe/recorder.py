@@ -74,7 +74,6 @@ class StepRecorder:
         self.dropped_tokens = 0
         self.failed_steps = 0
         self._checked_capture = False
-        self._last_finished = None
         self._last_drop_warning = 0.0
         self._closing: Optional[float] = None  # deadline, once close() began
         self._external_ids: dict[str, str] = {}  # internal -> user's request id, while live
@@ -87,14 +86,18 @@ class StepRecorder:
 
     # ---- engine thread -------------------------------------------------
     def begin_step(self, scheduler_output: Any) -> Optional[int]:
-        """Before a real step's forward: the index it will be recorded under,
-        or ``None`` while recording is off (then ``on_paused_step`` follows)."""
+        """Before every real step's forward, tokens or not: pass on finishes, take
+        a live-control change, learn new requests. Returns the index the step
+        will be recorded under (``on_step`` follows), or ``None``: not recorded."""
+        self.on_finished(scheduler_output)  # before a change: requests finished by now are whole
         if self.control is not None and self.control.poll():
-            # Requests that finished before the change are whole: pass them on first.
-            self.on_finished(scheduler_output)
             self._partial.update(self.tracker.live())
             self._apply(self.control.state)
-        return self.steps if self.recording else None
+        began = self.tracker.learn(scheduler_output.scheduled_new_reqs)  # recording may resume mid-request
+        if not self.recording:
+            self._partial.update(began)
+            return None
+        return self.steps if scheduler_output.total_num_scheduled_tokens else None
 
     def _apply(self, state: ControlState) -> None:
         """Take a (validated) control state: which layers, which form, on or off."""
@@ -106,26 +109,16 @@ class StepRecorder:
         self._columns = None if everything else torch.tensor(columns, device=self.buffers.ids.device)
         self.control_version = self.control.version if self.control else 0
 
-    def on_paused_step(self, scheduler_output: Any) -> None:
-        """A real step while recording is off: only learn the prompt lengths of
-        new requests (recording may resume mid-request) and pass on finishes."""
-        self.on_finished(scheduler_output)
-        began = self.tracker.learn_new(scheduler_output.scheduled_new_reqs)
-        if not self.recording:
-            self._partial.update(began)
-
     def on_step(self, scheduler_output: Any, batch_order: list[str], start_ns: int, end_ns: int) -> None:
-        """Called after each recorded step's forward (total_num_scheduled_tokens > 0).
+        """Called after the forward of each step ``begin_step`` gave an index.
 
         Only cheap work here: copy what the layout needs, start the snapshot,
         enqueue. The layout and everything after it happen on the sink's thread.
         """
-        self.on_finished(scheduler_output)
         step = self.steps  # every recorded step gets an index, so drops leave visible gaps
         self.steps += 1
         n = scheduler_output.total_num_scheduled_tokens
         inputs = StepInputs.take(scheduler_output, batch_order)
-        self.tracker.learn(inputs)
         if not self._checked_capture:
             self._check_capture(n)
         snapshot = None
@@ -146,8 +139,7 @@ class StepRecorder:
     def on_finished(self, scheduler_output: Any) -> None:
         """Pass on the requests vLLM finished (also on steps with no tokens)."""
         finished = getattr(scheduler_output, "finished_req_ids", None)
-        if finished and finished is not self._last_finished:
-            self._last_finished = finished  # a step's finishes may be passed on early (begin_step)
+        if finished:
             partial = self._partial.intersection(finished)
             self._partial.difference_update(finished)
             try:

@@ -77,13 +77,16 @@ class Snapshotter:
         """Snapshot rows 0..num_tokens-1 of ``columns`` (all when ``None``);
         ``None`` when no host slot is free (drop)."""
         ids = self.buffers.ids[:num_tokens]
-        weights = self.buffers.weights[:num_tokens]
-        if columns is not None:
-            ids, weights = ids.index_select(1, columns), weights.index_select(1, columns)
+        weights = None if counts_only else self.buffers.weights[:num_tokens]
+        if columns is not None:  # index_select copies: the CPU path needs no clone then
+            ids = ids.index_select(1, columns)
+            weights = None if counts_only else weights.index_select(1, columns)
         if not self.on_cuda:
             if counts_only:
                 return Snapshot(None, None, device_counts(ids, self.buffers.num_experts))
-            return Snapshot(ids.clone(), weights.clone(), None)
+            if columns is None:
+                ids, weights = ids.clone(), weights.clone()
+            return Snapshot(ids, weights, None)
         try:
             slot = self._free.get_nowait()
         except queue.Empty:

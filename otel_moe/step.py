@@ -87,7 +87,7 @@ class StepInputs:
     total: int
     scheduled: dict  # request id -> tokens this step
     batch_order: list  # request ids in batch order
-    new: list  # (request id, first position, prompt length) of newly scheduled requests
+    new: list  # (request id, first position) of newly scheduled requests
     cached_ids: list
     cached_computed: list
 
@@ -98,7 +98,7 @@ class StepInputs:
             scheduler_output.total_num_scheduled_tokens,
             dict(scheduler_output.num_scheduled_tokens),
             batch_order,
-            [(new.req_id, new.num_computed_tokens, _prompt_len(new)) for new in scheduler_output.scheduled_new_reqs],
+            [(new.req_id, new.num_computed_tokens) for new in scheduler_output.scheduled_new_reqs],
             list(cached.req_ids),
             list(cached.num_computed_tokens),
         )
@@ -115,13 +115,8 @@ class RequestTracker:
     def __init__(self) -> None:
         self.prompt_lens: dict[str, int] = {}
 
-    def learn(self, inputs: StepInputs) -> None:
-        for req_id, _, prompt_len in inputs.new:
-            self.prompt_lens[req_id] = prompt_len
-
-    def learn_new(self, scheduled_new_reqs: Iterable[Any]) -> list[str]:
-        """``learn`` straight from the scheduler's new requests (steps not
-        recorded); returns their ids."""
+    def learn(self, scheduled_new_reqs: Iterable[Any]) -> list[str]:
+        """Remember the prompt length of each newly scheduled request; returns their ids."""
         ids = []
         for new in scheduled_new_reqs:
             self.prompt_lens[new.req_id] = _prompt_len(new)
@@ -133,8 +128,7 @@ class RequestTracker:
 
     def layout(self, inputs: StepInputs) -> StepLayout:
         starts = dict(zip(inputs.cached_ids, inputs.cached_computed))
-        for req_id, first, _ in inputs.new:
-            starts[req_id] = first
+        starts.update(inputs.new)
         scheduled = inputs.scheduled
         order = [r for r in inputs.batch_order if scheduled.get(r, 0) > 0]
         tokens = np.fromiter((scheduled[r] for r in order), dtype=np.int64, count=len(order))

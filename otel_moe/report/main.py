@@ -39,7 +39,6 @@ def build_report(inputs: list[str], out_dir: str, progress: bool = False, traces
     result = summary(runs, stats, files)
     if join is not None:
         result["profile"] = join.summary(set(runs))
-        result["profile"]["traces"] = profile.trace_files(traces)
     os.makedirs(out_dir, exist_ok=True)
     images = {"hist": {}, "phase": {}}
     for name, layer in result["layers"].items():

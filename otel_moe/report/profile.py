@@ -197,8 +197,9 @@ def _by_order(work: list[tuple[str, float]], moe_layers: list[int]) -> dict[int,
 class ProfileJoin:
     """Collects the routing of the profiled steps while the report streams its input."""
 
-    def __init__(self, steps: list[ProfiledStep]) -> None:
+    def __init__(self, steps: list[ProfiledStep], files: list[str]) -> None:
         self.steps = steps
+        self.files = files
         self._wanted_steps = {(s.dp_rank, s.step) for s in steps}
         self.counts: dict[tuple, dict[int, np.ndarray]] = collections.defaultdict(dict)  # key -> layer -> [E]
         self.tokens: dict[tuple, int] = collections.Counter()
@@ -255,6 +256,7 @@ class ProfileJoin:
                 "time_per_token_imbalance_correlation": _correlation(e["_per_token"], e["_imb"]),
             }
         return {
+            "traces": self.files,
             "steps_in_trace": len(self.steps),
             "steps_joined": joined,
             "steps_with_other_token_count": mismatched,
@@ -271,10 +273,10 @@ def _correlation(x: list[float], y: list[float]) -> Optional[float]:
 
 
 def load(paths: list[str], moe_kernels: str = DEFAULT_MOE_KERNELS) -> ProfileJoin:
-    steps = []
-    for path in trace_files(paths):
+    steps, files = [], trace_files(paths)
+    for path in files:
         steps.extend(profiled_steps(load_events(path), moe_kernels))
     if not steps:
         raise TraceError(f"no {schema.STEP_RANGE} ranges in {', '.join(paths)}: was VLLM_LOG_MOE set and recording on "
                          "while the profiler ran?")
-    return ProfileJoin(steps)
+    return ProfileJoin(steps, files)
