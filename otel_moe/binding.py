@@ -229,8 +229,8 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         if not profiler_ranges.wrap_layer(module, layer):
             logger.debug("otel-moe: layer %d has no per-layer forward to put a profiler range around", layer)
 
+    from otel_moe.exporter.link import ExporterLink
     from otel_moe.recorder import StepRecorder
-    from otel_moe.sinks import open_sinks
 
     dp_rank = getattr(parallel, "data_parallel_rank", 0) or 0
     resource = {
@@ -239,12 +239,17 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         "vllm.data_parallel_rank": dp_rank,
         "process.pid": os.getpid(),
     }
+    exporter = ExporterLink(
+        {"destinations": list(config.destinations), "mode": config.mode, "resource": resource,
+         "top_k": buffers.top_k, "num_experts": buffers.num_experts, "dp_rank": dp_rank,
+         "randomized_request_ids": not _request_id_randomization_disabled()},
+        ring_bytes=config.ring_mb << 20, queue_messages=config.queue_steps,
+    )
     recorder = StepRecorder(
         buffers,
         config,
-        open_sinks(config, resource),
+        exporter,
         dp_rank=dp_rank,
-        randomized_request_ids=not _request_id_randomization_disabled(),
         control=control,
         run_id=resource[schema.RUN_ID],
         model_moe_layers=sorted(moe_layers),
@@ -253,8 +258,9 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
     # but runs its own finalizers; the main process runs those at exit too.
     multiprocessing.util.Finalize(recorder, recorder.close, exitpriority=100)
     logger.info(
-        "otel-moe: recording %s layers %s (top_k=%d, %d experts) to %s%s",
+        "otel-moe: recording %s layers %s (top_k=%d, %d experts) to %s through exporter pid %d%s",
         config.mode, recorder.layers, buffers.top_k, buffers.num_experts, ", ".join(config.destinations),
+        exporter.proc.pid,
         f"; live control through {config.control_path} ({'on' if recorder.recording else 'off'} now)" if control else "",
     )
     return recorder

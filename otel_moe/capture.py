@@ -6,9 +6,11 @@ ids and weights the router chose for each token of the current forward.
 Invariants:
   - Shape is fixed when the model is loaded, before torch.compile traces and
     before CUDA graphs are captured: ``ids`` is ``(max_tokens, num_layers, top_k)``
-    int32, ``weights`` the same in float32, on the model's device. Row ``t`` is
-    the ``t``-th token of the forward's batch, so ``ids[:n]`` is contiguous and
-    one copy takes a whole step.
+    in the narrowest type that holds an expert id (uint8 up to 256 experts, else
+    int16), ``weights`` the same in float16, on the model's device: the copy in
+    the forward narrows them, and every later copy moves a quarter (ids) and a
+    half (weights) of the bytes. Row ``t`` is the ``t``-th token of the
+    forward's batch, so ``ids[:n]`` is contiguous and one copy takes a whole step.
   - The forward only ever does ``buffer[:n, slot].copy_(x[:n])``: a tensor write,
     no host sync, no Python side effect, so it is traced by Dynamo and recorded
     into CUDA graphs, and graph replays keep writing the same addresses.
@@ -25,7 +27,16 @@ from typing import Callable, Sequence
 
 import torch
 
-NOT_CAPTURED = -1  # the ids buffer starts filled with this: a layer never written shows it
+
+
+def ids_dtype(num_experts: int) -> torch.dtype:
+    return torch.uint8 if num_experts <= 256 else torch.int16
+
+
+def not_captured(dtype: torch.dtype) -> int:
+    """The ids buffer starts filled with this: a layer never written shows it
+    (a real row never repeats one expert top_k times)."""
+    return torch.iinfo(dtype).max
 
 
 class RoutingBuffers:
@@ -42,8 +53,9 @@ class RoutingBuffers:
         self.top_k = top_k
         self.num_experts = num_experts
         shape = (max_tokens, len(self.layers), top_k)
-        self.ids = torch.full(shape, NOT_CAPTURED, dtype=torch.int32, device=device)
-        self.weights = torch.zeros(shape, dtype=torch.float32, device=device)
+        dtype = ids_dtype(num_experts)
+        self.ids = torch.full(shape, not_captured(dtype), dtype=dtype, device=device)
+        self.weights = torch.zeros(shape, dtype=torch.float16, device=device)
 
     def ids_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
         return _row_writer(self.ids[:, slot], self.max_tokens)

@@ -16,12 +16,14 @@ LOG_MODE = "VLLM_LOG_MOE_MODE"
 NUM_MOE_LAYERS = "VLLM_NUM_MOE_LAYERS"
 QUEUE_STEPS = "VLLM_LOG_MOE_QUEUE_STEPS"
 CONTROL = "VLLM_LOG_MOE_CONTROL"
+RING_MB = "VLLM_LOG_MOE_RING_MB"
 
 OTLP = "otlp"
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 OTLP_PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 MODES = ("tokens", "counts")
 DEFAULT_QUEUE_STEPS = 256
+DEFAULT_RING_MB = 128
 
 
 class ConfigError(ValueError):
@@ -106,6 +108,7 @@ class Config:
     expected_moe_layers: Optional[int]  # VLLM_NUM_MOE_LAYERS, only checked
     queue_steps: int
     control_path: Optional[str] = None  # VLLM_LOG_MOE_CONTROL: live start/stop/switch
+    ring_mb: int = DEFAULT_RING_MB  # shared memory between a worker and its exporter
 
     @property
     def jsonl_paths(self) -> list[str]:
@@ -151,6 +154,7 @@ def from_env(env: Mapping[str, str] = os.environ) -> Optional[Config]:
         raise _refuse(LOG_MODE, env[LOG_MODE], " or ".join(MODES))
     expected = env.get(NUM_MOE_LAYERS, "").strip()
     queue = env.get(QUEUE_STEPS, "").strip()
+    ring_mb = env.get(RING_MB, "").strip()
     control = env.get(CONTROL, "").strip() or None
     if control is not None and (os.path.isdir(control) or not os.path.isdir(os.path.dirname(os.path.abspath(control)))):
         raise _refuse(CONTROL, control, "a file path in an existing directory (the file itself may be absent)")
@@ -161,4 +165,5 @@ def from_env(env: Mapping[str, str] = os.environ) -> Optional[Config]:
         expected_moe_layers=_positive_int(NUM_MOE_LAYERS, expected) if expected else None,
         queue_steps=_positive_int(QUEUE_STEPS, queue) if queue else DEFAULT_QUEUE_STEPS,
         control_path=control,
+        ring_mb=_positive_int(RING_MB, ring_mb) if ring_mb else DEFAULT_RING_MB,
     )

@@ -109,6 +109,25 @@ def olmoe_eager_counts(models, tmp_path_factory) -> VllmRun:
                     VLLM_LOG_LAYER="0-2")
 
 
+# Long generations: telemetry trouble can be made to happen mid-run.
+LONG = {"prompts": ["the expert router sends every token to a few experts"] * 4, "max_tokens": 300,
+        "max_num_batched_tokens": 64, "max_model_len": 512, "eager": True}
+
+
+@pytest.fixture(scope="session")
+def mixtral_long_off(models, tmp_path_factory) -> VllmRun:
+    """The LONG generations without otel-moe: the tokens every faulty run must still produce."""
+    return run_vllm(tmp_path_factory.mktemp("mixtral_long_off"), {"model": models["mixtral"], **LONG})
+
+
+def start_vllm(workdir: Path, spec: dict, **flags: str) -> subprocess.Popen:
+    """A vLLM run in the background (tests that act on it while it runs)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    return subprocess.Popen([sys.executable, str(VLLM_RUN), str(workdir / "spec.json"), str(workdir / "outputs.json")],
+                            env=clean_env(**flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 SHARED_PREFIX = "the model learns which expert knows what " * 20
 
 

@@ -37,11 +37,7 @@ def test_jsonl_on_a_full_disk_drops_and_counts(models, mixtral_eager_layers, tmp
     assert "failed in the sink" in run.log
 
 
-LONG = {"prompts": ["the expert router sends every token to a few experts"] * 4, "max_tokens": 300,
-        "max_num_batched_tokens": 64, "max_model_len": 512, "eager": True}
-
-
-def test_collector_killed_mid_run(models, tmp_path):
+def test_collector_killed_mid_run(models, mixtral_long_off, tmp_path):
     """SIGKILL the collector once routing is flowing: vLLM finishes every request with the
     same tokens as without telemetry, and the JSONL sink beside it stays exact."""
     import json
@@ -50,10 +46,9 @@ def test_collector_killed_mid_run(models, tmp_path):
     import sys
     import threading
 
-    from conftest import VLLM_RUN, CollectorProcess, clean_env
+    from conftest import LONG, VLLM_RUN, CollectorProcess, clean_env
     from otel_moe.verify import exactness_problems
 
-    reference = run_vllm(tmp_path / "off", {"model": models["mixtral"], **LONG})
     collector = CollectorProcess(tmp_path / "collected")
     killed = threading.Event()
 
@@ -78,7 +73,7 @@ def test_collector_killed_mid_run(models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     outputs = json.loads((wd / "outputs.json").read_text())["outputs"]
     assert collector.proc.returncode == -signal.SIGKILL  # it really died mid-run
-    assert [o["output_token_ids"] for o in outputs] == _tokens(reference)
+    assert [o["output_token_ids"] for o in outputs] == _tokens(mixtral_long_off)
     records = [json.loads(line) for line in open(wd / "routing.jsonl")]
     assert exactness_problems(records, outputs, [0, 1, 2, 3]) == []
     assert "OTLP export of" in proc.stdout + proc.stderr

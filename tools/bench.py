@@ -1,10 +1,12 @@
-"""`make bench`: overhead of routing capture side by side in one process, and the
-throughput of the collector and the report. Writes a JSON file and prints a table.
+"""`make bench`: overhead of routing capture, and the throughput of the collector
+and the report. Writes a JSON file and prints a table.
 
-vLLM: one in-process engine per mode, built once, then the modes take turns
-(interleaved, repeated) generating the same batch; the median throughput of each
-is compared with `off` of the same run (process-to-process noise is ~30%, so
-nothing is compared across processes).
+vLLM: one engine per mode, each in a process of its own and in vLLM's default
+topology (engine core in a child process), all alive for the whole run, taking
+turns (interleaved, repeated) at generating the same batch; the median throughput
+of each is compared with `off` of the same run, and a second `off` engine (`off2`)
+measures how far two identical engines differ (process-to-process noise).
+`--device cuda` runs the same on a GPU.
 """
 from __future__ import annotations
 
@@ -25,9 +27,12 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from otel_moe.collector.process import CollectorProcess  # noqa: E402
 
-# paused: otel-moe installed and capturing in the graph, recording switched off by live control
-MODES_CPU = ["off", "paused", "counts", "tokens", "off_eager", "seed_style_eager"]
-MODES_GPU = ["off", "paused", "counts", "tokens", "vllm_routed_experts", "off_eager", "seed_style_eager"]
+# Modes: `off` (no otel-moe), `off2` (a second `off` engine: the noise control), `paused`
+# (otel-moe capturing, recording switched off by live control), `counts`, `tokens`;
+# `off_eager` and `seed_style_eager` (the prototype's hook) on request.
+MODES_CPU = ["off", "off2", "paused", "counts", "tokens"]
+MODES_GPU = ["off", "off2", "counts", "tokens"]
+NOISE_TOLERANCE = 0.03  # off2 further than this from off: the run says it is noisy
 
 
 # ---- vLLM overhead ----------------------------------------------------------
@@ -57,25 +62,51 @@ def make_model(work: Path, device: str, layers: int) -> tuple[str, dict]:
                         "load_format": "dummy"}
 
 
-def engine_env(mode: str, work: Path) -> None:
-    """The flags an engine of this mode is built with (read when its model loads)."""
-    os.environ["VLLM_LOG_MOE"] = "otlp" if mode in ("counts", "tokens", "paused") else ""
-    os.environ["VLLM_LOG_MOE_MODE"] = "counts" if mode == "counts" else "tokens"
-    os.environ["OTEL_MOE_RUN_ID"] = f"bench-{mode}"
-    os.environ.pop("VLLM_LOG_MOE_CONTROL", None)
+def engine_env(mode: str, work: Path) -> dict:
+    """The environment an engine of this mode runs in: its otel-moe flags, all else as ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
+    recording = mode in ("counts", "tokens", "paused")
+    env.update(VLLM_LOG_MOE="otlp" if recording else "", VLLM_LOG_MOE_MODE="counts" if mode == "counts" else "tokens",
+               OTEL_MOE_RUN_ID=f"bench-{mode}")
     if mode == "paused":
         control = work / "control-paused.json"
         control.write_text('{"recording": false}')
-        os.environ["VLLM_LOG_MOE_CONTROL"] = str(control)
+        env["VLLM_LOG_MOE_CONTROL"] = str(control)
+    return env
+
+
+class Engine:
+    """A tools/bench_engine.py process: one engine of one mode, alive for the whole run."""
+
+    def __init__(self, mode: str, spec: dict, work: Path) -> None:
+        self.mode = mode
+        spec_path = work / f"engine-{mode}.json"
+        spec_path.write_text(json.dumps(spec))
+        self.log = open(work / f"engine-{mode}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "bench_engine.py"), str(spec_path)],
+                                     env=engine_env(mode, work), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+        self.start_s = self.ask(None)["start_s"]
+
+    def ask(self, command: dict | None) -> dict:
+        if command is not None:
+            self.proc.stdin.write(json.dumps(command) + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"engine {self.mode} died; see {self.log.name}")
+        return json.loads(line)
+
+    def quit(self) -> list:
+        outputs = json.loads(Path(self.ask({"quit": True})["outputs"]).read_text())
+        self.proc.wait(timeout=120)
+        return outputs
 
 
 def bench_vllm(args, work: Path) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.plugins import load_general_plugins
-
-    load_general_plugins()  # installs otel-moe now (VLLM_LOG_MOE=otlp); each engine then reads its own flags
-
-    import seed_style
+    """Every mode's engine alive side by side, one process each (vLLM's default topology
+    inside each), generating the same batch in turns; the median of each compared with
+    `off` of the same run, and `off2` says how far two identical engines differ."""
     from otel_moe import read, schema
     from otel_moe.verify import exactness_problems
 
@@ -83,83 +114,56 @@ def bench_vllm(args, work: Path) -> dict:
     model, model_info = make_model(work, args.device, args.layers)
     collector = CollectorProcess(work / "collected")
     os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
-    common = dict(model=model, max_model_len=args.prompt_len + args.gen_len + 16, seed=0,
-                  distributed_executor_backend="uni", max_num_seqs=args.prompts,
-                  gpu_memory_utilization=args.gpu_memory_utilization)
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the default: engine core in its own process
+    engine = dict(model=model, max_model_len=args.prompt_len + args.gen_len + 16, seed=0,
+                  max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization)
     if model_info.get("load_format"):
-        common["load_format"] = model_info["load_format"]
-    if args.device == "cuda":
-        common["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]}
-    started: dict[str, float] = {}
-    prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 500 + 1 for j in range(args.prompt_len)]} for i in range(args.prompts)]
-    params = SamplingParams(max_tokens=args.gen_len, ignore_eos=True, temperature=0.0, detokenize=False)
+        engine["load_format"] = model_info["load_format"]
+    prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(args.prompt_len)] for i in range(args.prompts)]
     samples: dict[str, list[float]] = {m: [] for m in modes}
-    outputs: dict[str, list] = {m: [] for m in modes}
-
-    def build(mode: str):
-        engine_env(mode, work)
-        t0 = time.monotonic()
-        llm = LLM(enforce_eager=mode.endswith("_eager"), enable_return_routed_experts=mode == "vllm_routed_experts", **common)
-        if mode == "seed_style_eager":
-            llm.collective_rpc(seed_style.install(str(work / "seed_style.jsonl")))
-        started[mode] = round(time.monotonic() - t0, 1)
-        print(f"engine {mode}: started in {started[mode]} s", flush=True)
-        return llm
-
-    def measure(mode: str, llm, count: bool) -> None:
-        t0 = time.perf_counter()
-        results = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - t0
-        if count:
-            samples[mode].append(sum(len(r.outputs[0].token_ids) for r in results) / elapsed)
-            print(f"{mode}: {samples[mode][-1]:.0f} tok/s", flush=True)
-        outputs[mode].extend({"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids),
-                              "output_token_ids": list(r.outputs[0].token_ids),
-                              "num_cached_tokens": r.num_cached_tokens or 0} for r in results)
-
-    if args.sequential:
-        # One engine alive at a time (vLLM shares one CUDA-graph memory pool per process, so
-        # engines side by side on a GPU corrupt each other); `off` opens and closes the run
-        # so drift shows.
-        for mode in [*modes, "off"] if modes[0] == "off" else modes:
-            llm = build(mode)
-            for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
-                measure(mode, llm, count=round_index > 0)
-            llm.llm_engine.engine_core.shutdown()  # the runner's shutdown flushes the sink
-            del llm
-            _free_device_memory()
-            # a long GPU run may be cut short: keep what was measured so far
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out + ".partial").write_text(json.dumps({"engine_start_s": started, "samples_tok_s": samples}))
-    else:
-        engines = {mode: build(mode) for mode in modes}
+    engines: dict[str, Engine] = {}
+    try:
+        for mode in modes:  # built one after another: each sizes its memory with the others loaded
+            spec = {"mode": mode, "engine": {**engine, "enforce_eager": mode.endswith("_eager")}, "prompts": prompts,
+                    "gen_len": args.gen_len, "outputs": str(work / f"outputs-{mode}.json")}
+            if mode == "seed_style_eager":
+                spec["seed_style_log"] = str(work / "seed_style.jsonl")
+            engines[mode] = Engine(mode, spec, work)
+            print(f"engine {mode}: started in {engines[mode].start_s} s", flush=True)
         for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
             for mode in modes if round_index % 2 else list(reversed(modes)):
-                measure(mode, engines[mode], count=round_index > 0)
-        for llm in engines.values():  # the runners' shutdown flushes the sinks
-            llm.llm_engine.engine_core.shutdown()
+                tok_s = engines[mode].ask({"run": True})["tok_s"]
+                if round_index:
+                    samples[mode].append(tok_s)
+                    print(f"{mode}: {tok_s:.0f} tok/s", flush=True)
+        outputs = {mode: e.quit() for mode, e in engines.items()}
+    finally:
+        for e in engines.values():
+            if e.proc.poll() is None:
+                e.proc.kill()
     collector_peak = collector.peak_rss_kib()
     collector.stop()
 
     throughput = {m: round(statistics.median(v), 1) for m, v in samples.items()}
     ratio = {m: round(throughput[m] / throughput["off"], 3) for m in modes if m != "off"}
-    # exactness of the tokens engine, decoded from the collector's files
-    records = []
-    for span in read.iter_collector_spans([str(work / "collected")]):
-        if span.name == schema.STEP_SPAN and span.resource.get(schema.RUN_ID) == "bench-tokens":
-            records.extend(read.decode_step(span).token_rows())
-    problems = exactness_problems(records, outputs["tokens"], list(range(args.layers))) if "tokens" in modes else []
     spans = [s for s in read.iter_collector_spans([str(work / "collected")]) if s.name == schema.STEP_SPAN]
+    records = [row for s in spans if s.resource.get(schema.RUN_ID) == "bench-tokens" for row in read.decode_step(s).token_rows()]
+    problems = exactness_problems(records, outputs["tokens"], list(range(args.layers))) if "tokens" in modes else []
     dropped = [int(s.attributes.get(schema.DROPPED_STEPS, 0)) for s in spans]
-    paused_spans = sum(s.resource.get(schema.RUN_ID) == "bench-paused" for s in spans)
+    noisy = "off2" in ratio and abs(ratio["off2"] - 1) > NOISE_TOLERANCE
+    if noisy:
+        print(f"NOISY RUN: two identical off engines differ by {abs(ratio['off2'] - 1):.1%} (> {NOISE_TOLERANCE:.0%})")
     return {
-        "model": model_info["name"], "device": args.device, "schedule": "sequential" if args.sequential else "interleaved", "prompts": args.prompts, "prompt_len": args.prompt_len,
-        "gen_len": args.gen_len, "rounds": args.rounds, "modes": modes, "engine_start_s": started,
+        "model": model_info["name"], "device": args.device, "topology": "default",
+        "schedule": "engines side by side, one process each, rounds interleaved",
+        "prompts": args.prompts, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "max_num_seqs": args.max_num_seqs,
+        "rounds": args.rounds, "modes": modes, "engine_start_s": {m: e.start_s for m, e in engines.items()},
         "throughput_tok_s": throughput, "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
-        "ratio": ratio, "sink": "otlp (gRPC) to the embedded collector on the same machine",
+        "ratio": ratio, "noise": {"off2_ratio": ratio.get("off2"), "tolerance": NOISE_TOLERANCE, "noisy": noisy},
+        "sink": "otlp (gRPC) to the embedded collector on the same machine",
         "exactness": {"records": len(records), "problems": problems[:10], "exact": not problems},
         "dropped_steps_max": max(dropped, default=0), "collector_peak_rss_mib": round(collector_peak / 1024, 1),
-        "paused_step_spans": paused_spans,  # recording off: must be 0
+        "paused_step_spans": sum(s.resource.get(schema.RUN_ID) == "bench-paused" for s in spans),  # must be 0
     }
 
 
@@ -190,8 +194,7 @@ def bench_profile(args, work: Path) -> dict:
     results = {"model": model_info["name"]}
     for tag, eager in (("compiled", False), ("eager", True)):
         routing, traces = work / f"profile-{tag}.jsonl", work / f"profile-{tag}"
-        engine_env("tokens", work)
-        os.environ["VLLM_LOG_MOE"], os.environ["OTEL_MOE_RUN_ID"] = str(routing), f"profile-{tag}"
+        os.environ.update(engine_env("tokens", work), VLLM_LOG_MOE=str(routing), OTEL_MOE_RUN_ID=f"profile-{tag}")
         llm = LLM(model=model, enforce_eager=eager, max_model_len=128, seed=0, distributed_executor_backend="uni",
                   gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=16,
                   profiler_config=ProfilerConfig(profiler="torch", torch_profiler_dir=str(traces),
@@ -381,24 +384,25 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--gen-len", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sequential", action="store_true", help="one engine at a time (the default on cuda)")
+    parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--collector-steps", type=int, default=60)
     parser.add_argument("--report-steps", type=int, default=200)
     args = parser.parse_args()
     gpu = args.device == "cuda"
-    args.sequential = args.sequential or gpu
     args.modes = args.modes or ",".join(MODES_GPU if gpu else MODES_CPU)
-    args.layers = args.layers or (12 if gpu else 8)
-    args.prompts = args.prompts or (256 if gpu else 16)
+    engines = len(args.modes.split(","))
+    # GPU: Qwen1.5-MoE-A2.7B shapes, 12 layers (~15 GB of weights an engine) where every
+    # engine fits (an H200), else 6; a KV cache for every running sequence (no preemption:
+    # a preempted request is computed, and recorded, twice).
+    big_gpu = gpu and _gpu_memory_gib() > 100
+    args.layers = args.layers or (12 if big_gpu else 6 if gpu else 8)
+    args.prompts = args.prompts or (1024 if gpu else 16)
     args.prompt_len = args.prompt_len or (128 if gpu else 32)
     args.gen_len = args.gen_len or (128 if gpu else 32)
-    # GPU: ~14 GB of weights plus a KV cache for every prompt at once (no preemption: exactness
-    # counts each computed token once; a preempted request is computed, and recorded, twice)
-    args.gpu_memory_utilization = args.gpu_memory_utilization or (0.3 if gpu else 0.05)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process, modes side by side
+    args.max_num_seqs = args.max_num_seqs or (256 if gpu else args.prompts)
+    args.gpu_memory_utilization = args.gpu_memory_utilization or (round(0.9 / engines, 3) if gpu else 0.05)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOG_MOE", "otlp")  # so the plugin installs; each engine then picks its own flags
     work = Path(tempfile.mkdtemp(prefix="otel-moe-bench-"))
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_info(gpu)}
     sections = args.sections.split(",")
@@ -421,6 +425,12 @@ def main() -> int:
     print_table(results)
     print(f"\nwritten: {out}")
     return 0
+
+
+def _gpu_memory_gib() -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
 
 
 def machine_info(gpu: bool) -> dict:
@@ -447,7 +457,8 @@ def print_table(results: dict) -> None:
             for mode, tps in r["throughput_tok_s"].items():
                 print(f"{mode:<22}{tps:>10.0f}{r['ratio'].get(mode, 1.0):>8.3f}")
             print(f"exact: {r['exactness']['exact']} ({r['exactness']['records']} records); dropped steps: {r['dropped_steps_max']}; "
-                  f"step spans while paused: {r['paused_step_spans']}")
+                  f"step spans while paused: {r['paused_step_spans']}; noise (off2/off): {r['noise']['off2_ratio']}"
+                  f"{' NOISY' if r['noise']['noisy'] else ''}")
     for key in ("profile_cpu", "profile_gpu"):
         for tag, r in results.get(key, {}).items():
             if isinstance(r, dict):

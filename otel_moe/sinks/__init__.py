@@ -1,5 +1,5 @@
-"""Where step records go. A sink turns ``StepRecord``s into output; it runs on
-the recorder's background thread only, never on the engine's."""
+"""Where step records go. A sink turns ``StepRecord``s into output; it runs in
+the worker's exporter process only, never in vLLM's."""
 from __future__ import annotations
 
 from typing import Protocol

@@ -4,9 +4,10 @@ only by the standard ``OTEL_*`` variables.
 
 It keeps a tracer provider of its own (vLLM's, if any, is left alone) whose
 processor hands ended spans back to this sink; the sink exports them from the
-recorder's background thread in batches cut to stay under receivers' message
-limits. A slow or dead collector slows only that thread: the recorder's bounded
-queue then drops and counts steps, and the counts ride on later spans.
+exporter process in batches cut to stay under receivers' message limits. A slow
+or dead collector slows only that process: the shared ring between it and the
+worker then fills, the worker drops and counts steps, and the counts ride on
+later spans.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from opentelemetry.trace import Link
 
 from otel_moe import schema
 from otel_moe.config import Config, otlp_protocol
-from otel_moe.recorder import yield_gil
 from otel_moe.step import StepRecord
 
 logger = logging.getLogger("vllm.otel_moe")
@@ -162,7 +162,6 @@ class OtlpSink:
     def write(self, record: StepRecord) -> None:
         self.mode = "counts" if record.ids is None else "tokens"
         slots = self._tally(record)
-        yield_gil()  # let the engine's thread in between the pieces of work (see recorder)
         spans = self._step_spans(record)
         first_span = self.requests.first_span
         context = None
@@ -293,7 +292,6 @@ class OtlpSink:
     def _export(self) -> None:
         self._last_export = time.monotonic()
         for batch in _batches(self._pending.take()):
-            yield_gil()
             try:
                 ok = self.exporter.export(batch) == SpanExportResult.SUCCESS
             except Exception:

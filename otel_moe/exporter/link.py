@@ -1,0 +1,127 @@
+"""The worker's side of its exporter process: start it, hand it messages, hear it die.
+
+The engine thread calls ``send`` (never blocks: a full hand-off queue drops the
+message) and ``free_finished_steps`` (non-blocking reads of the exporter's
+acknowledgements). One small thread, ``otel-moe-publish``, takes messages in
+order, waits for a step's device copy to finish (the CUDA event; the GIL is
+released while waiting) and writes the message to the socket: a few
+microseconds of Python per step, nothing per token.
+
+If the exporter dies (killed, crashed), one line says so, and recording stops:
+the engine keeps serving with nothing changed but the missing telemetry.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+from otel_moe import ring
+from otel_moe.ring import ACK, CLOSE, FifoSpace, SharedRing
+
+logger = logging.getLogger("vllm.otel_moe")
+COMMAND = "exporter"  # ``python -m otel_moe exporter ...``: what `ps` shows
+_STOP = object()
+
+
+class ExporterLink:
+    def __init__(self, spec: dict, ring_bytes: int, queue_messages: int) -> None:
+        """``spec``: what the exporter process needs to know (see exporter.process)."""
+        self.ring = SharedRing(ring_bytes)
+        self.space = FifoSpace(ring_bytes)
+        self.sock, theirs = ring.socket_pair()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        spec = {**spec, "socket_fd": theirs.fileno(), "ring_fd": self.ring.fd, "ring_bytes": ring_bytes,
+                "parent_pid": os.getpid()}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "otel_moe", COMMAND, "--spec", json.dumps(spec)],
+            pass_fds=(theirs.fileno(), self.ring.fd), stdin=subprocess.DEVNULL, close_fds=True)
+        theirs.close()
+        self.alive = True
+        self.dropped_messages = 0
+        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=queue_messages)
+        self._said_dead = False
+        self._thread = threading.Thread(target=self._publish, name="otel-moe-publish", daemon=True)
+        self._thread.start()
+
+    # ---- engine thread -----------------------------------------------------
+    def send(self, message: tuple, event: Optional[Any] = None) -> bool:
+        """Queue a message (sent once ``event`` completes); False when it was dropped."""
+        try:
+            self._queue.put_nowait((ring.encode(message), event))
+            return True
+        except queue.Full:
+            self.dropped_messages += 1
+            return False
+
+    def free_finished_steps(self) -> None:
+        """Free the ring space of every step the exporter is done with."""
+        while True:
+            try:
+                data = self.sock.recv(ACK.size * 64, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the exporter closed its end: it is gone
+                self._died()
+                return
+            for (count,) in ACK.iter_unpack(data[: len(data) - len(data) % ACK.size]):
+                self.space.free_oldest(count)
+
+    # ---- the publishing thread ---------------------------------------------
+    def _publish(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            data, event = item
+            if not self.alive:
+                continue
+            try:
+                if event is not None:
+                    event.synchronize()
+                self.sock.send(data)
+            except OSError as err:
+                if err.errno == errno.EMSGSIZE:  # one step's layout too large for a message: drop it
+                    self.dropped_messages += 1
+                    continue
+                self._died()
+
+    def _died(self) -> None:
+        self.alive = False
+        if self._said_dead:
+            return
+        self._said_dead = True
+        code = self.proc.poll()
+        logger.error(
+            "otel-moe: the exporter process (pid %d) %s; routing is no longer recorded, vLLM keeps serving",
+            self.proc.pid, "is gone" if code is None else f"exited with code {code}",
+        )
+
+    # ---- shutdown ----------------------------------------------------------
+    def close(self, timeout_s: float) -> bool:
+        """Ask the exporter to flush and exit; wait at most ``timeout_s``. True when it exited."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._queue.put((ring.encode((CLOSE,)), None), timeout=timeout_s)
+            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        try:
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
+            return True
+        except subprocess.TimeoutExpired:
+            # it finishes its flush on its own (bounded there too), after this process is gone
+            return False
+        finally:
+            self.sock.close()

@@ -1,0 +1,201 @@
+"""The exporter process: everything after the snapshot, outside vLLM's process.
+
+One per recording worker, started when its model loads (``python -m otel_moe
+exporter --spec JSON``). It reads the worker's messages in order, lays each
+step's ring bytes out as a ``StepRecord`` (request ids, positions, phases),
+hands it to the sinks (JSONL text, OpenTelemetry spans and their export, request
+tallies) and acknowledges the step, which frees its ring space.
+
+It exits when the worker asks (flushing first), or when the worker is gone
+(socket closed, or it was re-parented), flushing within a bounded time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+import numpy as np
+
+from otel_moe import ring
+from otel_moe.config import Config, parse_layers
+from otel_moe.ring import ACK, BEGIN, CLOSE, STEP, SharedRing
+from otel_moe.sinks import Sink, open_sinks
+from otel_moe.snapshot import array_bytes
+from otel_moe.step import StepRecord, external_request_id
+
+logger = logging.getLogger("vllm.otel_moe")
+IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
+PARENT_CHECK_S = 1.0
+CLOSE_TIMEOUT_S = 10.0  # the final flush, when the worker is gone or asks to close
+MAX_MESSAGE = 1 << 21
+
+
+@dataclasses.dataclass
+class StepMessage:
+    """The fields of a STEP message, in order (the worker builds the tuple)."""
+
+    offset: int
+    arrays: list
+    step: int
+    start_ns: int
+    end_ns: int
+    total: int
+    layers: list
+    counts_only: bool
+    control_version: int
+    dropped_steps: int
+    dropped_tokens: int
+    batch_order: list  # internal request ids, the runner's batch order
+    tokens: list  # tokens of each (None or 0: not scheduled this step)
+    first_positions: list  # position of each one's first token this step
+
+
+class Exporter:
+    def __init__(self, spec: dict, sink: Sink) -> None:
+        self.sink = sink
+        self.ring = SharedRing(spec["ring_bytes"], fd=spec["ring_fd"])
+        self.sock = socket.socket(fileno=spec["socket_fd"])
+        self.parent_pid = spec["parent_pid"]
+        self.top_k, self.num_experts = spec["top_k"], spec["num_experts"]
+        self.dp_rank = spec["dp_rank"]
+        self.randomized_request_ids = spec["randomized_request_ids"]
+        self.prompt_lens: dict[str, int] = {}  # internal id -> prompt length, while live
+        self.external_ids: dict[str, str] = {}
+        self.steps = self.layout_drops = self.failed_steps = 0
+
+    def run(self) -> None:
+        last_step = time.monotonic()
+        while True:
+            readable, _, _ = select.select([self.sock], [], [], min(IDLE_FLUSH_S, PARENT_CHECK_S))
+            if not readable:
+                if os.getppid() != self.parent_pid:  # the worker is gone, though another process holds its socket
+                    return
+                if time.monotonic() - last_step >= IDLE_FLUSH_S:
+                    self._safely(self.sink.idle)
+                continue
+            data = self.sock.recv(MAX_MESSAGE)
+            if not data:
+                return  # the worker is gone
+            message = ring.decode(data)
+            kind = message[0]
+            if kind == CLOSE:
+                return
+            if kind == BEGIN:
+                self._safely(self._begin, *message[1:])
+            elif kind == STEP:
+                last_step = time.monotonic()
+                self._step(StepMessage(*message[1:]))
+
+    def _safely(self, call, *args) -> None:
+        try:
+            call(*args)
+        except Exception:  # a sink problem must never stop the exporter
+            self.failed_steps += 1
+            if self.failed_steps == 1:
+                logger.exception("otel-moe: writing a step failed; later failures are only counted")
+
+    def _begin(self, finished: list, partial: list, new: list) -> None:
+        if finished:
+            external = {r: self._external(r, forget=True) for r in finished}
+            for request_id in finished:
+                self.prompt_lens.pop(request_id, None)
+            self.sink.finish(list(external.values()), {external[r] for r in partial})
+        for request_id, prompt_len in new:
+            self.prompt_lens[request_id] = prompt_len
+
+    def _external(self, internal_id: str, forget: bool = False) -> str:
+        if forget:
+            return self.external_ids.pop(internal_id, None) or external_request_id(internal_id, self.randomized_request_ids)
+        external = self.external_ids.get(internal_id)
+        if external is None:
+            external = self.external_ids[internal_id] = external_request_id(internal_id, self.randomized_request_ids)
+        return external
+
+    def _step(self, message: StepMessage) -> None:
+        try:
+            arrays = self._copy_arrays(message)
+        finally:
+            self.sock.send(ACK.pack(1))  # its ring space is free again
+        self.steps += 1
+        record = self._record(message, arrays)
+        if record is not None:
+            self._safely(self.sink.write, record)
+
+    def _copy_arrays(self, message: StepMessage) -> list[np.ndarray]:
+        starts = array_bytes(message.arrays)
+        return [np.array(self.ring.array(message.offset + start, np.dtype(dtype), tuple(shape)))
+                for start, (dtype, shape) in zip(starts, message.arrays)]
+
+    def _record(self, message: StepMessage, arrays: list[np.ndarray]):
+        scheduled = [(r, t, f) for r, t, f in zip(message.batch_order, message.tokens, message.first_positions) if t]
+        tokens = np.fromiter((t for _, t, _ in scheduled), dtype=np.int64, count=len(scheduled))
+        if int(tokens.sum()) != message.total or any(f is None for _, _, f in scheduled):
+            self.layout_drops += 1
+            if self.layout_drops == 1:
+                logger.warning("otel-moe: step %d: the batch covers %d tokens, the scheduler scheduled %d; "
+                               "such steps are dropped and counted", message.step, int(tokens.sum()), message.total)
+            return None
+        first = np.fromiter((f for _, _, f in scheduled), dtype=np.int64, count=len(scheduled))
+        offsets = np.arange(message.total, dtype=np.int64) - np.repeat(np.cumsum(tokens) - tokens, tokens)
+        prompt = np.fromiter((self.prompt_lens.get(r, 0) for r, _, _ in scheduled), dtype=np.int64, count=len(scheduled))
+        ids = weights = counts = None
+        if message.counts_only:
+            (counts,) = arrays
+        else:
+            ids, weights = arrays[0], arrays[1].astype(np.float32)
+        return StepRecord(
+            step=message.step, start_ns=message.start_ns, end_ns=message.end_ns, layers=message.layers,
+            top_k=self.top_k, num_experts=self.num_experts,
+            request_ids=[self._external(r) for r, _, _ in scheduled], request_tokens=tokens,
+            positions=np.repeat(first, tokens) + offsets, prompt_lens=prompt,
+            ids=ids, weights=weights, counts=counts, dp_rank=self.dp_rank,
+            dropped_steps=message.dropped_steps + self.layout_drops, dropped_tokens=message.dropped_tokens,
+            control_version=message.control_version,
+        )
+
+    def close(self) -> None:
+        try:
+            self.sink.close(CLOSE_TIMEOUT_S)
+        except Exception:
+            logger.exception("otel-moe: closing the sink failed")
+        if self.layout_drops or self.failed_steps:
+            logger.warning("otel-moe: exporter: %d steps received, %d dropped at layout, %d failed in the sink",
+                           self.steps, self.layout_drops, self.failed_steps)
+
+
+def run(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    _name_process(spec)
+    # Ctrl-C reaches the whole process group: the worker decides when to stop (it
+    # closes the socket or asks), so the last steps it sends are not lost.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # flush (finally below), then exit
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"(otel-moe exporter pid={os.getpid()}) %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    config = Config(destinations=tuple(spec["destinations"]), layers=parse_layers(""), mode=spec["mode"],
+                    expected_moe_layers=None, queue_steps=1)
+    exporter = Exporter(spec, open_sinks(config, spec["resource"]))
+    try:
+        exporter.run()
+    finally:
+        exporter.close()
+    return 0
+
+
+def _name_process(spec: dict) -> None:
+    """`ps` shows ``otel-moe exporter`` and whom it serves."""
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(f"otel-moe exporter (vLLM pid {spec['parent_pid']}, dp {spec['dp_rank']})")

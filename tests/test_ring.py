@@ -1,0 +1,79 @@
+"""The shared ring's FIFO space: what is reserved never overlaps what is still held,
+and steps freed in order give their bytes back."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from otel_moe.ring import ALIGN, FifoSpace, SharedRing, decode, encode, socket_pair
+from otel_moe.snapshot import Snapshotter, array_bytes, device_counts
+from otel_moe.capture import RoutingBuffers
+
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def test_reservations_never_overlap_and_all_space_comes_back():
+    space = FifoSpace(64 * ALIGN)
+    rng = random.Random(0)
+    reserved, refused = 0, 0
+    for _ in range(5000):
+        if space.held and rng.random() < 0.45:
+            space.free_oldest(rng.randint(1, 3))
+            continue
+        size = rng.randint(1, 20 * ALIGN)
+        offset = space.reserve(size)
+        if offset is None:
+            refused += 1
+            continue
+        reserved += 1
+        block = space.held[-1]
+        assert block[0] == offset and block[1] - offset >= size and block[1] <= space.capacity
+        assert not any(_overlaps(block, other) for other in list(space.held)[:-1])
+    assert reserved > 1000 and refused > 0  # both paths were taken
+    space.free_oldest(len(space.held))
+    assert space.reserve(64 * ALIGN) == 0  # empty again: the whole ring fits
+
+
+def test_a_full_ring_refuses_until_the_oldest_step_is_freed():
+    space = FifoSpace(4 * ALIGN)
+    assert [space.reserve(ALIGN) for _ in range(4)] == [0, ALIGN, 2 * ALIGN, 3 * ALIGN]
+    assert space.reserve(1) is None
+    space.free_oldest(1)
+    assert space.reserve(ALIGN) == 0  # wraps into the freed front
+    assert space.reserve(1) is None
+    space.unreserve_newest()
+    assert space.reserve(ALIGN) == 0
+
+
+def test_messages_keep_their_boundaries_and_values():
+    ours, theirs = socket_pair()
+    messages = [(2, 0, [("|u1", [3, 2, 4])], 7, ["a-1", "b"], [1, None], True), (3,)]
+    for message in messages:
+        ours.send(encode(message))
+    assert [decode(theirs.recv(1 << 16)) for _ in messages] == [
+        (2, 0, [("|u1", [3, 2, 4])], 7, ["a-1", "b"], [1, None], True), (3,)]
+
+
+def test_snapshot_lays_narrow_arrays_out_where_the_exporter_reads_them():
+    buffers = RoutingBuffers([0, 2, 5], max_tokens=16, top_k=2, num_experts=8, device="cpu")
+    assert buffers.ids.dtype == torch.uint8 and buffers.weights.dtype == torch.float16
+    ids = torch.randint(0, 8, (5, 3, 2), dtype=torch.uint8)
+    buffers.ids[:5] = ids
+    buffers.weights[:5] = torch.rand(5, 3, 2, dtype=torch.float16)
+    shared = SharedRing(1 << 16)
+    snapshotter = Snapshotter(buffers, shared.tensor(), FifoSpace(1 << 16))
+    columns = torch.tensor([0, 2])
+    tokens = snapshotter.take(5, columns, counts_only=False)
+    counts = snapshotter.take(5, None, counts_only=True)
+    starts = array_bytes(tokens.arrays)
+    got_ids = shared.array(tokens.offset + starts[0], np.dtype(tokens.arrays[0][0]), tuple(tokens.arrays[0][1]))
+    got_weights = shared.array(tokens.offset + starts[1], np.dtype(tokens.arrays[1][0]), tuple(tokens.arrays[1][1]))
+    assert np.array_equal(got_ids, ids[:, [0, 2]].numpy())
+    assert np.array_equal(got_weights, buffers.weights[:5, [0, 2]].numpy())
+    got_counts = shared.array(counts.offset, np.dtype(counts.arrays[0][0]), tuple(counts.arrays[0][1]))
+    assert np.array_equal(got_counts, device_counts(ids, 8).numpy())
+    assert got_counts.sum() == 5 * 3 * 2

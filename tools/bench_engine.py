@@ -1,0 +1,59 @@
+"""One benchmark engine in a process of its own, in vLLM's default topology (the
+engine core in a child process, as `vllm serve` and a plain `LLM(...)` run it).
+
+tools/bench.py starts one per mode, with that mode's otel-moe flags in the
+environment, and drives them over stdin/stdout, one JSON line each way:
+  -> {"run": true}        <- {"tok_s": float}        generate the batch once
+  -> {"quit": true}       <- {"outputs": path}       shut down, outputs of every run written
+The first line out is {"ready": true, "start_s": float} once the engine is built.
+
+    python tools/bench_engine.py SPEC.json
+SPEC: {"mode", "engine": {LLM kwargs}, "prompts": [[token ids]], "gen_len", "outputs",
+       "seed_style_log": path?  (hook the prototype's logger into the workers)}
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def say(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    from vllm import LLM, SamplingParams
+
+    t0 = time.monotonic()
+    llm = LLM(**spec["engine"])
+    if spec.get("seed_style_log"):
+        sys.path.insert(0, str(Path(__file__).parent))
+        import seed_style
+
+        llm.collective_rpc(seed_style.install(spec["seed_style_log"]))
+    say({"ready": True, "start_s": round(time.monotonic() - t0, 1)})
+    prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
+    params = SamplingParams(max_tokens=spec["gen_len"], ignore_eos=True, temperature=0.0, detokenize=False)
+    outputs = []
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command.get("quit"):
+            break
+        t = time.perf_counter()
+        results = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t
+        say({"tok_s": sum(len(r.outputs[0].token_ids) for r in results) / elapsed})
+        outputs.extend({"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids),
+                        "output_token_ids": list(r.outputs[0].token_ids),
+                        "num_cached_tokens": r.num_cached_tokens or 0} for r in results)
+    llm.llm_engine.engine_core.shutdown()  # the workers' shutdown flushes otel-moe's exporters
+    Path(spec["outputs"]).write_text(json.dumps(outputs))
+    say({"outputs": spec["outputs"]})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
