@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
+from bench_engine import PREFIX  # noqa: E402
 from otel_moe.collector.process import CollectorProcess  # noqa: E402
 
 # Modes: `off` (no otel-moe), `off2` (a second `off` engine: the noise control), `paused`
@@ -92,10 +93,14 @@ class Engine:
         if command is not None:
             self.proc.stdin.write(json.dumps(command) + "\n")
             self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"engine {self.mode} died; see {self.log.name}")
-        return json.loads(line)
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.log.flush()
+                tail = Path(self.log.name).read_text()[-3000:]
+                raise RuntimeError(f"engine {self.mode} died; the end of its log:\n{tail}")
+            if line.startswith(PREFIX):  # vLLM prints to stdout too
+                return json.loads(line[len(PREFIX):])
 
     def quit(self) -> list:
         outputs = json.loads(Path(self.ask({"quit": True})["outputs"]).read_text())

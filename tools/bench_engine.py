@@ -2,7 +2,7 @@
 engine core in a child process, as `vllm serve` and a plain `LLM(...)` run it).
 
 tools/bench.py starts one per mode, with that mode's otel-moe flags in the
-environment, and drives them over stdin/stdout, one JSON line each way:
+environment, and drives them over stdin/stdout, one JSON line each way (``@@bench {...}`` from the engine):
   -> {"run": true}        <- {"tok_s": float}        generate the batch once
   -> {"quit": true}       <- {"outputs": path}       shut down, outputs of every run written
 The first line out is {"ready": true, "start_s": float} once the engine is built.
@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 
 
+PREFIX = "@@bench "  # vLLM prints to stdout too: protocol lines carry this
+
+
 def say(message: dict) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.write(PREFIX + json.dumps(message) + "\n")
     sys.stdout.flush()
 
 
