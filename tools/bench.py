@@ -108,6 +108,18 @@ class Engine:
         return outputs
 
 
+def _wait_until_written(folder: Path, quiet_s: float = 0.5, limit_s: float = 60.0) -> None:
+    """Until the collector's files stop growing: the last engine's exporter and the
+    collector have caught up (a bench pause, not a test)."""
+    deadline, last = time.monotonic() + limit_s, -1
+    while time.monotonic() < deadline:
+        size = sum(f.stat().st_size for f in folder.glob("traces*.json"))
+        if size == last:
+            return
+        last = size
+        time.sleep(quiet_s)
+
+
 def bench_vllm(args, work: Path) -> dict:
     """Every mode's engine alive side by side, one process each (vLLM's default topology
     inside each), generating the same batch in turns; the median of each compared with
@@ -138,6 +150,7 @@ def bench_vllm(args, work: Path) -> dict:
         for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
             for mode in modes if round_index % 2 else list(reversed(modes)):
                 tok_s = engines[mode].ask({"run": True})["tok_s"]
+                _wait_until_written(work / "collected")  # no engine is timed beside another's backlog
                 if round_index:
                     samples[mode].append(tok_s)
                     print(f"{mode}: {tok_s:.0f} tok/s", flush=True)
