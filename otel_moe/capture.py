@@ -20,10 +20,18 @@ Invariants:
     warm-up forwards are simply never read.
   - Ids are written before any EPLB logical->physical mapping where vLLM offers
     the ``set_capture_fn`` hook (vLLM >= 0.26).
+  - Counts mode keeps per-layer expert counters on the device (``counts``,
+    ``(num_layers, num_experts + 1)`` int64; the extra column takes ids of a layer
+    never captured). ``accumulate(n)`` adds rows ``0..n-1`` of ``ids`` into them:
+    called from the engine thread after a real step's forward, with the host's
+    count of that step's real tokens, so padding, dummy, profile and warm-up
+    rows never count, and nothing runs inside the forward or the CUDA graphs.
+    Launching it is four small kernels and no host sync; the counters are read
+    (and zeroed) only once per window of steps.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -56,6 +64,18 @@ class RoutingBuffers:
         dtype = ids_dtype(num_experts)
         self.ids = torch.full(shape, not_captured(dtype), dtype=dtype, device=device)
         self.weights = torch.zeros(shape, dtype=torch.float16, device=device)
+        self.counts: Optional[torch.Tensor] = None  # counts mode (enable_counts)
+
+    def enable_counts(self) -> None:
+        width = self.num_experts + 1
+        self.counts = torch.zeros((len(self.layers), width), dtype=torch.int64, device=self.ids.device)
+        self._layer_base = (torch.arange(len(self.layers), dtype=torch.int64, device=self.ids.device) * width).view(1, -1, 1)
+        self._one = torch.ones(1, dtype=torch.int64, device=self.ids.device)
+
+    def accumulate(self, num_tokens: int) -> None:
+        """Add the expert ids of rows ``0..num_tokens-1`` to the device counters."""
+        index = self.ids[:num_tokens].to(torch.int64).clamp_(max=self.num_experts) + self._layer_base
+        self.counts.view(-1).scatter_add_(0, index.view(-1), self._one.expand(index.numel()))
 
     def ids_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
         return _row_writer(self.ids[:, slot], self.max_tokens)

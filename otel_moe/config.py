@@ -17,6 +17,7 @@ NUM_MOE_LAYERS = "VLLM_NUM_MOE_LAYERS"
 QUEUE_STEPS = "VLLM_LOG_MOE_QUEUE_STEPS"
 CONTROL = "VLLM_LOG_MOE_CONTROL"
 RING_MB = "VLLM_LOG_MOE_RING_MB"
+COUNTS_INTERVAL_MS = "VLLM_LOG_MOE_COUNTS_INTERVAL_MS"
 
 OTLP = "otlp"
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
@@ -24,6 +25,7 @@ OTLP_PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_
 MODES = ("tokens", "counts")
 DEFAULT_QUEUE_STEPS = 256
 DEFAULT_RING_MB = 128
+DEFAULT_COUNTS_INTERVAL_MS = 100
 
 
 class ConfigError(ValueError):
@@ -109,6 +111,7 @@ class Config:
     queue_steps: int
     control_path: Optional[str] = None  # VLLM_LOG_MOE_CONTROL: live start/stop/switch
     ring_mb: int = DEFAULT_RING_MB  # shared memory between a worker and its exporter
+    counts_interval_ms: int = DEFAULT_COUNTS_INTERVAL_MS  # counts mode: device counters read this often
 
     @property
     def jsonl_paths(self) -> list[str]:
@@ -155,6 +158,7 @@ def from_env(env: Mapping[str, str] = os.environ) -> Optional[Config]:
     expected = env.get(NUM_MOE_LAYERS, "").strip()
     queue = env.get(QUEUE_STEPS, "").strip()
     ring_mb = env.get(RING_MB, "").strip()
+    interval = env.get(COUNTS_INTERVAL_MS, "").strip()
     control = env.get(CONTROL, "").strip() or None
     if control is not None and (os.path.isdir(control) or not os.path.isdir(os.path.dirname(os.path.abspath(control)))):
         raise _refuse(CONTROL, control, "a file path in an existing directory (the file itself may be absent)")
@@ -166,4 +170,5 @@ def from_env(env: Mapping[str, str] = os.environ) -> Optional[Config]:
         queue_steps=_positive_int(QUEUE_STEPS, queue) if queue else DEFAULT_QUEUE_STEPS,
         control_path=control,
         ring_mb=_positive_int(RING_MB, ring_mb) if ring_mb else DEFAULT_RING_MB,
+        counts_interval_ms=_positive_int(COUNTS_INTERVAL_MS, interval) if interval else DEFAULT_COUNTS_INTERVAL_MS,
     )

@@ -58,10 +58,12 @@ class StepSpan:
     counts: dict[int, np.ndarray]  # layer -> [E] (both modes)
     dropped_steps: int = 0
     dp_rank: int = 0
+    last_step: Optional[int] = None  # counts mode: the span covers steps step..last_step
+    window_tokens: Optional[int] = None
 
     @property
     def num_tokens(self) -> int:
-        return int(self.request_tokens.sum())
+        return self.window_tokens if self.window_tokens is not None else int(self.request_tokens.sum())
 
     def positions(self) -> np.ndarray:
         offsets = np.arange(self.num_tokens) - np.repeat(np.cumsum(self.request_tokens) - self.request_tokens, self.request_tokens)
@@ -153,6 +155,8 @@ def decode_step(span: Span) -> StepSpan:
         prompt_lens=schema.decode_u32(a.get(schema.REQUEST_PROMPT_LENS, b"")),
         ids=ids, weights=weights, counts=counts, dropped_steps=int(a.get(schema.DROPPED_STEPS, 0)),
         dp_rank=int(a.get(schema.DP_RANK, 0)),
+        last_step=int(a[schema.STEP_LAST_INDEX]) if schema.STEP_LAST_INDEX in a else None,
+        window_tokens=int(a[schema.NUM_TOKENS]) if schema.STEP_LAST_INDEX in a else None,
     )
 
 

@@ -19,7 +19,7 @@ from otel_moe.capture import RoutingBuffers, not_captured
 from otel_moe.config import Config
 from otel_moe.control import ControlState, ControlWatcher
 from otel_moe.exporter.link import ExporterLink
-from otel_moe.ring import BEGIN, STEP
+from otel_moe.ring import BEGIN, STEP, WINDOW
 from otel_moe.snapshot import Snapshotter
 
 logger = logging.getLogger("vllm.otel_moe")
@@ -43,6 +43,10 @@ class StepRecorder:
         self.exporter = exporter
         self.dp_rank = dp_rank
         self.control = control
+        if control or config.mode == "counts":
+            buffers.enable_counts()
+        self.counts_interval_s = config.counts_interval_ms / 1000
+        self._window: Optional[_Window] = None  # counts mode: the steps counted on the device since the last read
         self.snapshotter = Snapshotter(buffers, exporter.ring.tensor(), exporter.space)
         if buffers.ids.is_cuda and not exporter.ring.pinned:
             logger.warning("otel-moe: the shared ring could not be page-locked; device copies will be synchronous")
@@ -72,6 +76,7 @@ class StepRecorder:
             self._partial.difference_update(finished)
         if self.control is not None and self.control.poll():  # after finishes: those requests are whole
             self._partial.update(self._live)
+            self._close_window()  # counted under the old layers
             self._apply(self.control.state)
         new = [(r.req_id, _prompt_len(r)) for r in scheduler_output.scheduled_new_reqs]
         if new:  # learned while paused too: recording may resume mid-request
@@ -101,22 +106,57 @@ class StepRecorder:
         if not self._checked_capture:
             self._check_capture(n)
         self.exporter.free_finished_steps()
-        snapshot = None
-        if n <= self.buffers.max_tokens:
-            snapshot = self.snapshotter.take(n, self._columns, self.counts_only)
-        if snapshot is None:
-            self._drop(n, "the shared ring is full")
-            return
         # Per-request numbers in batch order, by C-level map/zip: no Python loop per request.
         cached = scheduler_output.scheduled_cached_reqs
         first = dict(zip(cached.req_ids, cached.num_computed_tokens))
         first.update((r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs)
-        message = (STEP, snapshot.offset, snapshot.arrays, step, start_ns, end_ns, n, self.layers, self.counts_only,
-                   self.control_version, self.dropped_steps, self.dropped_tokens, batch_order,
-                   list(map(scheduler_output.num_scheduled_tokens.get, batch_order)), list(map(first.get, batch_order)))
-        if not self.exporter.send(message, snapshot.event):
-            self.exporter.space.unreserve_newest()
-            self._drop(n, "the hand-off queue is full")
+        layout = (n, batch_order, list(map(scheduler_output.num_scheduled_tokens.get, batch_order)),
+                  list(map(first.get, batch_order)))
+        if self.counts_only:
+            self._count(step, n, start_ns, end_ns, layout)
+            return
+        snapshot = self.snapshotter.take_tokens(n, self._columns) if n <= self.buffers.max_tokens else None
+        if snapshot is None:
+            self._drop(n, "the shared ring is full")
+            return
+        self._send((STEP, snapshot.offset, snapshot.arrays, step, start_ns, end_ns, self.layers, False,
+                    self.control_version, self.dropped_steps, self.dropped_tokens, *layout), snapshot, n)
+
+    def _count(self, step: int, n: int, start_ns: int, end_ns: int, layout: tuple) -> None:
+        """Counts mode: add the step to the device counters; its layout alone goes on
+        (requests' token counts), the counters only once per window."""
+        self.buffers.accumulate(n)
+        if self._window is None:
+            self._window = _Window(step, start_ns, time.monotonic())
+        self._window.add(step, n, end_ns)
+        self._send((STEP, -1, [], step, start_ns, end_ns, self.layers, True,
+                    self.control_version, self.dropped_steps, self.dropped_tokens, *layout), None, 0)
+        if time.monotonic() - self._window.opened >= self.counts_interval_s:
+            self._close_window()
+
+    def _close_window(self) -> None:
+        window, self._window = self._window, None
+        if window is None:
+            return
+        snapshot = self.snapshotter.take_counts(self._columns)
+        if snapshot is None:
+            self._drop(window.tokens, "the shared ring is full", steps=window.last - window.first + 1)
+            return
+        self._send((WINDOW, snapshot.offset, snapshot.arrays, window.first, window.last, window.tokens,
+                    window.start_ns, window.end_ns, self.layers, self.control_version, self.dropped_steps,
+                    self.dropped_tokens), snapshot, window.tokens, steps=window.last - window.first + 1)
+
+    def _send(self, message: tuple, snapshot: Optional[Any], tokens: int, steps: int = 1) -> None:
+        """Hand a message on; one that cannot go gives its ring space back and is counted."""
+        try:
+            sent = self.exporter.send(message, snapshot.event if snapshot else None)
+        except Exception:
+            sent = False
+            self.failed_steps += 1
+        if not sent:
+            if snapshot is not None:
+                self.exporter.space.unreserve_newest()
+            self._drop(tokens, "the hand-off queue is full", steps)
 
     def _check_capture(self, n: int) -> None:
         # One host sync, on the first real step only: a layer whose rows were
@@ -128,8 +168,8 @@ class StepRecorder:
         if lost:
             logger.error("otel-moe: no routing captured for layers %s (monolithic MoE kernel?)", lost)
 
-    def _drop(self, tokens: int, why: str) -> None:
-        self.dropped_steps += 1
+    def _drop(self, tokens: int, why: str, steps: int = 1) -> None:
+        self.dropped_steps += steps
         self.dropped_tokens += tokens
         now = time.monotonic()
         if now - self._last_drop_warning > DROP_WARNING_INTERVAL_S:
@@ -144,6 +184,13 @@ class StepRecorder:
         if self._closed:
             return
         self._closed = True
+        if self._window is not None and self.exporter.alive:
+            try:
+                if self.buffers.ids.is_cuda:
+                    torch.cuda.synchronize()  # close may run on another thread than the steps
+                self._close_window()
+            except Exception:
+                logger.exception("otel-moe: reading the last counts window failed")
         exited = self.exporter.close(timeout_s)
         if not exited:
             logger.warning("otel-moe: the exporter is still flushing after %.1f s; it finishes on its own", timeout_s)
@@ -153,6 +200,20 @@ class StepRecorder:
                 self.steps, self.dropped_steps, self.dropped_tokens, self.failed_steps,
                 self.exporter.dropped_messages,
             )
+
+
+class _Window:
+    """Counts mode: the steps added to the device counters since they were last read."""
+
+    def __init__(self, first: int, start_ns: int, opened: float) -> None:
+        self.first = self.last = first
+        self.start_ns = self.end_ns = start_ns
+        self.opened = opened
+        self.tokens = 0
+
+    def add(self, step: int, tokens: int, end_ns: int) -> None:
+        self.last, self.end_ns = step, end_ns
+        self.tokens += tokens
 
 
 def _prompt_len(new_request: Any) -> int:

@@ -16,8 +16,9 @@ Invariants:
     every finished step frees the oldest reservation. Only the engine thread
     reserves and frees, so no lock is needed.
   - A step that finds no room is dropped and counted, never waited for.
-  - Space is reserved for every step message, and only for those, so the
-    exporter's acknowledgements free exactly what was reserved.
+  - Space is reserved for every message that carries ring bytes (a tokens-mode
+    step, a counts window), and only for those; the exporter acknowledges exactly
+    those, so its acknowledgements free exactly what was reserved.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ ALIGN = 64
 BEGIN = 1  # (BEGIN, finished ids, partial ids, [(id, prompt_len)] of new requests)
 STEP = 2  # see StepMessage
 CLOSE = 3  # (CLOSE,): flush and exit
+WINDOW = 4  # counts mode: a window of steps' expert counts, see exporter.process.WindowMessage
 ACK = struct.Struct("<I")  # exporter -> worker: steps finished since the last ack
 
 

@@ -29,7 +29,8 @@ ROUTING_EVENT = "moe.routing"
 REQUEST_SPAN = "moe.request"
 
 # moe.step span
-STEP_INDEX = "moe.step.index"
+STEP_INDEX = "moe.step.index"  # counts mode: the first step of the window
+STEP_LAST_INDEX = "moe.step.last_index"  # counts mode: the last step of the window
 STEP_CHUNK = "moe.step.chunk"  # 0-based; a step too large for one export is cut into chunks
 STEP_CHUNKS = "moe.step.chunks"
 MODE = "moe.mode"  # "tokens" | "counts"

@@ -29,18 +29,6 @@ class Snapshot:
     event: Optional[torch.cuda.Event] = None  # CUDA: the copy is done once this completes
 
 
-def device_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[n, L, K] expert ids -> [L, E] int64 counts, on the ids' device, no host sync."""
-    num_layers = ids.shape[1]
-    base = torch.arange(num_layers, device=ids.device, dtype=torch.int64).view(1, -1, 1) * num_experts
-    flat = (ids.to(torch.int64) + base).reshape(-1)
-    trash = num_layers * num_experts  # ids of a layer never captured (the fill value) land here
-    flat = torch.where(ids.reshape(-1).to(torch.int64) >= num_experts, torch.full_like(flat, trash), flat)
-    counts = torch.zeros(trash + 1, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    return counts[:trash].view(num_layers, num_experts)
-
-
 def array_bytes(arrays: list) -> list[int]:
     """Each array's start, relative to the snapshot's offset, and the total at the end."""
     starts, position = [], 0
@@ -51,9 +39,9 @@ def array_bytes(arrays: list) -> list[int]:
 
 
 class Snapshotter:
-    """Copies some columns (layers) of the buffers, as ids and weights or as counts,
-    into space reserved in the ring. Which columns and which form can change from
-    step to step (live control)."""
+    """Copies some columns (layers) of the buffers, as ids and weights (a step) or
+    as counts (a window of steps), into space reserved in the ring. Which columns
+    and which form can change from step to step (live control)."""
 
     def __init__(self, buffers: RoutingBuffers, ring: torch.Tensor, space: FifoSpace) -> None:
         self.buffers = buffers
@@ -61,17 +49,25 @@ class Snapshotter:
         self.space = space
         self.on_cuda = buffers.ids.is_cuda
 
-    def take(self, num_tokens: int, columns: Optional[torch.Tensor], counts_only: bool) -> Optional[Snapshot]:
-        """Snapshot rows 0..num_tokens-1 of ``columns`` (all when ``None``);
+    def take_tokens(self, num_tokens: int, columns: Optional[torch.Tensor]) -> Optional[Snapshot]:
+        """Ids and weights of rows 0..num_tokens-1 of ``columns`` (all when ``None``);
         ``None`` when the ring has no room (drop)."""
-        ids = self.buffers.ids[:num_tokens]
+        ids, weights = self.buffers.ids[:num_tokens], self.buffers.weights[:num_tokens]
         if columns is not None:
-            ids = ids.index_select(1, columns)
-        if counts_only:
-            sources = [device_counts(ids, self.buffers.num_experts)]
-        else:
-            weights = self.buffers.weights[:num_tokens]
-            sources = [ids, weights if columns is None else weights.index_select(1, columns)]
+            ids, weights = ids.index_select(1, columns), weights.index_select(1, columns)
+        return self._into_ring([ids, weights])
+
+    def take_counts(self, columns: Optional[torch.Tensor]) -> Optional[Snapshot]:
+        """The device counters of ``columns`` since the last take, [L, E]; they restart
+        from zero either way (a window that finds no room is dropped)."""
+        counts = self.buffers.counts[:, : self.buffers.num_experts]
+        if columns is not None:
+            counts = counts.index_select(0, columns)
+        snapshot = self._into_ring([counts])
+        self.buffers.counts.zero_()  # after the copy on the same stream: nothing is lost in between
+        return snapshot
+
+    def _into_ring(self, sources: list[torch.Tensor]) -> Optional[Snapshot]:
         arrays = [(_NUMPY_DTYPE[t.dtype], list(t.shape)) for t in sources]
         *starts, total = array_bytes(arrays)
         offset = self.space.reserve(total)

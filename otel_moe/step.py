@@ -48,10 +48,19 @@ class StepRecord:
     dropped_steps: int = 0  # cumulative drops of this process when the step was taken
     dropped_tokens: int = 0
     control_version: int = 0  # changes of live control applied before this step (0: none)
+    # Counts mode: a record covers a window of steps, step..last_step, and its
+    # tokens; it names no requests (their token counts come with per-step records
+    # that carry neither ids nor counts).
+    last_step: Optional[int] = None
+    window_tokens: Optional[int] = None
 
     @property
     def num_tokens(self) -> int:
-        return int(self.request_tokens.sum())
+        return self.window_tokens if self.window_tokens is not None else int(self.request_tokens.sum())
+
+    @property
+    def is_window(self) -> bool:
+        return self.last_step is not None
 
     def token_request_index(self) -> np.ndarray:
         return np.repeat(np.arange(len(self.request_ids)), self.request_tokens)

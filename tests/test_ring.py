@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from otel_moe.ring import ALIGN, FifoSpace, SharedRing, decode, encode, socket_pair
-from otel_moe.snapshot import Snapshotter, array_bytes, device_counts
+from otel_moe.snapshot import Snapshotter, array_bytes
 from otel_moe.capture import RoutingBuffers
 
 
@@ -61,19 +61,32 @@ def test_messages_keep_their_boundaries_and_values():
 def test_snapshot_lays_narrow_arrays_out_where_the_exporter_reads_them():
     buffers = RoutingBuffers([0, 2, 5], max_tokens=16, top_k=2, num_experts=8, device="cpu")
     assert buffers.ids.dtype == torch.uint8 and buffers.weights.dtype == torch.float16
+    buffers.enable_counts()
     ids = torch.randint(0, 8, (5, 3, 2), dtype=torch.uint8)
     buffers.ids[:5] = ids
+    buffers.accumulate(3)  # two steps' tokens: rows 0..2, then 0..4
+    buffers.accumulate(5)
     buffers.weights[:5] = torch.rand(5, 3, 2, dtype=torch.float16)
     shared = SharedRing(1 << 16)
     snapshotter = Snapshotter(buffers, shared.tensor(), FifoSpace(1 << 16))
     columns = torch.tensor([0, 2])
-    tokens = snapshotter.take(5, columns, counts_only=False)
-    counts = snapshotter.take(5, None, counts_only=True)
+    tokens = snapshotter.take_tokens(5, columns)
+    counts = snapshotter.take_counts(None)
     starts = array_bytes(tokens.arrays)
     got_ids = shared.array(tokens.offset + starts[0], np.dtype(tokens.arrays[0][0]), tuple(tokens.arrays[0][1]))
     got_weights = shared.array(tokens.offset + starts[1], np.dtype(tokens.arrays[1][0]), tuple(tokens.arrays[1][1]))
     assert np.array_equal(got_ids, ids[:, [0, 2]].numpy())
     assert np.array_equal(got_weights, buffers.weights[:5, [0, 2]].numpy())
     got_counts = shared.array(counts.offset, np.dtype(counts.arrays[0][0]), tuple(counts.arrays[0][1]))
-    assert np.array_equal(got_counts, device_counts(ids, 8).numpy())
-    assert got_counts.sum() == 5 * 3 * 2
+    expected = np.stack([np.bincount(np.concatenate([ids[:3, c].ravel(), ids[:, c].ravel()]), minlength=8)
+                         for c in range(3)])
+    assert np.array_equal(got_counts, expected) and got_counts.sum() == (3 + 5) * 3 * 2
+    assert int(buffers.counts.sum()) == 0  # a read starts the next window from zero
+
+
+def test_ids_of_a_layer_never_captured_are_not_counted():
+    buffers = RoutingBuffers([0, 1], max_tokens=4, top_k=2, num_experts=60, device="cpu")
+    buffers.enable_counts()
+    buffers.ids[:4, 0] = torch.tensor([[1, 2]] * 4, dtype=torch.uint8)  # layer 1 keeps the fill value
+    buffers.accumulate(4)
+    assert buffers.counts[0, 1] == 4 and buffers.counts[0, 2] == 4 and int(buffers.counts[:, :60].sum()) == 8

@@ -25,7 +25,7 @@ import numpy as np
 
 from otel_moe import ring
 from otel_moe.config import Config, parse_layers
-from otel_moe.ring import ACK, BEGIN, CLOSE, STEP, SharedRing
+from otel_moe.ring import ACK, BEGIN, CLOSE, STEP, WINDOW, SharedRing
 from otel_moe.sinks import Sink, open_sinks
 from otel_moe.snapshot import array_bytes
 from otel_moe.step import StepRecord, external_request_id
@@ -41,20 +41,37 @@ MAX_MESSAGE = 1 << 21
 class StepMessage:
     """The fields of a STEP message, in order (the worker builds the tuple)."""
 
-    offset: int
-    arrays: list
+    offset: int  # ring bytes of the step's ids and weights; -1: none (counts mode)
+    arrays: list  # [(numpy dtype string, shape)] laid out from offset
     step: int
     start_ns: int
     end_ns: int
-    total: int
     layers: list
     counts_only: bool
     control_version: int
     dropped_steps: int
     dropped_tokens: int
+    total: int  # tokens the scheduler scheduled
     batch_order: list  # internal request ids, the runner's batch order
     tokens: list  # tokens of each (None or 0: not scheduled this step)
     first_positions: list  # position of each one's first token this step
+
+
+@dataclasses.dataclass
+class WindowMessage:
+    """The fields of a WINDOW message (counts mode): steps first..last, counted on the device."""
+
+    offset: int
+    arrays: list  # one: [layers, experts] int64
+    first: int
+    last: int
+    tokens: int
+    start_ns: int
+    end_ns: int
+    layers: list
+    control_version: int
+    dropped_steps: int
+    dropped_tokens: int
 
 
 class Exporter:
@@ -92,6 +109,8 @@ class Exporter:
             elif kind == STEP:
                 last_step = time.monotonic()
                 self._step(StepMessage(*message[1:]))
+            elif kind == WINDOW:
+                self._window(WindowMessage(*message[1:]))
 
     def _safely(self, call, *args) -> None:
         try:
@@ -119,19 +138,32 @@ class Exporter:
         return external
 
     def _step(self, message: StepMessage) -> None:
-        try:
-            arrays = self._copy_arrays(message)
-        finally:
-            self.sock.send(ACK.pack(1))  # its ring space is free again
+        arrays = self._take_arrays(message.offset, message.arrays)
         self.steps += 1
         record = self._record(message, arrays)
         if record is not None:
             self._safely(self.sink.write, record)
 
-    def _copy_arrays(self, message: StepMessage) -> list[np.ndarray]:
-        starts = array_bytes(message.arrays)
-        return [np.array(self.ring.array(message.offset + start, np.dtype(dtype), tuple(shape)))
-                for start, (dtype, shape) in zip(starts, message.arrays)]
+    def _window(self, message: WindowMessage) -> None:
+        (counts,) = self._take_arrays(message.offset, message.arrays)
+        empty = np.zeros(0, np.int64)
+        self._safely(self.sink.write, StepRecord(
+            step=message.first, last_step=message.last, window_tokens=message.tokens,
+            start_ns=message.start_ns, end_ns=message.end_ns, layers=message.layers, top_k=self.top_k,
+            num_experts=self.num_experts, request_ids=[], request_tokens=empty, positions=empty, prompt_lens=empty,
+            counts=counts, dp_rank=self.dp_rank, dropped_steps=message.dropped_steps + self.layout_drops,
+            dropped_tokens=message.dropped_tokens, control_version=message.control_version))
+
+    def _take_arrays(self, offset: int, arrays: list) -> list[np.ndarray]:
+        """Copies of a message's arrays; their ring space is free again once taken."""
+        if offset < 0:
+            return []
+        try:
+            starts = array_bytes(arrays)
+            return [np.array(self.ring.array(offset + start, np.dtype(dtype), tuple(shape)))
+                    for start, (dtype, shape) in zip(starts, arrays)]
+        finally:
+            self.sock.send(ACK.pack(1))
 
     def _record(self, message: StepMessage, arrays: list[np.ndarray]):
         scheduled = [(r, t, f) for r, t, f in zip(message.batch_order, message.tokens, message.first_positions) if t]
@@ -145,17 +177,15 @@ class Exporter:
         first = np.fromiter((f for _, _, f in scheduled), dtype=np.int64, count=len(scheduled))
         offsets = np.arange(message.total, dtype=np.int64) - np.repeat(np.cumsum(tokens) - tokens, tokens)
         prompt = np.fromiter((self.prompt_lens.get(r, 0) for r, _, _ in scheduled), dtype=np.int64, count=len(scheduled))
-        ids = weights = counts = None
-        if message.counts_only:
-            (counts,) = arrays
-        else:
+        ids = weights = None
+        if arrays:  # tokens mode; in counts mode the step carries only its layout (requests' token counts)
             ids, weights = arrays[0], arrays[1].astype(np.float32)
         return StepRecord(
             step=message.step, start_ns=message.start_ns, end_ns=message.end_ns, layers=message.layers,
             top_k=self.top_k, num_experts=self.num_experts,
             request_ids=[self._external(r) for r, _, _ in scheduled], request_tokens=tokens,
             positions=np.repeat(first, tokens) + offsets, prompt_lens=prompt,
-            ids=ids, weights=weights, counts=counts, dp_rank=self.dp_rank,
+            ids=ids, weights=weights, dp_rank=self.dp_rank,
             dropped_steps=message.dropped_steps + self.layout_drops, dropped_tokens=message.dropped_tokens,
             control_version=message.control_version,
         )

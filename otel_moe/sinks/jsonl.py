@@ -1,5 +1,5 @@
-"""JSONL sink: one JSON object per token per logged layer (or per step per layer
-in counts mode), the prototype's format with exact token attribution.
+"""JSONL sink: one JSON object per token per logged layer (or per window of steps
+per layer in counts mode), the prototype's format with exact token attribution.
 
 Several processes (tensor/data parallel ranks) may share one file: it is opened
 with O_APPEND and each step goes out in a single ``write``, so lines from
@@ -47,8 +47,9 @@ def token_lines(record: StepRecord) -> list[str]:
 
 def count_lines(record: StepRecord) -> list[str]:
     counts = record.layer_counts().tolist()
+    window = f', "last_step": {record.last_step}' if record.is_window else ""
     return [
-        f'{{"step": {record.step}, "layer": {layer}, "num_tokens": {record.num_tokens}, '
+        f'{{"step": {record.step}{window}, "layer": {layer}, "num_tokens": {record.num_tokens}, '
         f'"counts": {counts[column]}}}\n'
         for column, layer in enumerate(record.layers)
     ]
@@ -61,6 +62,8 @@ class JsonlSink:
         self.failed_writes = 0
 
     def write(self, record: StepRecord) -> None:
+        if record.ids is None and record.counts is None:
+            return  # a counts-mode step's layout: its tokens are in a window's counts
         lines = count_lines(record) if record.ids is None else token_lines(record)
         data = "".join(lines).encode()
         try:

@@ -160,12 +160,14 @@ class OtlpSink:
 
     # ---- steps ----------------------------------------------------------
     def write(self, record: StepRecord) -> None:
+        """A tokens-mode step, a counts-mode step's layout (no ids, no counts: request
+        totals only) or a counts-mode window (counts, no requests)."""
         self.mode = "counts" if record.ids is None else "tokens"
-        slots = self._tally(record)
-        spans = self._step_spans(record)
+        slots = self._tally(record) if record.request_ids else np.zeros(0, np.int64)
+        spans = self._step_spans(record) if record.ids is not None or record.counts is not None else []
         first_span = self.requests.first_span
         context = None
-        for slot in slots.tolist():  # a moe.request links to the step that began it
+        for slot in slots.tolist() if spans else ():  # a moe.request links to the step that began it
             if slot not in first_span:
                 context = context or spans[0].get_span_context()
                 first_span[slot] = context
@@ -186,11 +188,12 @@ class OtlpSink:
             schema.DROPPED_TOKENS: record.dropped_tokens,
             schema.FAILED_EXPORT_SPANS: self.failed_export_spans,
             schema.CONTROL_VERSION: record.control_version,
+            **({schema.STEP_LAST_INDEX: record.last_step} if record.is_window else {}),
         }
 
     def _step_spans(self, record: StepRecord) -> list:
         common = self._common_attributes(record)
-        if record.ids is None:  # counts mode: one small span per step
+        if record.ids is None:  # counts mode: one small span per window of steps
             counts = record.layer_counts()
             events = [{schema.LAYER: layer, schema.EXPERT_COUNTS: schema.encode_u32(counts[c])}
                       for c, layer in enumerate(record.layers)]
