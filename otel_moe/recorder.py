@@ -106,12 +106,11 @@ class StepRecorder:
         if not self._checked_capture:
             self._check_capture(n)
         self.exporter.free_finished_steps()
-        # Per-request numbers in batch order, by C-level map/zip: no Python loop per request.
+        # The scheduler's own per-request structures, copied as they are by marshal (C):
+        # the exporter lays them out in batch order.
         cached = scheduler_output.scheduled_cached_reqs
-        first = dict(zip(cached.req_ids, cached.num_computed_tokens))
-        first.update((r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs)
-        layout = (n, batch_order, list(map(scheduler_output.num_scheduled_tokens.get, batch_order)),
-                  list(map(first.get, batch_order)))
+        layout = (n, batch_order, scheduler_output.num_scheduled_tokens, cached.req_ids, cached.num_computed_tokens,
+                  [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs])
         if self.counts_only:
             self._count(step, n, start_ns, end_ns, layout)
             return

@@ -55,7 +55,7 @@ CONTROL_VERSION = "otel_moe.control.version"  # live-control changes applied bef
 LAYER = "moe.layer"
 EXPERT_IDS = "moe.expert_ids"  # bytes: [tokens, top_k] row-major, dtype EXPERT_IDS_DTYPE
 EXPERT_IDS_DTYPE = "moe.expert_ids.dtype"  # numpy dtype string: "|u1" or "<u2"
-EXPERT_WEIGHTS = "moe.expert_weights"  # bytes: [tokens, top_k] row-major, "<f4" (lossless)
+EXPERT_WEIGHTS = "moe.expert_weights"  # bytes: [tokens, top_k] row-major, "<f4" (values rounded to float16 at capture)
 EXPERT_COUNTS = "moe.expert_counts"  # bytes: [num_experts] "<u4" (counts mode)
 
 # moe.request span

@@ -9,6 +9,7 @@ Either way the engine thread touches no per-token data in Python.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import numpy as np
@@ -20,6 +21,7 @@ from otel_moe.ring import FifoSpace
 ARRAY_ALIGN = 8  # every array in the ring starts on an 8-byte boundary (int64 counts)
 _NUMPY_DTYPE = {torch.uint8: "|u1", torch.int16: "<i2", torch.float16: "<f2", torch.int64: "<i8",
                 torch.int32: "<i4", torch.float32: "<f4"}
+_ITEMSIZE = {name: np.dtype(name).itemsize for name in _NUMPY_DTYPE.values()}
 
 
 @dataclasses.dataclass
@@ -34,7 +36,7 @@ def array_bytes(arrays: list) -> list[int]:
     starts, position = [], 0
     for dtype, shape in arrays:
         starts.append(position)
-        position += -(-np.dtype(dtype).itemsize * int(np.prod(shape)) // ARRAY_ALIGN) * ARRAY_ALIGN
+        position += -(-_ITEMSIZE[dtype] * math.prod(shape) // ARRAY_ALIGN) * ARRAY_ALIGN
     return starts + [position]
 
 
@@ -46,6 +48,7 @@ class Snapshotter:
     def __init__(self, buffers: RoutingBuffers, ring: torch.Tensor, space: FifoSpace) -> None:
         self.buffers = buffers
         self.ring = ring  # uint8, the whole shared region
+        self._ring_as = {}  # dtype -> the region viewed as it (its size is a multiple of 8)
         self.space = space
         self.on_cuda = buffers.ids.is_cuda
 
@@ -74,9 +77,11 @@ class Snapshotter:
         if offset is None:
             return None
         for start, source in zip(starts, sources):
-            at = offset + start
-            target = self.ring[at: at + source.numel() * source.element_size()]
-            target.view(source.dtype).view(source.shape).copy_(source, non_blocking=self.on_cuda)
+            ring = self._ring_as.get(source.dtype)
+            if ring is None:
+                ring = self._ring_as[source.dtype] = self.ring.view(source.dtype)
+            at = (offset + start) // source.element_size()
+            ring[at: at + source.numel()].view(source.shape).copy_(source, non_blocking=self.on_cuda)
         event = None
         if self.on_cuda:
             event = torch.cuda.Event()

@@ -155,12 +155,12 @@ def bench_vllm(args, work: Path) -> dict:
                     samples[mode].append(tok_s)
                     print(f"{mode}: {tok_s:.0f} tok/s", flush=True)
         outputs = {mode: e.quit() for mode, e in engines.items()}
+        collector_peak = collector.peak_rss_kib()
     finally:
         for e in engines.values():
             if e.proc.poll() is None:
                 e.proc.kill()
-    collector_peak = collector.peak_rss_kib()
-    collector.stop()
+        collector.stop()
 
     throughput = {m: round(statistics.median(v), 1) for m, v in samples.items()}
     ratio = {m: round(throughput[m] / throughput["off"], 3) for m in modes if m != "off"}

@@ -1,8 +1,9 @@
-"""Host cost of recording one engine step, without vLLM: a synthetic decode step of
-256 requests x 12 layers x top-4 of 60 experts through the engine-thread part (snapshot,
-enqueue) and the sink-thread part (layout, record, OTLP spans; the exporter discards).
+"""Host cost of recording one engine step in vLLM's process, without vLLM: synthetic decode
+steps of 256 requests x 12 layers x top-4 of 60 experts through the engine-thread part
+(begin_step, on_step: the ring copy and the hand-off), with a real exporter process
+behind it writing JSONL to /dev/null. What the exporter does costs vLLM's process nothing.
 
-    python tools/profile_sink.py [--profile]
+    python tools/profile_sink.py [--profile] [--mode tokens|counts]
 """
 import cProfile
 import pstats
@@ -10,23 +11,13 @@ import sys
 import time
 
 import torch
-from opentelemetry.sdk.trace.export import SpanExportResult
 
 from otel_moe.capture import RoutingBuffers
 from otel_moe.config import from_env
+from otel_moe.exporter.link import ExporterLink
 from otel_moe.recorder import StepRecorder
-from otel_moe.sinks.otlp import OtlpSink
-from otel_moe.step import StepInputs
 
-REQUESTS, LAYERS, TOP_K, EXPERTS, STEPS = 256, 12, 4, 60, 300
-
-
-class Discard:
-    def export(self, spans):
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self):
-        pass
+REQUESTS, LAYERS, TOP_K, EXPERTS, STEPS = 256, 12, 4, 60, 2000
 
 
 class _New:
@@ -39,7 +30,10 @@ class _Cached:
         self.req_ids, self.num_computed_tokens = ids, computed
 
 
-class _SchedulerOutput:
+class SchedulerOutput:
+    """The fields of vLLM's SchedulerOutput that otel-moe reads: step 0 starts every
+    request, later steps decode one token of each."""
+
     def __init__(self, step, ids):
         self.scheduled_new_reqs = [_New(i) for i in range(REQUESTS)] if step == 0 else []
         self.scheduled_cached_reqs = _Cached([] if step == 0 else ids, [] if step == 0 else [128 + step] * REQUESTS)
@@ -48,33 +42,36 @@ class _SchedulerOutput:
         self.finished_req_ids = set()
 
 
-def main() -> None:
-    config = from_env({"VLLM_LOG_MOE": "otlp"})
-    sink = OtlpSink(config, {}, exporter=Discard())
+def engine_thread_us(mode: str, profiler=None) -> tuple[float, int]:
+    config = from_env({"VLLM_LOG_MOE": "/dev/null", "VLLM_LOG_MOE_MODE": mode})
     buffers = RoutingBuffers(list(range(LAYERS)), 8192, TOP_K, EXPERTS, "cpu")
-    buffers.ids[:REQUESTS] = torch.randint(0, EXPERTS, (REQUESTS, LAYERS, TOP_K), dtype=torch.int32)
-    buffers.weights[:REQUESTS] = torch.rand(REQUESTS, LAYERS, TOP_K)
-    recorder = StepRecorder(buffers, config, sink)
+    buffers.ids[:REQUESTS] = torch.randint(0, EXPERTS, (REQUESTS, LAYERS, TOP_K), dtype=torch.uint8)
+    buffers.weights[:REQUESTS] = torch.rand(REQUESTS, LAYERS, TOP_K, dtype=torch.float16)
+    link = ExporterLink({"destinations": ["/dev/null"], "mode": mode, "resource": {}, "top_k": TOP_K,
+                         "num_experts": EXPERTS, "dp_rank": 0, "randomized_request_ids": True},
+                        ring_bytes=64 << 20, queue_messages=256)
+    recorder = StepRecorder(buffers, config, link)
     ids = [f"{i}-abcdef12" for i in range(REQUESTS)]
-    outputs = [_SchedulerOutput(s, ids) for s in range(STEPS)]
-    t0 = time.perf_counter()
-    items = []
-    for out in outputs:  # what the engine thread does per step
-        inputs = StepInputs.take(out, ids)
-        recorder.tracker.learn(inputs)
-        items.append((0, inputs, recorder.snapshotter.take(out.total_num_scheduled_tokens), 0, 1, 0, 0))
-    engine_us = (time.perf_counter() - t0) / STEPS * 1e6
-    profiler = cProfile.Profile() if "--profile" in sys.argv else None
-    t0 = time.perf_counter()
+    outputs = [SchedulerOutput(s, ids) for s in range(STEPS)]
     if profiler:
         profiler.enable()
-    for item in items:  # what the sink thread does per step
-        sink.write(recorder._record(*item))
+    t0 = time.perf_counter()
+    for out in outputs:  # what the engine thread does per step (the forward aside)
+        step = recorder.begin_step(out)
+        recorder.on_step(out, ids, step, step + 1)
+    elapsed = time.perf_counter() - t0
     if profiler:
         profiler.disable()
-    sink_us = (time.perf_counter() - t0) / STEPS * 1e6
-    print(f"engine thread {engine_us:.0f} us/step, sink thread {sink_us:.0f} us/step"
-          f"{' (profiled)' if profiler else ''}")
+    recorder.close(30)
+    return elapsed / STEPS * 1e6, recorder.dropped_steps
+
+
+def main() -> None:
+    mode = sys.argv[sys.argv.index("--mode") + 1] if "--mode" in sys.argv else "tokens"
+    profiler = cProfile.Profile() if "--profile" in sys.argv else None
+    us, dropped = engine_thread_us(mode, profiler)
+    print(f"{mode}: engine thread {us:.0f} us/step over {STEPS} steps of {REQUESTS} requests "
+          f"({dropped} dropped: the exporter shares this machine's cores){' (profiled)' if profiler else ''}")
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
 

@@ -56,7 +56,7 @@ class ExporterLink:
     def send(self, message: tuple, event: Optional[Any] = None) -> bool:
         """Queue a message (sent once ``event`` completes); False when it was dropped."""
         try:
-            self._queue.put_nowait((ring.encode(message), event))
+            self._queue.put_nowait((_encode(message), event))
             return True
         except queue.Full:
             self.dropped_messages += 1
@@ -125,3 +125,24 @@ class ExporterLink:
             return False
         finally:
             self.sock.close()
+
+
+def _encode(message: tuple) -> bytes:
+    try:
+        return ring.encode(message)
+    except ValueError:  # a vLLM version handing us subclasses of dict/list, or numpy ints
+        return ring.encode(_plain(message))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if hasattr(value, "__index__"):
+        return int(value)
+    return float(value) if isinstance(value, float) else str(value)

@@ -53,8 +53,10 @@ class StepMessage:
     dropped_tokens: int
     total: int  # tokens the scheduler scheduled
     batch_order: list  # internal request ids, the runner's batch order
-    tokens: list  # tokens of each (None or 0: not scheduled this step)
-    first_positions: list  # position of each one's first token this step
+    scheduled: dict  # request id -> tokens this step (SchedulerOutput.num_scheduled_tokens)
+    cached_ids: list  # running requests (scheduled_cached_reqs.req_ids) ...
+    cached_computed: list  # ... and their tokens computed before this step
+    new: list  # [(request id, tokens computed before this step)] of newly scheduled requests
 
 
 @dataclasses.dataclass
@@ -163,10 +165,19 @@ class Exporter:
             return [np.array(self.ring.array(offset + start, np.dtype(dtype), tuple(shape)))
                     for start, (dtype, shape) in zip(starts, arrays)]
         finally:
+            self._acknowledge()
+
+    def _acknowledge(self) -> None:
+        try:
             self.sock.send(ACK.pack(1))
+        except OSError:
+            pass  # the worker is gone: the next read says so
 
     def _record(self, message: StepMessage, arrays: list[np.ndarray]):
-        scheduled = [(r, t, f) for r, t, f in zip(message.batch_order, message.tokens, message.first_positions) if t]
+        starts = dict(zip(message.cached_ids, message.cached_computed))
+        starts.update(message.new)
+        tokens_of = message.scheduled
+        scheduled = [(r, tokens_of[r], starts.get(r)) for r in message.batch_order if tokens_of.get(r)]
         tokens = np.fromiter((t for _, t, _ in scheduled), dtype=np.int64, count=len(scheduled))
         if int(tokens.sum()) != message.total or any(f is None for _, _, f in scheduled):
             self.layout_drops += 1

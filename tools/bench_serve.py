@@ -1,0 +1,119 @@
+"""Serving benchmark: two `vllm serve` processes on one GPU, `off` and otel-moe `tokens`
+(OTLP to the embedded collector), measured by vLLM's own `vllm bench serve` (random
+dataset, a request rate near saturation) in alternating rounds.
+
+    python tools/bench_serve.py --out bench/gpu_serve_results.json [--rounds 3]
+
+Writes, per server, the median over rounds of request throughput and TTFT / TPOT
+p50 / p99, the ratio of `tokens` to `off` for each, and every round's numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench import engine_env, make_model  # noqa: E402
+from otel_moe.collector.process import CollectorProcess  # noqa: E402
+
+METRICS = ("request_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms")
+NAMES = {"request_throughput": "request_throughput", "p50_ttft_ms": "ttft_ms_p50", "p99_ttft_ms": "ttft_ms_p99",
+         "p50_tpot_ms": "tpot_ms_p50", "p99_tpot_ms": "tpot_ms_p99"}
+VLLM = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, log: Path, limit_s: float = 600) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server died:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)  # no event for "the server listens": poll it
+    raise RuntimeError("server did not become healthy")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="bench/gpu_serve_results.json")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--request-rate", type=float, default=150.0)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.42)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="otel-moe-serve-"))
+    model, info = make_model(work, "cuda", args.layers)
+    collector = CollectorProcess(work / "collected")
+    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
+    results: dict[str, list[dict]] = {"off": [], "tokens": []}
+    try:
+        for mode in results:  # one after the other: each sizes its memory with the other loaded
+            port, log = free_port(), work / f"serve-{mode}.log"
+            proc = subprocess.Popen(
+                [*VLLM, "serve", model, "--load-format", "dummy", "--port", str(port), "--max-num-seqs", "256",
+                 "--max-model-len", str(args.input_len + args.output_len + 16), "--shutdown-timeout", "10",
+                 "--gpu-memory-utilization", str(args.gpu_memory_utilization)],
+                env=engine_env(mode, work), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            servers[mode] = (proc, port)
+            wait_healthy(port, proc, log)
+            print(f"server {mode} ready on {port}", flush=True)
+        for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
+            for mode in list(results) if round_index % 2 else list(reversed(results)):
+                name = f"{mode}-{round_index}.json"
+                subprocess.run(
+                    [*VLLM, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{servers[mode][1]}",
+                     "--model", model, "--dataset-name", "random", "--random-input-len", str(args.input_len),
+                     "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+                     "--request-rate", str(args.request_rate), "--ignore-eos", "--seed", str(round_index),
+                     "--percentile-metrics", "ttft,tpot", "--metric-percentiles", "50,99",
+                     "--save-result", "--result-dir", str(work), "--result-filename", name],
+                    check=True, stdout=subprocess.DEVNULL, stderr=open(work / "bench-serve.log", "a"))
+                result = json.loads((work / name).read_text())
+                if round_index:
+                    results[mode].append({k: result[k] for k in METRICS})
+                    print(mode, {NAMES[k]: round(result[k], 2) for k in METRICS}, flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+        for proc, _ in servers.values():
+            proc.wait(timeout=120)
+        collector.stop()
+    medians = {mode: {NAMES[k]: round(statistics.median(r[k] for r in rounds), 3) for k in METRICS}
+               for mode, rounds in results.items()}
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": info["name"],
+           "servers": medians, "ratio_tokens_to_off": {k: round(medians["tokens"][k] / medians["off"][k], 3)
+                                                      for k in medians["off"]},
+           "rounds": results, "setup": {"num_prompts": args.num_prompts, "request_rate": args.request_rate,
+                                        "input_len": args.input_len, "output_len": args.output_len,
+                                        "dataset": "random", "tool": "vllm bench serve", "max_num_seqs": 256}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: out[k] for k in ("servers", "ratio_tokens_to_off")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
