@@ -187,7 +187,8 @@ class StepRecorder:
             try:
                 if self.buffers.ids.is_cuda:
                     torch.cuda.synchronize()  # close may run on another thread than the steps
-                self._close_window()
+                with torch.inference_mode():  # as the steps ran: the ring's views were made in it
+                    self._close_window()
             except Exception:
                 logger.exception("otel-moe: reading the last counts window failed")
         exited = self.exporter.close(timeout_s)
