@@ -19,7 +19,7 @@ from otel_moe.capture import RoutingBuffers, not_captured
 from otel_moe.config import Config
 from otel_moe.control import ControlState, ControlWatcher
 from otel_moe.exporter.link import ExporterLink
-from otel_moe.ring import BEGIN, STEP, WINDOW
+from otel_moe.ring import BEGIN, STEP, WINDOW, encode
 from otel_moe.snapshot import Snapshotter
 
 logger = logging.getLogger("vllm.otel_moe")
@@ -82,7 +82,7 @@ class StepRecorder:
         if new:  # learned while paused too: recording may resume mid-request
             self._live.update(r for r, _ in new)
         if finished or new:
-            self.exporter.send((BEGIN, finished, partial, new))
+            self._post((BEGIN, finished, partial, new))
         if not self.recording:
             self._partial.update(r for r, _ in new)
             return None
@@ -128,22 +128,38 @@ class StepRecorder:
         if self._window is None:
             self._window = _Window(step, start_ns, time.monotonic())
         self._window.add(step, n, end_ns)
-        self._send((STEP, -1, [], step, start_ns, end_ns, self.layers, True,
-                    self.control_version, self.dropped_steps, self.dropped_tokens, *layout), None, 0)
+        self._window.items.append((STEP, -1, [], step, start_ns, end_ns, self.layers, True,
+                                   self.control_version, self.dropped_steps, self.dropped_tokens, *layout))
         if time.monotonic() - self._window.opened >= self.counts_interval_s:
             self._close_window()
 
+    def _post(self, message: tuple) -> None:
+        """Send a message, or, while a counts window is open, keep it in the window's
+        order: one hand-off per window instead of one per step."""
+        if self._window is not None:
+            self._window.items.append(message)
+        else:
+            self._send(message, None, 0)
+
     def _close_window(self) -> None:
+        """Read the device counters and hand them on with the window's messages
+        (its steps' layouts, new and finished requests), all in the ring."""
         window, self._window = self._window, None
         if window is None:
             return
-        snapshot = self.snapshotter.take_counts(self._columns)
+        steps = window.last - window.first + 1
+        items = encode(window.items)
+        snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items))
         if snapshot is None:
-            self._drop(window.tokens, "the shared ring is full", steps=window.last - window.first + 1)
+            self._drop(window.tokens, "the shared ring is full", steps=steps)
+            for item in window.items:  # new and finished requests still go, so requests stay whole
+                if item[0] == BEGIN:
+                    self._send(item, None, 0)
             return
-        self._send((WINDOW, snapshot.offset, snapshot.arrays, window.first, window.last, window.tokens,
-                    window.start_ns, window.end_ns, self.layers, self.control_version, self.dropped_steps,
-                    self.dropped_tokens), snapshot, window.tokens, steps=window.last - window.first + 1)
+        self.exporter.ring.map[snapshot.extra_offset: snapshot.extra_offset + len(items)] = items
+        self._send((WINDOW, snapshot.offset, snapshot.arrays, snapshot.extra_offset, len(items), window.first,
+                    window.last, window.tokens, window.start_ns, window.end_ns, self.layers, self.control_version,
+                    self.dropped_steps, self.dropped_tokens), snapshot, window.tokens, steps=steps)
 
     def _send(self, message: tuple, snapshot: Optional[Any], tokens: int, steps: int = 1) -> None:
         """Hand a message on; one that cannot go gives its ring space back and is counted."""
@@ -210,6 +226,7 @@ class _Window:
         self.start_ns = self.end_ns = start_ns
         self.opened = opened
         self.tokens = 0
+        self.items: list[tuple] = []  # messages held back to go with the counters, in order
 
     def add(self, step: int, tokens: int, end_ns: int) -> None:
         self.last, self.end_ns = step, end_ns

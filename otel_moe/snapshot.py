@@ -29,6 +29,7 @@ class Snapshot:
     offset: int  # in the ring
     arrays: list  # [(numpy dtype string, shape list)], laid out one after the other from offset
     event: Optional[torch.cuda.Event] = None  # CUDA: the copy is done once this completes
+    extra_offset: int = -1  # where the extra bytes asked for start (after the arrays)
 
 
 def array_bytes(arrays: list) -> list[int]:
@@ -60,20 +61,21 @@ class Snapshotter:
             ids, weights = ids.index_select(1, columns), weights.index_select(1, columns)
         return self._into_ring([ids, weights])
 
-    def take_counts(self, columns: Optional[torch.Tensor]) -> Optional[Snapshot]:
-        """The device counters of ``columns`` since the last take, [L, E]; they restart
-        from zero either way (a window that finds no room is dropped)."""
+    def take_counts(self, columns: Optional[torch.Tensor], extra_bytes: int = 0) -> Optional[Snapshot]:
+        """The device counters of ``columns`` since the last take, [L, E], with room for
+        ``extra_bytes`` more after them; the counters restart from zero either way (a
+        window that finds no room is dropped)."""
         counts = self.buffers.counts[:, : self.buffers.num_experts]
         if columns is not None:
             counts = counts.index_select(0, columns)
-        snapshot = self._into_ring([counts])
+        snapshot = self._into_ring([counts], extra_bytes)
         self.buffers.counts.zero_()  # after the copy on the same stream: nothing is lost in between
         return snapshot
 
-    def _into_ring(self, sources: list[torch.Tensor]) -> Optional[Snapshot]:
+    def _into_ring(self, sources: list[torch.Tensor], extra_bytes: int = 0) -> Optional[Snapshot]:
         arrays = [(_NUMPY_DTYPE[t.dtype], list(t.shape)) for t in sources]
         *starts, total = array_bytes(arrays)
-        offset = self.space.reserve(total)
+        offset = self.space.reserve(total + extra_bytes)
         if offset is None:
             return None
         for start, source in zip(starts, sources):
@@ -86,4 +88,4 @@ class Snapshotter:
         if self.on_cuda:
             event = torch.cuda.Event()
             event.record()
-        return Snapshot(offset, arrays, event)
+        return Snapshot(offset, arrays, event, offset + total)

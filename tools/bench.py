@@ -307,6 +307,41 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def bench_exporter_soak(args, work: Path) -> dict:
+    """A worker's exporter process under steady serving load (tools/profile_sink.py's
+    churning decode steps, OTLP to the embedded collector) for minutes, its memory sampled."""
+    from profile_sink import ChurningSteps, synthetic_recorder
+
+    collector = CollectorProcess(work / "exporter-soak", "--rotate-mb", "64")
+    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    recorder = synthetic_recorder("tokens", ["otlp"])
+    pid, steps = recorder.exporter.proc.pid, ChurningSteps()
+    samples, count, tokens = [], 0, 0
+    t0 = time.monotonic()
+    next_step = next_sample = t0
+    while (now := time.monotonic()) - t0 < args.exporter_soak_seconds:
+        if now >= next_sample:
+            samples.append((now - t0, rss_kib(pid)))
+            next_sample += 1.0
+        out, order = steps.step()
+        index = recorder.begin_step(out)
+        if index is not None:
+            recorder.on_step(out, order, time.time_ns(), time.time_ns())
+        count, tokens = count + 1, tokens + out.total_num_scheduled_tokens
+        next_step += 1.0 / args.exporter_soak_rate
+        time.sleep(max(0.0, next_step - time.monotonic()))  # a steady step rate, as an engine gives
+    elapsed = time.monotonic() - t0
+    recorder.close(60)
+    collector.stop()
+    half = [kib for t, kib in samples if t >= elapsed / 2]
+    return {"seconds": round(elapsed), "steps": count, "tokens_per_s": round(tokens / elapsed),
+            "expert_ids_per_s": round(tokens * 12 * 4 / elapsed), "dropped_steps": recorder.dropped_steps,
+            "exporter_rss_mib_first_10s": round(max(kib for t, kib in samples if t < 10) / 1024, 1),
+            "exporter_rss_mib_second_half_max": round(max(half) / 1024, 1),
+            "exporter_rss_mib_samples_every_30s": [round(kib / 1024, 1) for t, kib in samples[::30]],
+            "shape": "decode steps of ~250 requests + 4 new prompts of 128 tokens, 12 layers, top-4 of 60"}
+
+
 def bench_soak(args, work: Path) -> dict:
     """Minutes of steady OTLP load into the collector (rotating its files), its memory sampled."""
     from otel_moe.config import from_env
@@ -394,7 +429,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--sections", default="vllm,profile,collector,report,soak")
+    parser.add_argument("--sections", default="vllm,profile,collector,report,soak,exporter_soak")
+    parser.add_argument("--exporter-soak-seconds", type=float, default=120)
+    parser.add_argument("--exporter-soak-rate", type=float, default=50, help="steps per second")
     parser.add_argument("--soak-seconds", type=float, default=120)
     parser.add_argument("--modes", default=None)
     parser.add_argument("--layers", type=int, default=None)
@@ -435,6 +472,8 @@ def main() -> int:
             results["report"] = bench_report(args, work)
         if "soak" in sections:
             results["soak"] = bench_soak(args, work)
+        if "exporter_soak" in sections:
+            results["exporter_soak"] = bench_exporter_soak(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
@@ -483,6 +522,11 @@ def print_table(results: dict) -> None:
                 print(f"{key} {tag}: {r['steps_joined']} of {r['steps_in_trace']} profiled steps joined "
                       f"({', '.join(r['time_source'])}); per-layer MoE us: "
                       + ", ".join(f"{layer}: {v['moe_us_mean']:.0f}" for layer, v in r["layers"].items()))
+    if "exporter_soak" in results:
+        r = results["exporter_soak"]
+        print(f"exporter soak: {r['seconds']} s, {r['steps']} steps at {r['expert_ids_per_s'] / 1e6:.1f}M ids/s, "
+              f"{r['dropped_steps']} dropped, exporter RSS {r['exporter_rss_mib_first_10s']} MiB early, "
+              f"{r['exporter_rss_mib_second_half_max']} MiB late")
     if "soak" in results:
         r = results["soak"]
         print(f"soak: {r['seconds']} s at {r['expert_ids_per_s'] / 1e6:.1f}M ids/s, collector RSS "

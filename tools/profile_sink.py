@@ -42,15 +42,50 @@ class SchedulerOutput:
         self.finished_req_ids = set()
 
 
-def engine_thread_us(mode: str, profiler=None) -> tuple[float, int]:
-    config = from_env({"VLLM_LOG_MOE": "/dev/null", "VLLM_LOG_MOE_MODE": mode})
-    buffers = RoutingBuffers(list(range(LAYERS)), 8192, TOP_K, EXPERTS, "cpu")
-    buffers.ids[:REQUESTS] = torch.randint(0, EXPERTS, (REQUESTS, LAYERS, TOP_K), dtype=torch.uint8)
-    buffers.weights[:REQUESTS] = torch.rand(REQUESTS, LAYERS, TOP_K, dtype=torch.float16)
-    link = ExporterLink({"destinations": ["/dev/null"], "mode": mode, "resource": {}, "top_k": TOP_K,
+class ChurningSteps:
+    """Steady serving: every request decodes one token a step for LIFETIME steps; each
+    step CHURN requests finish and CHURN new ones arrive with their whole prompt."""
+
+    LIFETIME, CHURN, PROMPT = 64, 4, 128
+
+    def __init__(self) -> None:
+        self.next_id = 0
+        self.live: dict[str, int] = {}  # request id -> tokens computed
+
+    def step(self):
+        out = SchedulerOutput.__new__(SchedulerOutput)
+        finished = [r for r, done in self.live.items() if done >= self.PROMPT + self.LIFETIME][: self.CHURN]
+        for r in finished:
+            del self.live[r]
+        cached = list(self.live)
+        out.scheduled_cached_reqs = _Cached(cached, [self.live[r] for r in cached])
+        out.scheduled_new_reqs = [_New(self.next_id + i) for i in range(self.CHURN)]
+        self.next_id += self.CHURN
+        out.num_scheduled_tokens = {r: 1 for r in cached}
+        out.num_scheduled_tokens.update((n.req_id, self.PROMPT) for n in out.scheduled_new_reqs)
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        out.finished_req_ids = set(finished)
+        for r in cached:
+            self.live[r] += 1
+        for n in out.scheduled_new_reqs:
+            self.live[n.req_id] = self.PROMPT
+        return out, list(out.num_scheduled_tokens)
+
+
+def synthetic_recorder(mode: str, destinations: list[str], max_tokens: int = 8192) -> StepRecorder:
+    """A recorder over random routing (12 layers, top-4 of 60) with a real exporter process."""
+    config = from_env({"VLLM_LOG_MOE": ",".join(destinations), "VLLM_LOG_MOE_MODE": mode})
+    buffers = RoutingBuffers(list(range(LAYERS)), max_tokens, TOP_K, EXPERTS, "cpu")
+    buffers.ids[:] = torch.randint(0, EXPERTS, (max_tokens, LAYERS, TOP_K), dtype=torch.uint8)
+    buffers.weights[:] = torch.rand(max_tokens, LAYERS, TOP_K, dtype=torch.float16)
+    link = ExporterLink({"destinations": list(config.destinations), "mode": mode, "resource": {}, "top_k": TOP_K,
                          "num_experts": EXPERTS, "dp_rank": 0, "randomized_request_ids": True},
-                        ring_bytes=64 << 20, queue_messages=256)
-    recorder = StepRecorder(buffers, config, link)
+                        ring_bytes=64 << 20, queue_messages=256, events=False)
+    return StepRecorder(buffers, config, link)
+
+
+def engine_thread_us(mode: str, profiler=None) -> tuple[float, int]:
+    recorder = synthetic_recorder(mode, ["/dev/null"])
     ids = [f"{i}-abcdef12" for i in range(REQUESTS)]
     outputs = [SchedulerOutput(s, ids) for s in range(STEPS)]
     if profiler:

@@ -2,10 +2,12 @@
 
 The engine thread calls ``send`` (never blocks: a full hand-off queue drops the
 message) and ``free_finished_steps`` (non-blocking reads of the exporter's
-acknowledgements). One small thread, ``otel-moe-publish``, takes messages in
-order, waits for a step's device copy to finish (the CUDA event; the GIL is
-released while waiting) and writes the message to the socket: a few
-microseconds of Python per step, nothing per token.
+acknowledgements). With device copies that finish later (CUDA), one small
+thread, ``otel-moe-publish``, takes messages in order, waits for a step's copy
+to finish (the CUDA event; the GIL is released while waiting) and writes the
+message to the socket: a few microseconds of Python per step, nothing per
+token. Without them (CPU) the engine thread writes to the socket itself, never
+waiting: the socket's buffer is the queue.
 
 If the exporter dies (killed, crashed), one line says so, and recording stops:
 the engine keeps serving with nothing changed but the missing telemetry.
@@ -33,8 +35,9 @@ _STOP = object()
 
 
 class ExporterLink:
-    def __init__(self, spec: dict, ring_bytes: int, queue_messages: int) -> None:
-        """``spec``: what the exporter process needs to know (see exporter.process)."""
+    def __init__(self, spec: dict, ring_bytes: int, queue_messages: int, events: bool) -> None:
+        """``spec``: what the exporter process needs to know (see exporter.process);
+        ``events``: messages wait for device events (CUDA), so a publishing thread sends them."""
         self.ring = SharedRing(ring_bytes)
         self.space = FifoSpace(ring_bytes)
         self.sock, theirs = ring.socket_pair()
@@ -49,18 +52,37 @@ class ExporterLink:
         self.dropped_messages = 0
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=queue_messages)
         self._said_dead = False
-        self._thread = threading.Thread(target=self._publish, name="otel-moe-publish", daemon=True)
-        self._thread.start()
+        self._thread: Optional[threading.Thread] = None
+        if events:
+            self._thread = threading.Thread(target=self._publish, name="otel-moe-publish", daemon=True)
+            self._thread.start()
 
     # ---- engine thread -----------------------------------------------------
     def send(self, message: tuple, event: Optional[Any] = None) -> bool:
         """Queue a message (sent once ``event`` completes); False when it was dropped."""
+        if self._thread is None:
+            return self._write(_encode(message), socket.MSG_DONTWAIT)
         try:
             self._queue.put_nowait((_encode(message), event))
             return True
         except queue.Full:
             self.dropped_messages += 1
             return False
+
+    def _write(self, data: bytes, flags: int = 0) -> bool:
+        if not self.alive:
+            return False
+        try:
+            self.sock.send(data, flags)
+            return True
+        except BlockingIOError:  # the exporter is behind: its socket buffer is full
+            self.dropped_messages += 1
+        except OSError as err:
+            if err.errno == errno.EMSGSIZE:  # one step's layout too large for a message
+                self.dropped_messages += 1
+            else:
+                self._died()
+        return False
 
     def free_finished_steps(self) -> None:
         """Free the ring space of every step the exporter is done with."""
@@ -84,17 +106,9 @@ class ExporterLink:
             if item is _STOP:
                 return
             data, event = item
-            if not self.alive:
-                continue
-            try:
-                if event is not None:
-                    event.synchronize()
-                self.sock.send(data)
-            except OSError as err:
-                if err.errno == errno.EMSGSIZE:  # one step's layout too large for a message: drop it
-                    self.dropped_messages += 1
-                    continue
-                self._died()
+            if self.alive and event is not None:
+                event.synchronize()
+            self._write(data)
 
     def _died(self) -> None:
         self.alive = False
@@ -111,12 +125,16 @@ class ExporterLink:
     def close(self, timeout_s: float) -> bool:
         """Ask the exporter to flush and exit; wait at most ``timeout_s``. True when it exited."""
         deadline = time.monotonic() + timeout_s
-        try:
-            self._queue.put((ring.encode((CLOSE,)), None), timeout=timeout_s)
-            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Full:
-            pass
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread is None:
+            self.sock.settimeout(timeout_s)
+            self._write(ring.encode((CLOSE,)))
+        else:
+            try:
+                self._queue.put((ring.encode((CLOSE,)), None), timeout=timeout_s)
+                self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Full:
+                pass
+            self._thread.join(max(0.0, deadline - time.monotonic()))
         try:
             self.proc.wait(max(0.0, deadline - time.monotonic()))
             return True

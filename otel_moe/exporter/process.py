@@ -65,6 +65,8 @@ class WindowMessage:
 
     offset: int
     arrays: list  # one: [layers, experts] int64
+    items_offset: int  # the window's held-back messages (marshal), in the ring after the counts
+    items_bytes: int
     first: int
     last: int
     tokens: int
@@ -103,16 +105,20 @@ class Exporter:
             if not data:
                 return  # the worker is gone
             message = ring.decode(data)
-            kind = message[0]
-            if kind == CLOSE:
+            if message[0] == CLOSE:
                 return
-            if kind == BEGIN:
-                self._safely(self._begin, *message[1:])
-            elif kind == STEP:
+            if message[0] != BEGIN:
                 last_step = time.monotonic()
-                self._step(StepMessage(*message[1:]))
-            elif kind == WINDOW:
-                self._window(WindowMessage(*message[1:]))
+            self._handle(message)
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == BEGIN:
+            self._safely(self._begin, *message[1:])
+        elif kind == STEP:
+            self._step(StepMessage(*message[1:]))
+        elif kind == WINDOW:
+            self._window(WindowMessage(*message[1:]))
 
     def _safely(self, call, *args) -> None:
         try:
@@ -147,7 +153,10 @@ class Exporter:
             self._safely(self.sink.write, record)
 
     def _window(self, message: WindowMessage) -> None:
+        items = ring.decode(bytes(self.ring.map[message.items_offset: message.items_offset + message.items_bytes]))
         (counts,) = self._take_arrays(message.offset, message.arrays)
+        for item in items:  # the window's steps (layouts only) and new and finished requests, in order
+            self._handle(item)
         empty = np.zeros(0, np.int64)
         self._safely(self.sink.write, StepRecord(
             step=message.first, last_step=message.last, window_tokens=message.tokens,
