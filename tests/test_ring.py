@@ -90,3 +90,12 @@ def test_ids_of_a_layer_never_captured_are_not_counted():
     buffers.ids[:4, 0] = torch.tensor([[1, 2]] * 4, dtype=torch.uint8)  # layer 1 keeps the fill value
     buffers.accumulate(4)
     assert buffers.counts[0, 1] == 4 and buffers.counts[0, 2] == 4 and int(buffers.counts[:, :60].sum()) == 8
+
+
+def test_messages_with_numpy_ints_or_container_subclasses_still_go():
+    from collections import OrderedDict
+
+    from otel_moe.exporter.link import _encode
+
+    message = (2, np.int64(7), OrderedDict(a=np.int32(1)), ["x", np.uint8(3)], {"b": True})
+    assert decode(_encode(message)) == [2, 7, {"a": 1}, ["x", 3], {"b": True}]

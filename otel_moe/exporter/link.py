@@ -75,7 +75,7 @@ class ExporterLink:
         try:
             self.sock.send(data, flags)
             return True
-        except BlockingIOError:  # the exporter is behind: its socket buffer is full
+        except (BlockingIOError, TimeoutError):  # the exporter is behind: its socket buffer is full
             self.dropped_messages += 1
         except OSError as err:
             if err.errno == errno.EMSGSIZE:  # one step's layout too large for a message
