@@ -4,7 +4,9 @@ One per recording worker, started when its model loads (``python -m otel_moe
 exporter --spec JSON``). It reads the worker's messages in order, lays each
 step's ring bytes out as a ``StepRecord`` (request ids, positions, phases),
 hands it to the sinks (JSONL text, OpenTelemetry spans and their export, request
-tallies) and acknowledges the step, which frees its ring space.
+tallies) and acknowledges the step, which frees its ring space. In counts mode
+a window's message brings the device counters and, in the ring beside them,
+the window's own messages (its steps' layouts, new and finished requests).
 
 It exits when the worker asks (flushing first), or when the worker is gone
 (socket closed, or it was re-parented), flushing within a bounded time.
