@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Mapping, Optional
 
 LOG_MOE = "VLLM_LOG_MOE"
@@ -80,6 +81,10 @@ def format_ranges(values: list[int]) -> str:
 
 
 LAYER_SYNTAX = "'all', a layer index like 0, a list like 0,12,23, a range like 0-5, or a mix"
+# No model has more than a few thousand layers: a selection past this is a typo (or an
+# attack on the memory of every worker that would expand it), refused before it is built.
+MAX_LAYER = 4095
+_ASCII_NUMBER = re.compile(r"[0-9]{1,6}")  # int() would take "1_000", "+1" and full-width digits
 
 
 def parse_layers(text: str, source: str = LOG_LAYER) -> LayerSelection:
@@ -90,14 +95,15 @@ def parse_layers(text: str, source: str = LOG_LAYER) -> LayerSelection:
     layers: set[int] = set()
     for part in text.split(","):
         part = part.strip()
-        lo, sep, hi = part.partition("-")
-        try:
-            first = int(lo)
-            last = int(hi) if sep else first
-        except ValueError:
-            raise _refuse(source, text, LAYER_SYNTAX) from None
-        if first < 0 or last < first:
+        lo, sep, hi = (p.strip() for p in part.partition("-"))
+        if not _ASCII_NUMBER.fullmatch(lo) or (sep and not _ASCII_NUMBER.fullmatch(hi)):
             raise _refuse(source, text, LAYER_SYNTAX)
+        first = int(lo)
+        last = int(hi) if sep else first
+        if last < first:
+            raise _refuse(source, text, LAYER_SYNTAX)
+        if last > MAX_LAYER:
+            raise _refuse(source, text, f"layer indices up to {MAX_LAYER}")
         layers.update(range(first, last + 1))
     return LayerSelection(frozenset(layers), text, source)
 

@@ -82,9 +82,9 @@ class Server:
                 self._started.set()
         self._started.set()  # exited: let the waiter look
 
-    def _request(self, method: str, path: str, body: dict | None, key: str | None,
+    def _request(self, method: str, path: str, body: dict | bytes | None, key: str | None,
                  headers: dict | None) -> urllib.request.Request:
-        data = json.dumps(body).encode() if body is not None else None
+        data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
         request.add_header("Content-Type", "application/json")
         if key:
@@ -93,7 +93,7 @@ class Server:
             request.add_header(name, value)
         return request
 
-    def call(self, method: str, path: str, body: dict | None = None, key: str | None = API_KEY,
+    def call(self, method: str, path: str, body: dict | bytes | None = None, key: str | None = API_KEY,
              headers: dict | None = None) -> tuple[int, dict]:
         try:
             with urllib.request.urlopen(self._request(method, path, body, key, headers), timeout=120) as response:
@@ -158,6 +158,9 @@ def controlled_serve(models, tmp_path_factory):
         usage["while-stopped"] = server.complete("while-stopped")
         answers["bad mode"] = server.call("POST", "/otel_moe/recording", {"mode": "bogus"})
         answers["bad field"] = server.call("POST", "/otel_moe/recording", {"layer": "1"})
+        answers["huge range"] = server.call("POST", "/otel_moe/recording", {"layers": "0-20000000"})
+        answers["not utf-8"] = server.call("POST", "/otel_moe/recording", b'{"mode": "\xff"}')
+        answers["deep"] = server.call("POST", "/otel_moe/recording", b"[" * 100000 + b"]" * 100000)
         answers["start counts 1,3"] = server.call("POST", "/otel_moe/recording/start", {"layers": "1,3", "mode": "counts"})
         usage["counts-1-3"] = server.complete("counts-1-3")
         answers["tokens all"] = server.call("POST", "/otel_moe/recording", {"layers": "all", "mode": "tokens"})
@@ -192,6 +195,9 @@ def test_control_endpoints_answer_the_state_or_a_named_error(controlled_serve):
     assert answers["stop"] == (200, {"recording": False, "layers": "all", "mode": "tokens"})
     assert answers["bad mode"][0] == 400 and "mode='bogus' is invalid; allowed: tokens or counts" in answers["bad mode"][1]["error"]
     assert answers["bad field"][0] == 400 and "unknown field(s) ['layer']" in answers["bad field"][1]["error"]
+    assert answers["huge range"][0] == 400 and "layer indices up to 4095" in answers["huge range"][1]["error"]
+    assert answers["not utf-8"] == (400, {"error": "otel-moe: the request body is not UTF-8"})
+    assert answers["deep"] == (400, {"error": "otel-moe: the request body is nested too deeply"})
     assert answers["start counts 1,3"] == (200, {"recording": True, "layers": "1,3", "mode": "counts"})
     assert answers["tokens all"] == (200, {"recording": True, "layers": "all", "mode": "tokens"})
     assert answers["layers 0,2"] == (200, {"recording": True, "layers": "0,2", "mode": "tokens"})

@@ -25,7 +25,7 @@ def test_defaults():
 
 @pytest.mark.parametrize("text, layers", [
     ("0", {0}), ("0,12,23", {0, 12, 23}), ("0-5", set(range(6))), ("all", None), ("ALL", None),
-    ("", None), ("1-3, 7", {1, 2, 3, 7}), ("4-4", {4}),
+    ("", None), ("1-3, 7", {1, 2, 3, 7}), ("4-4", {4}), ("0-4095", set(range(4096))), (" 2 - 3 ", {2, 3}),
 ])
 def test_layer_syntax(text, layers):
     got = parse_layers(text).layers
@@ -37,6 +37,13 @@ def test_layer_syntax(text, layers):
     ({"VLLM_LOG_LAYER": "5-2"}, "VLLM_LOG_LAYER"),
     ({"VLLM_LOG_LAYER": "-1"}, "VLLM_LOG_LAYER"),
     ({"VLLM_LOG_LAYER": "1,,2"}, "VLLM_LOG_LAYER"),
+    ({"VLLM_LOG_LAYER": "1_000"}, "VLLM_LOG_LAYER"),
+    ({"VLLM_LOG_LAYER": "+1"}, "VLLM_LOG_LAYER"),
+    ({"VLLM_LOG_LAYER": "\uff11"}, "VLLM_LOG_LAYER"),  # a full-width digit one
+    ({"VLLM_LOG_LAYER": "0-4096"}, "VLLM_LOG_LAYER"),
+    ({"VLLM_LOG_LAYER": "0-1000000000000"}, "VLLM_LOG_LAYER"),
+    ({"VLLM_LOG_MOE_RING_MB": "0"}, "VLLM_LOG_MOE_RING_MB"),
+    ({"VLLM_LOG_MOE_COUNTS_INTERVAL_MS": "soon"}, "VLLM_LOG_MOE_COUNTS_INTERVAL_MS"),
     ({"VLLM_LOG_MOE_MODE": "histogram"}, "VLLM_LOG_MOE_MODE"),
     ({"VLLM_NUM_MOE_LAYERS": "0"}, "VLLM_NUM_MOE_LAYERS"),
     ({"VLLM_NUM_MOE_LAYERS": "twenty"}, "VLLM_NUM_MOE_LAYERS"),
@@ -46,7 +53,7 @@ def test_layer_syntax(text, layers):
     ({"VLLM_LOG_MOE": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "udp"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
 ])
 def test_invalid_values_are_refused_by_name(env, var):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError) as err:  # "0-1000000000000" is refused before a set of that size is built
         from_env({"VLLM_LOG_MOE": "/tmp/x.jsonl", **env})
     message = str(err.value)
     assert var in message and repr(env[var]) in message and "allowed" in message

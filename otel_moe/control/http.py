@@ -61,7 +61,11 @@ async def _handle(request: Any, action: str) -> tuple[int, dict]:
     body = await request.body()
     if body.strip():
         try:
-            requested = json.loads(body)
+            requested = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            return 400, {"error": "otel-moe: the request body is not UTF-8"}
+        except RecursionError:
+            return 400, {"error": "otel-moe: the request body is nested too deeply"}
         except json.JSONDecodeError as err:
             return 400, {"error": f"otel-moe: the request body is not JSON: {err}"}
         if not isinstance(requested, dict):
