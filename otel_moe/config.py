@@ -84,7 +84,7 @@ LAYER_SYNTAX = "'all', a layer index like 0, a list like 0,12,23, a range like 0
 # No model has more than a few thousand layers: a selection past this is a typo (or an
 # attack on the memory of every worker that would expand it), refused before it is built.
 MAX_LAYER = 4095
-_ASCII_NUMBER = re.compile(r"[0-9]{1,6}")  # int() would take "1_000", "+1" and full-width digits
+_ASCII_NUMBER = re.compile(r"[0-9]{1,18}")  # int() would take "1_000", "+1" and full-width digits
 
 
 def parse_layers(text: str, source: str = LOG_LAYER) -> LayerSelection:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-READY = re.compile(r"gRPC ([\d.]+):(\d+) OTLP/HTTP [\d.]+:(\d+)")
+READY = re.compile(r"gRPC (\S+):(\d+) OTLP/HTTP \S+:(\d+)")
 
 
 class CollectorProcess:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import signal
 import socket
 import sys
@@ -17,7 +18,9 @@ import zlib
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import grpc
+# gRPC's C core would print its own lines (a taken port...) past the collector's one-line errors.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+import grpc  # noqa: E402
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from otel_moe.collector.files import RotatingFile
@@ -28,6 +31,18 @@ HTTP_TRACES_PATH = "/v1/traces"
 PROTOBUF, JSON = "application/x-protobuf", "application/json"
 
 
+class StartError(RuntimeError):
+    """The collector cannot start as asked (a port taken, a bad folder): one line says why."""
+
+
+class _IPv6HTTPServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 class Collector:
     def __init__(self, out_dir: str, host: str, grpc_port: int, http_port: int,
                  max_request_bytes: int, rotate_bytes: int | None) -> None:
@@ -35,7 +50,8 @@ class Collector:
         self.max_request_bytes = max_request_bytes
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4),
-            options=[("grpc.max_receive_message_length", max_request_bytes)],
+            # no SO_REUSEPORT: a second collector on a taken port must fail, not split the data
+            options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0)],
         )
         # Raw bytes in: parsing here lets garbage get INVALID_ARGUMENT, not INTERNAL.
         handler = grpc.unary_unary_rpc_method_handler(
@@ -44,8 +60,18 @@ class Collector:
         self.grpc_server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(
                 "opentelemetry.proto.collector.trace.v1.TraceService", {"Export": handler}),))
-        self.grpc_port = self.grpc_server.add_insecure_port(f"{host}:{grpc_port}")
-        self.http_server = ThreadingHTTPServer((host, http_port), _make_http_handler(self))
+        try:
+            self.grpc_port = self.grpc_server.add_insecure_port(f"{_bracketed(host)}:{grpc_port}")
+        except RuntimeError:
+            self.grpc_port = 0
+        if not self.grpc_port:
+            raise StartError(f"cannot listen for OTLP/gRPC on {_bracketed(host)}:{grpc_port} (in use, or not an address here)")
+        server_class = _IPv6HTTPServer if ":" in host else ThreadingHTTPServer
+        try:
+            self.http_server = server_class((host, http_port), _make_http_handler(self))
+        except OSError as err:
+            self.grpc_server.stop(0)
+            raise StartError(f"cannot listen for OTLP/HTTP on {_bracketed(host)}:{http_port}: {err.strerror or err}") from None
         self.http_server.daemon_threads = True
         self.http_port = self.http_server.server_address[1]
         self.host = host
@@ -161,26 +187,50 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535; 0 picks a free one)")
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for traces.json (and rotated files)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
-    parser.add_argument("--grpc-port", type=int, default=4317, help="0 picks a free port")
-    parser.add_argument("--http-port", type=int, default=4318, help="0 picks a free port")
-    parser.add_argument("--rotate-mb", type=float, default=None, help="rotate traces.json past this size")
-    parser.add_argument("--max-request-mb", type=float, default=64.0, help="largest request accepted")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback; ::1 for IPv6)")
+    parser.add_argument("--grpc-port", type=_port, default=4317, help="0 picks a free port")
+    parser.add_argument("--http-port", type=_port, default=4318, help="0 picks a free port")
+    parser.add_argument("--rotate-mb", type=_positive, default=None, help="rotate traces.json past this size")
+    parser.add_argument("--max-request-mb", type=_positive, default=64.0, help="largest request accepted")
 
 
 def run(args: argparse.Namespace) -> int:
     stopped, _wakeup = _stop_signals()
-    collector = Collector(
-        args.out, args.host, args.grpc_port, args.http_port,
-        max_request_bytes=int(args.max_request_mb * (1 << 20)),
-        rotate_bytes=int(args.rotate_mb * (1 << 20)) if args.rotate_mb else None,
-    )
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"otel-moe collector: --out {args.out} is a file, not a folder", file=sys.stderr)
+        return 2
+    try:
+        collector = Collector(
+            args.out, args.host, args.grpc_port, args.http_port,
+            max_request_bytes=int(args.max_request_mb * (1 << 20)),
+            rotate_bytes=int(args.rotate_mb * (1 << 20)) if args.rotate_mb else None,
+        )
+    except (StartError, OSError) as err:
+        print(f"otel-moe collector: {err}", file=sys.stderr)
+        return 2
     collector.start()
     # Tests and `make demo` wait for this line rather than sleeping.
-    print(f"otel-moe collector: OTLP/gRPC {collector.host}:{collector.grpc_port} "
-          f"OTLP/HTTP {collector.host}:{collector.http_port} writing {collector.files.path}", flush=True)
+    host = _bracketed(collector.host)
+    print(f"otel-moe collector: OTLP/gRPC {host}:{collector.grpc_port} "
+          f"OTLP/HTTP {host}:{collector.http_port} writing {collector.files.path}", flush=True)
     stopped.recv(1)
     collector.stop()
     print(f"otel-moe collector: stopped after {collector.files.lines} lines", flush=True)
