@@ -38,6 +38,7 @@ BEGIN = 1  # (BEGIN, finished ids, partial ids, [(id, prompt_len)] of new reques
 STEP = 2  # see StepMessage
 CLOSE = 3  # (CLOSE,): flush and exit
 WINDOW = 4  # counts mode: a window of steps' expert counts, see exporter.process.WindowMessage
+SKIP = 5  # (SKIP,): a message that held ring space could not be sent; acknowledge its space
 ACK = struct.Struct("<I")  # exporter -> worker: steps finished since the last ack
 
 

@@ -99,3 +99,35 @@ def test_messages_with_numpy_ints_or_container_subclasses_still_go():
 
     message = (2, np.int64(7), OrderedDict(a=np.int32(1)), ["x", np.uint8(3)], {"b": True})
     assert decode(_encode(message)) == [2, 7, {"a": 1}, ["x", 3], {"b": True}]
+
+
+class _DoneEvent:
+    """A device copy that has already finished (what a CUDA event says once synchronized)."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_a_step_too_large_to_send_still_frees_its_ring_space(tmp_path):
+    """Publishing thread path: the message of a step that holds ring space cannot be sent
+    (larger than a socket message); the exporter acknowledges its space all the same."""
+    import time
+
+    from otel_moe.exporter.link import ExporterLink
+    from otel_moe.ring import STEP
+
+    link = ExporterLink({"destinations": [str(tmp_path / "r.jsonl")], "mode": "tokens", "resource": {}, "top_k": 2,
+                         "num_experts": 8, "dp_rank": 0, "randomized_request_ids": True},
+                        ring_bytes=1 << 16, queue_messages=8, events=True)
+    try:
+        assert link.space.reserve(1024) == 0
+        huge = [f"{i:0>1000}" for i in range(5000)]  # 5 MB of distinct request ids: no socket message takes it
+        assert link.send((STEP, 0, [("|u1", [1, 1, 2])], 0, 0, 1, [0], False, 0, 0, 0, 1, huge, {}, [], [], []),
+                         _DoneEvent())
+        deadline = time.monotonic() + 30
+        while link.space.held and time.monotonic() < deadline:  # the acknowledgement arrives by socket
+            link.free_finished_steps()
+            time.sleep(0.01)
+        assert not link.space.held and link.dropped_messages == 1 and link.alive
+    finally:
+        assert link.close(10)

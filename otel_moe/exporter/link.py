@@ -27,7 +27,7 @@ import time
 from typing import Any, Optional
 
 from otel_moe import ring
-from otel_moe.ring import ACK, CLOSE, FifoSpace, SharedRing
+from otel_moe.ring import ACK, CLOSE, SKIP, FifoSpace, SharedRing
 
 logger = logging.getLogger("vllm.otel_moe")
 COMMAND = "exporter"  # ``python -m otel_moe exporter ...``: what `ps` shows
@@ -108,7 +108,10 @@ class ExporterLink:
             data, event = item
             if self.alive and event is not None:
                 event.synchronize()
-            self._write(data)
+            if not self._write(data) and event is not None:
+                # It held ring space (it came with a copy): have the exporter acknowledge that
+                # space in its place, so the FIFO frees each reservation in order.
+                self._write(ring.encode((SKIP,)))
 
     def _died(self) -> None:
         self.alive = False

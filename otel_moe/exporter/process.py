@@ -27,7 +27,7 @@ import numpy as np
 
 from otel_moe import ring
 from otel_moe.config import Config, parse_layers
-from otel_moe.ring import ACK, BEGIN, CLOSE, STEP, WINDOW, SharedRing
+from otel_moe.ring import ACK, BEGIN, CLOSE, SKIP, STEP, WINDOW, SharedRing
 from otel_moe.sinks import Sink, open_sinks
 from otel_moe.snapshot import array_bytes
 from otel_moe.step import StepRecord, external_request_id
@@ -121,6 +121,8 @@ class Exporter:
             self._step(StepMessage(*message[1:]))
         elif kind == WINDOW:
             self._window(WindowMessage(*message[1:]))
+        elif kind == SKIP:
+            self._acknowledge()
 
     def _safely(self, call, *args) -> None:
         try:
