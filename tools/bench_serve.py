@@ -52,6 +52,20 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, limit_s: float = 
     raise RuntimeError("server did not become healthy")
 
 
+def write_results(args: argparse.Namespace, info: dict, results: dict[str, list[dict]]) -> None:
+    medians = {mode: {NAMES[k]: round(statistics.median(r[k] for r in rounds), 3) for k in METRICS}
+               for mode, rounds in results.items()}
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": info["name"],
+           "servers": medians, "ratio_tokens_to_off": {k: round(medians["tokens"][k] / medians["off"][k], 3)
+                                                      for k in medians["off"]},
+           "rounds": results, "setup": {"num_prompts": args.num_prompts, "request_rate": args.request_rate,
+                                        "input_len": args.input_len, "output_len": args.output_len,
+                                        "dataset": "random", "tool": "vllm bench serve", "max_num_seqs": 256}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: out[k] for k in ("servers", "ratio_tokens_to_off")}, indent=1), flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench/gpu_serve_results.json")
@@ -95,23 +109,14 @@ def main() -> int:
                 if round_index:
                     results[mode].append({k: result[k] for k in METRICS})
                     print(mode, {NAMES[k]: round(result[k], 2) for k in METRICS}, flush=True)
+                    if all(results.values()):  # a run cut short still leaves its finished rounds
+                        write_results(args, info, results)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
         for proc, _ in servers.values():
             proc.wait(timeout=120)
         collector.stop()
-    medians = {mode: {NAMES[k]: round(statistics.median(r[k] for r in rounds), 3) for k in METRICS}
-               for mode, rounds in results.items()}
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": info["name"],
-           "servers": medians, "ratio_tokens_to_off": {k: round(medians["tokens"][k] / medians["off"][k], 3)
-                                                      for k in medians["off"]},
-           "rounds": results, "setup": {"num_prompts": args.num_prompts, "request_rate": args.request_rate,
-                                        "input_len": args.input_len, "output_len": args.output_len,
-                                        "dataset": "random", "tool": "vllm bench serve", "max_num_seqs": 256}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: out[k] for k in ("servers", "ratio_tokens_to_off")}, indent=1))
     return 0
 
 
