@@ -2,7 +2,34 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes in one line naming what is wrong (exit 2), not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("otel-moe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -16,24 +43,26 @@ def _tiny_model(args: argparse.Namespace) -> int:
 def _summary(args: argparse.Namespace) -> int:
     from otel_moe.summary import run
 
-    return run(args.inputs)
+    return run(args.inputs, args.run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="otel-moe", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="otel-moe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"otel-moe {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     from otel_moe.tiny_model import ARCHITECTURES
 
     tiny = commands.add_parser("tiny-model", help="build a small random-weight MoE checkpoint")
-    tiny.add_argument("dir")
-    tiny.add_argument("--arch", choices=sorted(ARCHITECTURES), default="qwen2_moe")
-    tiny.add_argument("--layers", type=int, default=4)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("dir", help="folder to write the checkpoint into")
+    tiny.add_argument("--arch", choices=sorted(ARCHITECTURES), default="qwen2_moe", help="model family (default: %(default)s)")
+    tiny.add_argument("--layers", type=_positive, default=4, help="decoder layers, each with an MoE block (default: %(default)s)")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: %(default)s)")
     tiny.set_defaults(run=_tiny_model)
 
     summary = commands.add_parser("summary", help="per-layer expert usage of collector files or JSONL logs")
-    summary.add_argument("inputs", nargs="+")
+    summary.add_argument("inputs", nargs="+", help="collector files or folders, JSONL routing logs")
+    summary.add_argument("--run", metavar="ID", help="only this run (otel_moe.run_id)")
     summary.set_defaults(run=_summary)
 
     from otel_moe.collector import server
@@ -48,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     report.add_arguments(report_parser)
     report_parser.set_defaults(run=report.run)
 
+    from otel_moe.report import compare
+
+    compare_parser = commands.add_parser("compare", help="two runs' routing side by side: share differences and "
+                                         "Jensen-Shannon divergence per layer")
+    compare.add_arguments(compare_parser)
+    compare_parser.set_defaults(run=compare.run)
+
     from otel_moe.control import cli as control
 
     control_parser = commands.add_parser("control", help="start, stop or switch recording on a running vLLM (live control file)")
@@ -55,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     control_parser.set_defaults(run=control.run)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # `otel-moe summary ... | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ skipped and counted (a live file's last line may be partial), never fatal.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -23,7 +24,11 @@ class SchemaError(ValueError):
 @dataclasses.dataclass
 class LineStats:
     lines: int = 0
-    bad_lines: int = 0
+    bad_lines: int = 0  # not JSON, or not an object
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # records, by reason
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
 
 
 @dataclasses.dataclass
@@ -102,22 +107,38 @@ def iter_lines(path: str, stats: LineStats) -> Iterator[dict]:
             yield item
 
 
-def iter_spans(request: dict) -> Iterator[Span]:
-    """Spans of one OTLP/JSON ExportTraceServiceRequest."""
-    for resource_spans in request.get("resourceSpans") or []:
-        resource = schema.attributes((resource_spans.get("resource") or {}).get("attributes", []))
-        for scope_spans in resource_spans.get("scopeSpans") or []:
-            for span in scope_spans.get("spans") or []:
-                yield Span(
-                    name=span.get("name", ""),
-                    resource=resource,
-                    attributes=schema.attributes(span.get("attributes", [])),
-                    start_ns=int(span.get("startTimeUnixNano", 0)),
-                    end_ns=int(span.get("endTimeUnixNano", 0)),
-                    events=[(e.get("name", ""), schema.attributes(e.get("attributes", []))) for e in span.get("events", [])],
-                    trace_id=span.get("traceId", ""),
-                    span_id=span.get("spanId", ""),
-                )
+def iter_spans(request: dict, on_bad: Callable[[str], None] = lambda reason: None) -> Iterator[Span]:
+    """Spans of one OTLP/JSON ExportTraceServiceRequest; a malformed span is
+    reported to ``on_bad`` and passed over, its neighbours are not."""
+    for resource_spans in _objects(request.get("resourceSpans")):
+        try:
+            resource = schema.attributes((resource_spans.get("resource") or {}).get("attributes", []))
+        except (ValueError, TypeError, AttributeError, KeyError):
+            on_bad("malformed resource")
+            continue
+        for scope_spans in _objects(resource_spans.get("scopeSpans")):
+            for span in _objects(scope_spans.get("spans")):
+                try:
+                    yield _span(span, resource)
+                except (ValueError, TypeError, AttributeError, KeyError):
+                    on_bad("malformed span")
+
+
+def _objects(value) -> list[dict]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _span(span: dict, resource: dict) -> Span:
+    return Span(
+        name=span.get("name", ""),
+        resource=resource,
+        attributes=schema.attributes(span.get("attributes", [])),
+        start_ns=int(span.get("startTimeUnixNano", 0)),
+        end_ns=int(span.get("endTimeUnixNano", 0)),
+        events=[(e.get("name", ""), schema.attributes(e.get("attributes", []))) for e in span.get("events", [])],
+        trace_id=span.get("traceId", ""),
+        span_id=span.get("spanId", ""),
+    )
 
 
 def run_key(resource: dict) -> str:
@@ -160,11 +181,16 @@ def decode_step(span: Span) -> StepSpan:
     )
 
 
+# What `otel-moe report` and `compare` write: never read back as input.
+REPORT_OUTPUTS = frozenset({"summary.json", "compare.json"})
+
+
 def collector_files(path: str) -> list[str]:
     """A file, or every collector file in a folder (rotated ones first, live last)."""
     if os.path.isfile(path):
         return [path]
-    names = sorted(n for n in os.listdir(path) if n.endswith((".json", ".jsonl")))
+    names = sorted(n for n in os.listdir(path) if n.endswith((".json", ".jsonl")) and n not in REPORT_OUTPUTS
+                   and os.path.isfile(os.path.join(path, n)))
     names.sort(key=lambda n: n == "traces.json")  # stable: the live file goes last
     return [os.path.join(path, n) for n in names]
 

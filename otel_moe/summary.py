@@ -5,17 +5,26 @@ from __future__ import annotations
 import sys
 
 
-def summarize(inputs: list[str]) -> dict:
-    """summary.json's content for these inputs (collector files or JSONL logs), without images."""
+def summarize(inputs: list[str], only_run: str | None = None) -> list[dict]:
+    """Each run's summary.json content for these inputs (collector files or JSONL logs), without images."""
     from otel_moe.read import LineStats
     from otel_moe.report.build import aggregate, summary
     from otel_moe.report.inputs import input_files
 
     stats = LineStats()
-    return summary(aggregate(inputs, stats), stats, input_files(inputs))
+    runs = aggregate(inputs, stats, only_run=only_run)
+    files = input_files(inputs)
+    return [summary(name, runs[name], stats, files, sorted(runs)) for name in sorted(runs)]
 
 
 def print_summary(summary: dict) -> None:
+    """One run's table; a report over several runs prints each."""
+    if "run" not in summary:
+        for one in summary["runs"].values():
+            print_summary(one)
+        return
+    if len(summary["runs_found"]) > 1:
+        print(f"run {summary['run']}:")
     requests = summary["requests"].values()
     with_latency = [r for r in requests if r["e2e_s"] is not None]
     print(f"{len(summary['requests'])} requests, {len(with_latency)} with vLLM latency spans")
@@ -24,9 +33,13 @@ def print_summary(summary: dict) -> None:
         counts = stats["counts"]
         total = sum(counts)
         top = sorted(range(len(counts)), key=lambda e: -counts[e])[:3]
-        tops = ", ".join(f"e{e} {counts[e] / total:.0%}" for e in top)
-        print(f"{layer:>5} {stats['tokens']:>7}  {tops:<34} {stats['imbalance_max_over_mean']:>8.2f} "
+        tops = ", ".join(f"e{e} {counts[e] / total:.0%}" for e in top) if total else "-"
+        imbalance = stats["imbalance_max_over_mean"]
+        print(f"{layer:>5} {stats['tokens']:>7}  {tops:<34} {imbalance if imbalance is not None else float('nan'):>8.2f} "
               f"{stats['entropy_bits']:>5.2f}/{stats['max_entropy_bits']:.0f}")
+    line = latency_line(summary["latency"])
+    if line:
+        print(f"latency: {line}")
     profile = summary.get("profile")
     if profile:
         print(f"profiler trace: {profile['steps_joined']} of {profile['steps_in_trace']} steps joined to their routing "
@@ -37,13 +50,20 @@ def print_summary(summary: dict) -> None:
             print(f"{layer:>5} {stats['moe_us_mean']:>12.1f} {imbalance if imbalance is not None else float('nan'):>8.2f}")
 
 
-def run(inputs: list[str]) -> int:
+def latency_line(latency: dict) -> str:
+    """'TTFT p50/p90/p99 1.0/2.0/3.0 ms, ...' (empty without vLLM's latency spans)."""
+    return ", ".join(f"{name[:-3].upper()} p50/p90/p99 {v['p50']:.1f}/{v['p90']:.1f}/{v['p99']:.1f} ms"
+                     for name, v in latency.items() if v["count"])
+
+
+def run(inputs: list[str], only_run: str | None = None) -> int:
     from otel_moe.read import SchemaError
     from otel_moe.report.build import EmptyInput
 
     try:
-        print_summary(summarize(inputs))
-    except (EmptyInput, SchemaError, FileNotFoundError) as err:
+        for summary in summarize(inputs, only_run):
+            print_summary(summary)
+    except (EmptyInput, SchemaError, FileNotFoundError, PermissionError) as err:
         print(f"otel-moe summary: error: {err}", file=sys.stderr)
         return 2
     return 0

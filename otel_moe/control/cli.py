@@ -42,5 +42,8 @@ def run(args: Any) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    except OSError as err:  # a missing folder, a read-only disk: said in one line
+        print(f"otel-moe control: error: cannot use --file {args.file}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(json.dumps(state.as_json()))
     return 0

@@ -9,6 +9,14 @@ from typing import Optional
 import numpy as np
 
 MAX_SERIES_POINTS = 2048
+MAX_GRID_COLUMNS = 512
+POSITION_BUCKETS = 21  # 0, 1, 2-3, 4-7, ..., 2^19 and beyond
+WEIGHT_BINS_PER_UNIT = 100  # router confidence histograms: bins of 0.01 over [0, 4), the last takes the rest
+WEIGHT_BIN = 1 / WEIGHT_BINS_PER_UNIT
+WEIGHT_BINS = 4 * WEIGHT_BINS_PER_UNIT + 1
+COOCCURRENCE_MAX_EXPERTS = 256  # an E x E matrix per layer; above this it is not kept
+PAIR_BUFFER = 1 << 21
+REQUEST_ROUTING_BUDGET = 512 << 20  # bytes for per-request, per-layer expert counts
 
 
 class Series:
@@ -32,29 +40,124 @@ class Series:
                 self.width *= 2
 
 
+class StepGrid:
+    """Per step (counts mode: per window) its token count and each layer's
+    max/mean load, at most MAX_GRID_COLUMNS columns: neighbours are merged
+    (means) when full. Feeds the layer x step imbalance heatmap."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.tokens: list[float] = []
+        self.values: list[dict[int, float]] = []
+        self.width = 1
+        self._acc: list[tuple[int, int, dict[int, float]]] = []
+
+    def add(self, step: int, tokens: int, values: dict[int, float]) -> None:
+        self._acc.append((step, tokens, values))
+        if len(self._acc) < self.width:
+            return
+        self._push(self._acc)
+        self._acc = []
+        if len(self.steps) >= MAX_GRID_COLUMNS:
+            old = list(zip(self.steps, self.tokens, self.values))
+            self.steps, self.tokens, self.values = [], [], []
+            for i in range(0, len(old), 2):
+                self._push(old[i:i + 2])
+            self.width *= 2
+
+    def _push(self, group: list[tuple[int, float, dict[int, float]]]) -> None:
+        merged: dict[int, list[float]] = defaultdict(list)
+        for _, _, values in group:
+            for layer, v in values.items():
+                merged[layer].append(v)
+        self.steps.append(group[0][0])
+        self.tokens.append(sum(t for _, t, _ in group) / len(group))
+        self.values.append({layer: sum(v) / len(v) for layer, v in merged.items()})
+
+    def finish(self) -> None:
+        if self._acc:
+            self._push(self._acc)
+            self._acc = []
+
+
 @dataclasses.dataclass
 class LayerStats:
     num_experts: int
-    counts: np.ndarray
-    prefill: np.ndarray
-    decode: np.ndarray
+    counts: np.ndarray  # [E]
+    by_position: np.ndarray  # [2 (prefill, decode), POSITION_BUCKETS, E] (tokens mode)
+    top1_hist: np.ndarray  # [WEIGHT_BINS]
+    topk_sum_hist: np.ndarray
+    cooccurrence: Optional[np.ndarray]  # [E, E], i < j in the upper triangle
     tokens: int = 0
     top1_weight_sum: float = 0.0
     weight_sum: float = 0.0
     weighted_tokens: int = 0
     max_over_mean: Series = dataclasses.field(default_factory=Series)
     cv: Series = dataclasses.field(default_factory=Series)
+    _pairs: list = dataclasses.field(default_factory=list)
+    _pairs_len: int = 0
 
     @classmethod
     def empty(cls, num_experts: int) -> "LayerStats":
-        z = lambda: np.zeros(num_experts, dtype=np.int64)  # noqa: E731
-        return cls(num_experts, z(), z(), z())
+        return cls(num_experts, np.zeros(num_experts, np.int64), np.zeros((2, POSITION_BUCKETS, num_experts), np.int64),
+                   np.zeros(WEIGHT_BINS, np.int64), np.zeros(WEIGHT_BINS, np.int64),
+                   np.zeros((num_experts, num_experts), np.int64) if num_experts <= COOCCURRENCE_MAX_EXPERTS else None)
+
+    @property
+    def prefill(self) -> np.ndarray:
+        return self.by_position[0].sum(axis=0)
+
+    @property
+    def decode(self) -> np.ndarray:
+        return self.by_position[1].sum(axis=0)
 
     def grow(self, num_experts: int) -> None:
-        if num_experts > self.num_experts:
-            pad = num_experts - self.num_experts
-            self.counts, self.prefill, self.decode = (np.pad(a, (0, pad)) for a in (self.counts, self.prefill, self.decode))
-            self.num_experts = num_experts
+        if num_experts <= self.num_experts:
+            return
+        self.flush_pairs()
+        pad = num_experts - self.num_experts
+        self.counts = np.pad(self.counts, (0, pad))
+        self.by_position = np.pad(self.by_position, ((0, 0), (0, 0), (0, pad)))
+        if self.cooccurrence is not None:
+            self.cooccurrence = np.pad(self.cooccurrence, ((0, pad), (0, pad))) if num_experts <= COOCCURRENCE_MAX_EXPERTS else None
+        self.num_experts = num_experts
+
+    def add_tokens(self, ids: np.ndarray, weights: Optional[np.ndarray], prefill: Optional[np.ndarray],
+                   positions: Optional[np.ndarray]) -> None:
+        """ids, weights: [n, K]; prefill, positions: [n]."""
+        e = self.num_experts
+        if prefill is not None and positions is not None:
+            bucket = np.minimum(np.frexp(positions.astype(np.float64))[1], POSITION_BUCKETS - 1)
+            row = (np.where(prefill, 0, POSITION_BUCKETS) + bucket).astype(np.int64)
+            self.by_position += np.bincount((row[:, None] * e + ids).ravel(),
+                                            minlength=self.by_position.size).reshape(self.by_position.shape)
+        if weights is not None and len(weights):
+            top1, total = weights.max(axis=1), weights.sum(axis=1)
+            self.top1_weight_sum += float(top1.sum())
+            self.weight_sum += float(total.sum())
+            self.weighted_tokens += len(weights)
+            self.top1_hist += _weight_histogram(top1)
+            self.topk_sum_hist += _weight_histogram(total)
+        if self.cooccurrence is not None and ids.shape[1] > 1:
+            k = ids.shape[1]
+            a, b = np.triu_indices(k, 1)
+            lo, hi = np.minimum(ids[:, a], ids[:, b]), np.maximum(ids[:, a], ids[:, b])
+            pairs = (lo * e + hi).ravel()
+            self._pairs.append(pairs)
+            self._pairs_len += len(pairs)
+            if self._pairs_len >= PAIR_BUFFER:
+                self.flush_pairs()
+
+    def flush_pairs(self) -> None:
+        if self._pairs and self.cooccurrence is not None:
+            e = self.num_experts
+            self.cooccurrence += np.bincount(np.concatenate(self._pairs), minlength=e * e).reshape(e, e)
+        self._pairs, self._pairs_len = [], 0
+
+
+def _weight_histogram(values: np.ndarray) -> np.ndarray:
+    index = np.clip((values.astype(np.float64) * WEIGHT_BINS_PER_UNIT).astype(np.int64), 0, WEIGHT_BINS - 1)
+    return np.bincount(index, minlength=WEIGHT_BINS)
 
 
 @dataclasses.dataclass
@@ -62,22 +165,74 @@ class RequestStats:
     tokens: int = 0
     prefill: int = 0
     decode: int = 0
-    experts: Optional[np.ndarray] = None  # counts over all layers, for the usage spread
+    row: Optional[int] = None  # into RequestRouting; -1: its per-layer routing is not kept
     e2e_s: Optional[float] = None
     ttft_s: Optional[float] = None
     queue_s: Optional[float] = None
     completion_tokens: Optional[int] = None
 
 
+class RequestRouting:
+    """Per request, per layer, per expert: how many of its tokens went there.
+    One array [requests, layers, experts] (uint32), grown by doubling, never
+    past REQUEST_ROUTING_BUDGET bytes: requests beyond it are not kept (counted)."""
+
+    def __init__(self, budget: int = REQUEST_ROUTING_BUDGET) -> None:
+        self.budget = budget
+        self.slots: dict[int, int] = {}  # layer -> axis-1 index
+        self.counts = np.zeros((0, 0, 0), np.uint32)
+        self.rows = 0
+        self.not_kept = 0
+
+    def new_row(self) -> int:
+        if self.rows == len(self.counts):
+            if not self._resize(max(16, 2 * self.rows), self.counts.shape[1], self.counts.shape[2]):
+                self.not_kept += 1
+                return -1
+        self.rows += 1
+        return self.rows - 1
+
+    def slot(self, layer: int, num_experts: int) -> Optional[int]:
+        if layer not in self.slots or num_experts > self.counts.shape[2]:
+            layers = self.counts.shape[1] + (layer not in self.slots)
+            if not self._resize(len(self.counts), layers, max(num_experts, self.counts.shape[2])):
+                return None
+            self.slots.setdefault(layer, layers - 1)
+        return self.slots[layer]
+
+    def _resize(self, rows: int, layers: int, experts: int) -> bool:
+        if rows * layers * experts * 4 > self.budget:
+            return False
+        grown = np.zeros((rows, layers, experts), np.uint32)
+        r, l, e = self.counts.shape
+        grown[:r, :l, :e] = self.counts
+        self.counts = grown
+        return True
+
+    def add(self, rows: np.ndarray, layer: int, num_experts: int, per_request: np.ndarray) -> None:
+        """rows: [R] (-1: not kept), per_request: [R, E]."""
+        slot = self.slot(layer, num_experts)
+        keep = rows >= 0
+        if slot is None or not keep.any():
+            return
+        self.counts[rows[keep], slot, : per_request.shape[1]] += per_request[keep].astype(np.uint32)
+
+    def of(self, row: int) -> dict[int, np.ndarray]:
+        return {layer: self.counts[row, slot] for layer, slot in sorted(self.slots.items())}
+
+
 class RunStats:
     def __init__(self) -> None:
         self.layers: dict[int, LayerStats] = {}
         self.requests: dict[str, RequestStats] = defaultdict(RequestStats)
+        self.routing = RequestRouting()
+        self.grid = StepGrid()
         self.steps = 0
-        self.dropped_steps = 0
         self.top_k = 0
         self._step_key = None
+        self._step_tokens = 0
         self._step_counts: dict[int, np.ndarray] = {}
+        self._rows_of: tuple[int, np.ndarray] = (0, np.zeros(0, np.int64))
 
     def layer(self, layer: int, num_experts: int) -> LayerStats:
         stats = self.layers.get(layer)
@@ -86,59 +241,71 @@ class RunStats:
         stats.grow(num_experts)
         return stats
 
-    # One step's routing for one layer. ids/weights: [n, K] (None in counts mode);
-    # request_of: [n] request index into request_ids; prefill: [n] bool.
-    def add_layer(self, step: int, layer: int, num_experts: int, counts: np.ndarray,
-                  ids: Optional[np.ndarray], weights: Optional[np.ndarray],
-                  request_ids: Optional[list], request_of: Optional[np.ndarray],
-                  prefill: Optional[np.ndarray], num_tokens: int) -> None:
-        stats = self.layer(layer, num_experts)
-        stats.counts[: len(counts)] += counts
-        stats.tokens += num_tokens
-        if ids is not None:
-            k = ids.shape[1]
-            self.top_k = max(self.top_k, k)
-            if prefill is not None:
-                stats.prefill += np.bincount(ids[prefill].ravel(), minlength=stats.num_experts)[: stats.num_experts]
-                stats.decode += np.bincount(ids[~prefill].ravel(), minlength=stats.num_experts)[: stats.num_experts]
-            if weights is not None and len(weights):
-                stats.top1_weight_sum += float(weights.max(axis=1).sum())
-                stats.weight_sum += float(weights.sum())
-                stats.weighted_tokens += len(weights)
-            if request_of is not None and request_ids is not None:
-                per_request = np.bincount(
-                    (request_of[:, None] * stats.num_experts + ids).ravel(),
-                    minlength=len(request_ids) * stats.num_experts,
-                ).reshape(len(request_ids), stats.num_experts)
-                for r, request_id in enumerate(request_ids):
-                    mine = self.requests[request_id]
-                    if mine.experts is None or len(mine.experts) < stats.num_experts:
-                        old = mine.experts if mine.experts is not None else np.zeros(0, np.int64)
-                        mine.experts = np.pad(old, (0, stats.num_experts - len(old)))
-                    mine.experts[: stats.num_experts] += per_request[r]
-        # Imbalance is per whole step: chunks of one step are summed first.
+    def begin_step(self, step: int, tokens: int) -> None:
+        """Imbalance is per whole step: chunks of one step are summed first."""
         if self._step_key != step:
             self.flush_step()
             self._step_key = step
             self.steps += 1
+            self._step_tokens = 0
+        self._step_tokens += tokens
+
+    # One step's routing for one layer. ids/weights: [n, K] (None in counts mode);
+    # request_of: [n] request index into request_ids; prefill, positions: [n].
+    def add_layer(self, layer: int, num_experts: int, counts: np.ndarray,
+                  ids: Optional[np.ndarray], weights: Optional[np.ndarray],
+                  request_ids: Optional[list], request_of: Optional[np.ndarray],
+                  prefill: Optional[np.ndarray], positions: Optional[np.ndarray], num_tokens: int) -> None:
+        stats = self.layer(layer, num_experts)
+        stats.counts[: len(counts)] += counts
+        stats.tokens += num_tokens
+        if ids is not None:
+            self.top_k = max(self.top_k, ids.shape[1])
+            stats.add_tokens(ids, weights, prefill, positions)
+            if request_of is not None and request_ids:
+                e = stats.num_experts
+                per_request = np.bincount((request_of[:, None] * e + ids).ravel(),
+                                          minlength=len(request_ids) * e).reshape(len(request_ids), e)
+                self.routing.add(self._rows(request_ids), layer, e, per_request)
         acc = self._step_counts.get(layer)
         self._step_counts[layer] = counts.astype(np.int64) if acc is None else acc + counts
 
+    def _rows(self, request_ids: list) -> np.ndarray:
+        if self._rows_of[0] != id(request_ids):  # the same list for every layer of a step
+            self._rows_of = (id(request_ids), np.asarray([self._request(r).row for r in request_ids], np.int64))
+        return self._rows_of[1]
+
+    def _request(self, request_id: str) -> RequestStats:
+        mine = self.requests[request_id]
+        if mine.row is None:
+            mine.row = self.routing.new_row()
+        return mine
+
     def add_request_tokens(self, request_ids: list, request_tokens: np.ndarray, prefill_tokens: np.ndarray) -> None:
         for request_id, tokens, prefill in zip(request_ids, request_tokens.tolist(), prefill_tokens.tolist()):
-            mine = self.requests[request_id]
+            mine = self._request(request_id)
             mine.tokens += tokens
             mine.prefill += prefill
             mine.decode += tokens - prefill
 
     def flush_step(self) -> None:
+        values = {}
         for layer, counts in self._step_counts.items():
             mean = counts.mean()
             if mean > 0:
                 stats = self.layers[layer]
-                stats.max_over_mean.add(self._step_key, float(counts.max() / mean))
+                values[layer] = float(counts.max() / mean)
+                stats.max_over_mean.add(self._step_key, values[layer])
                 stats.cv.add(self._step_key, float(counts.std() / mean))
+        if self._step_counts:
+            self.grid.add(self._step_key, self._step_tokens, values)
         self._step_counts = {}
+
+    def finish(self) -> None:
+        self.flush_step()
+        self.grid.finish()
+        for stats in self.layers.values():
+            stats.flush_pairs()
 
 
 def entropy_bits(counts: np.ndarray) -> float:
@@ -147,3 +314,19 @@ def entropy_bits(counts: np.ndarray) -> float:
         return 0.0
     p = counts[counts > 0] / total
     return float(-(p * np.log2(p)).sum())
+
+
+def js_divergence_bits(p: np.ndarray, q: np.ndarray) -> Optional[float]:
+    """Jensen-Shannon divergence (bits, 0..1) of two count vectors; None if either is empty."""
+    size = max(len(p), len(q))
+    p, q = np.pad(np.asarray(p, float), (0, size - len(p))), np.pad(np.asarray(q, float), (0, size - len(q)))
+    if p.sum() <= 0 or q.sum() <= 0:
+        return None
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0
+        return float((a[nz] * np.log2(a[nz] / m[nz])).sum())
+
+    return max(0.0, (kl(p) + kl(q)) / 2)

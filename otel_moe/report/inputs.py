@@ -1,5 +1,6 @@
 """Report inputs, streamed: collector files (OTLP/JSON) and JSONL routing logs,
-in any mix, as files or folders. Each step becomes one ``StepBatch``."""
+in any mix, as files or folders. Each step becomes one ``StepBatch``; every
+record is checked (``validate``) and a bad one skipped and counted by reason."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,8 @@ import numpy as np
 
 from otel_moe import read, schema
 from otel_moe.read import LineStats
+from otel_moe.report import validate
+from otel_moe.report.validate import BadRecord
 
 
 @dataclasses.dataclass
@@ -23,6 +26,7 @@ class LayerBatch:
     weights: Optional[np.ndarray] = None
     request_of: Optional[np.ndarray] = None  # [n] index into StepBatch.request_ids
     prefill: Optional[np.ndarray] = None  # [n] bool
+    positions: Optional[np.ndarray] = None  # [n] token positions in their requests
 
 
 @dataclasses.dataclass
@@ -59,45 +63,86 @@ def input_files(paths: list[str]) -> list[str]:
 
 
 def step_from_span(span: read.Span) -> StepBatch:
-    step = read.decode_step(span)
+    a = span.attributes
+    validate.num_experts(a.get(schema.NUM_EXPERTS))  # before anything of its size is built
+    validate.top_k(a.get(schema.TOP_K))
+    try:
+        step = read.decode_step(span)
+    except read.SchemaError:
+        raise
+    except (KeyError, ValueError, TypeError):
+        raise BadRecord("malformed moe.step span") from None
+    _check_step(step)
     request_of = np.repeat(np.arange(len(step.request_ids)), step.request_tokens)
+    positions = step.positions()
     prefill = step.is_prefill()
     prefill_tokens = np.bincount(request_of[prefill], minlength=len(step.request_ids))
     layers = [
         LayerBatch(layer, step.num_experts, step.counts[layer], step.num_tokens,
                    step.ids.get(layer), step.weights.get(layer),
-                   request_of if layer in step.ids else None, prefill if layer in step.ids else None)
+                   *((request_of, prefill, positions) if layer in step.ids else (None, None, None)))
         for layer in sorted(step.counts)
     ]
     return StepBatch(step.run, step.step, step.request_ids, step.request_tokens, prefill_tokens, layers, step.dp_rank)
+
+
+def _check_step(step: read.StepSpan) -> None:
+    validate.whole(step.step, "step index")
+    for layer, counts in step.counts.items():
+        validate.layer(layer)
+        if len(counts) != step.num_experts:
+            raise BadRecord("expert counts not num_experts long")
+    if step.window_tokens is not None:
+        validate.whole(step.window_tokens, "num_tokens")
+    if not step.ids:
+        return
+    lengths = {len(step.request_ids), len(step.request_tokens), len(step.first_positions), len(step.prompt_lens)}
+    if len(lengths) != 1:
+        raise BadRecord("per-request arrays differ in length")
+    rows = int(step.request_tokens.sum())
+    for layer, ids in step.ids.items():
+        if ids.shape != (rows, step.top_k) or step.weights[layer].shape != ids.shape:
+            raise BadRecord("request_tokens do not match the rows")
+        validate.expert_ids(ids, step.num_experts)
+        validate.weights(step.weights[layer])
 
 
 def latency_from_span(span: read.Span) -> Latency:
     a = span.attributes
     run = span.resource.get(schema.RUN_ID)
     tokens = a.get(schema.VLLM_COMPLETION_TOKENS)
-    return Latency(run, str(a.get(schema.REQUEST_ID)), a.get(schema.VLLM_E2E), a.get(schema.VLLM_TTFT),
-                   a.get(schema.VLLM_QUEUE), int(tokens) if tokens is not None else None)
+    return Latency(run, str(a.get(schema.REQUEST_ID)), validate.seconds(a.get(schema.VLLM_E2E), "e2e latency"),
+                   validate.seconds(a.get(schema.VLLM_TTFT), "time to first token"),
+                   validate.seconds(a.get(schema.VLLM_QUEUE), "time in queue"),
+                   validate.whole(tokens, "completion tokens") if tokens is not None else None)
 
 
 class JsonlSteps:
-    """Groups a JSONL log's rows (one per token per layer, or per step per layer) into steps."""
+    """Groups a JSONL log's rows (one per token per layer, or per step per layer) into steps.
+    Rows are checked one by one as they come: a bad row is refused alone."""
 
     def __init__(self, run: str) -> None:
         self.run = run
         self.step: Optional[int] = None
         self.rows: list[dict] = []
+        self._shape: dict[int, tuple] = {}  # layer -> (top_k or counts length, num_experts) in this step
 
     def add(self, row: dict) -> Optional[StepBatch]:
+        validate.jsonl_row(row)
         done = None
         if row["step"] != self.step and self.rows:
             done = self.flush()
         self.step = row["step"]
+        shape = (len(row["counts"]) if "counts" in row else len(row["expert_ids"]), row.get("num_experts"), "counts" in row)
+        if self._shape.setdefault(row["layer"], shape) != shape:
+            raise BadRecord("row shape differs from its layer's other rows in the step")
+        if self.rows and ("counts" in row) != ("counts" in self.rows[0]):
+            raise BadRecord("counts and token rows mixed in one step")
         self.rows.append(row)
         return done
 
     def flush(self) -> Optional[StepBatch]:
-        rows, self.rows = self.rows, []
+        rows, self.rows, self._shape = self.rows, [], {}
         if not rows:
             return None
         by_layer: dict[int, list[dict]] = {}
@@ -107,18 +152,18 @@ class JsonlSteps:
             layers = [LayerBatch(layer, len(r[0]["counts"]), np.asarray(r[0]["counts"], np.int64), int(r[0]["num_tokens"]))
                       for layer, r in sorted(by_layer.items())]
             return StepBatch(self.run, self.step, [], np.zeros(0, np.int64), np.zeros(0, np.int64), layers)
-        request_ids: list[str] = []
         index: dict[str, int] = {}
         layers = []
         for layer, layer_rows in sorted(by_layer.items()):
             ids = np.asarray([r["expert_ids"] for r in layer_rows], dtype=np.int64)
             request_of = np.asarray([index.setdefault(r["request_id"], len(index)) for r in layer_rows])
             prefill = np.asarray([r["phase"] == "prefill" for r in layer_rows])
+            positions = np.asarray([r["position"] for r in layer_rows], dtype=np.int64)
             # lines written before num_experts was added: size by the largest id seen
-            num_experts = layer_rows[0].get("num_experts") or (int(ids.max()) + 1 if ids.size else 0)
+            num_experts = layer_rows[0].get("num_experts") or int(ids.max()) + 1
             layers.append(LayerBatch(layer, num_experts, np.bincount(ids.ravel(), minlength=num_experts), len(layer_rows),
                                      ids, np.asarray([r["expert_weights"] for r in layer_rows], dtype=np.float32),
-                                     request_of, prefill))
+                                     request_of, prefill, positions))
         request_ids = list(index)
         first = layers[0]
         tokens = np.bincount(first.request_of, minlength=len(request_ids))
@@ -136,26 +181,36 @@ def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] =
                 stats.lines += 1
                 try:
                     item = json.loads(raw)
-                    if not isinstance(item, dict):
-                        raise ValueError("not an object")
-                    if "resourceSpans" in item:
-                        for span in read.iter_spans(item):
-                            if span.name == schema.STEP_SPAN:
-                                yield step_from_span(span)
-                            elif span.name == schema.VLLM_REQUEST_SPAN:
-                                yield latency_from_span(span)
-                    elif "layer" in item and "step" in item:
-                        jsonl = jsonl or JsonlSteps(f"jsonl:{os.path.basename(file)}")
-                        done = jsonl.add(item)
-                        if done is not None:
-                            yield done
-                    else:
-                        raise ValueError("neither OTLP/JSON nor an otel-moe JSONL row")
-                except read.SchemaError:
-                    raise
-                except (ValueError, KeyError, TypeError):
+                except ValueError:
                     stats.bad_lines += 1
+                    continue
+                if not isinstance(item, dict):
+                    stats.bad_lines += 1
+                elif "resourceSpans" in item:
+                    yield from _otlp_items(item, stats)
+                elif "layer" in item and "step" in item:
+                    jsonl = jsonl or JsonlSteps(f"jsonl:{os.path.basename(file)}")
+                    try:
+                        done = jsonl.add(item)
+                    except BadRecord as err:
+                        stats.skip(str(err))
+                        continue
+                    if done is not None:
+                        yield done
+                else:
+                    stats.bad_lines += 1  # neither OTLP/JSON nor an otel-moe JSONL row
         if jsonl is not None:
             done = jsonl.flush()
             if done is not None:
                 yield done
+
+
+def _otlp_items(request: dict, stats: LineStats) -> Iterator[StepBatch | Latency]:
+    for span in read.iter_spans(request, stats.skip):
+        try:
+            if span.name == schema.STEP_SPAN:
+                yield step_from_span(span)
+            elif span.name == schema.VLLM_REQUEST_SPAN:
+                yield latency_from_span(span)
+        except BadRecord as err:
+            stats.skip(f"{span.name}: {err}")

@@ -223,13 +223,14 @@ class ProfileJoin:
             return next(iter(input_runs))
         return None
 
-    def summary(self, input_runs: set[str]) -> dict:
+    def summary(self, input_runs: set[str], run: Optional[str] = None) -> dict:
+        """The join over the steps of ``run`` (None: of every input run)."""
         per_layer: dict[int, dict] = {}
         points, mismatched, joined = [], 0, 0
         for s in self.steps:
             key = (self._routing_run(s.run_id, input_runs), s.dp_rank, s.step)
             counts = self.counts.get(key)
-            if counts is None:
+            if counts is None or (run is not None and key[0] != run):
                 continue
             joined += 1
             if self.tokens[key] != s.tokens:
