@@ -46,7 +46,7 @@ def _summary(args: argparse.Namespace) -> int:
     return run(args.inputs, args.run)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="otel-moe", description=__doc__)
     parser.add_argument("--version", action="version", version=f"otel-moe {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -58,41 +58,47 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--arch", choices=sorted(ARCHITECTURES), default="qwen2_moe", help="model family (default: %(default)s)")
     tiny.add_argument("--layers", type=_positive, default=4, help="decoder layers, each with an MoE block (default: %(default)s)")
     tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: %(default)s)")
-    tiny.set_defaults(run=_tiny_model)
+    tiny.set_defaults(handler=_tiny_model)
 
     summary = commands.add_parser("summary", help="per-layer expert usage of collector files or JSONL logs")
     summary.add_argument("inputs", nargs="+", help="collector files or folders, JSONL routing logs")
     summary.add_argument("--run", metavar="ID", help="only this run (otel_moe.run_id)")
-    summary.set_defaults(run=_summary)
+    summary.set_defaults(handler=_summary)
 
     from otel_moe.collector import server
 
     collector = commands.add_parser("collector", help="run the embedded OTLP collector (writes OTLP/JSON files)")
     server.add_arguments(collector)
-    collector.set_defaults(run=server.run)
+    collector.set_defaults(handler=server.run)
 
     from otel_moe.report import main as report
 
     report_parser = commands.add_parser("report", help="histograms, heatmap, imbalance and latency from routing data")
     report.add_arguments(report_parser)
-    report_parser.set_defaults(run=report.run)
+    report_parser.set_defaults(handler=report.run)
 
     from otel_moe.report import compare
 
     compare_parser = commands.add_parser("compare", help="two runs' routing side by side: share differences and "
                                          "Jensen-Shannon divergence per layer")
     compare.add_arguments(compare_parser)
-    compare_parser.set_defaults(run=compare.run)
+    compare_parser.set_defaults(handler=compare.run)
 
     from otel_moe.control import cli as control
 
     control_parser = commands.add_parser("control", help="start, stop or switch recording on a running vLLM (live control file)")
     control.add_arguments(control_parser)
-    control_parser.set_defaults(run=control.run)
+    control_parser.set_defaults(handler=control.run)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
+        return code
     except BrokenPipeError:  # `otel-moe summary ... | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -127,12 +127,72 @@ def test_corrupt_and_truncated_lines_are_skipped_and_counted(tmp_path):
     _check_golden(summary)
 
 
-def test_several_runs_are_kept_apart(tmp_path):
-    (tmp_path / "traces.json").write_text(golden_otlp_line("r1", e2e=(1.0, 2.0)) + golden_otlp_line("r2", e2e=(3.0, 4.0)))
+def test_golden_analyses(tmp_path):
+    """Every section of summary.json on input small enough to count by hand."""
+    (tmp_path / "traces.json").write_text(golden_otlp_line())
     summary = build_report([str(tmp_path)], str(tmp_path / "out"))
-    assert summary["request_key"] == "run/request_id"
-    assert {k: v["e2e_s"] for k, v in summary["requests"].items()} == {"r1/a": 1.0, "r1/b": 2.0, "r2/a": 3.0, "r2/b": 4.0}
-    assert summary["layers"]["0"]["counts"] == [2 * c for c in LAYER0]  # layers sum over runs
+    # layer 0 tokens: 0+1, 0+2, 0+3, 1+0, 3+2 -> pair 0+1 twice in 5 tokens
+    assert summary["cooccurrence"]["layers"]["0"]["top_pairs"][0] == {"experts": [0, 1], "tokens": 2, "share": 0.4}
+    assert sorted(tuple(p["experts"]) for p in summary["cooccurrence"]["layers"]["0"]["top_pairs"]) == [
+        (0, 1), (0, 2), (0, 3), (2, 3)]
+    # position buckets: 0 | 1 | 2-3; layer 0 prefill: positions 0 (a: 0+1, b: 0+3) and 1 (a: 0+2)
+    prefill = {r["bucket"]: r for r in summary["position_expert"]["layers"]["0"]["prefill"]}
+    decode = {r["bucket"]: r for r in summary["position_expert"]["layers"]["0"]["decode"]}
+    assert (prefill[0]["assignments"], prefill[0]["top_expert"], prefill[0]["top_share"]) == (4, 0, 0.5)
+    assert (prefill[1]["assignments"], prefill[1]["top_expert"]) == (2, 0)
+    assert sorted(decode) == [1, 2] and decode[2]["assignments"] == 2  # a@2: 1+0; b@1: 3+2
+    assert summary["position_expert"]["buckets"][:3] == [[0, 0], [1, 1], [2, 3]]
+    # request a, layer 0: 0+1, 0+2, 1+0 -> expert 0 has 3 of 6; layer 1: 2+3, 2+0, 3+2 -> expert 2 has 3 of 6
+    assert summary["requests"]["a"]["hot_expert_share_by_layer"] == [0.5, 0.5]
+    assert summary["requests"]["b"]["hot_expert_share_by_layer"] == [0.5, 0.5]  # 0+3, 3+2 | 1+2, 2+1
+    # e2e 500 and 250 ms, TTFT 125 ms both; TPOT (e2e - TTFT) / 2
+    assert summary["latency"]["e2e_ms"] == {"count": 2, "p50": 375.0, "p90": 475.0, "p99": pytest.approx(497.5)}
+    assert summary["latency"]["ttft_ms"]["p99"] == 125.0
+    assert summary["latency"]["tpot_ms"]["p50"] == pytest.approx((187.5 + 62.5) / 2)
+    assert [r["request_id"] for r in summary["slowest_requests"]] == ["a", "b"]
+    confidence = summary["layers"]["0"]["router_confidence"]
+    assert confidence == {"top1_weight": {"p10": 0.75, "p50": 0.75, "p90": 0.75},
+                          "topk_weight_sum": {"p10": 1.0, "p50": 1.0, "p90": 1.0}}
+    rows = (tmp_path / "out" / "requests.csv").read_text().splitlines()
+    assert rows[0].startswith("request_id,tokens,prefill_tokens,decode_tokens,ttft_ms,tpot_ms,e2e_ms")
+    assert rows[1].split(",")[:7] == ["a", "3", "2", "1", "125", "187.5", "500"]
+    for image in ("expert_heatmap.png", "imbalance_heatmap.png", "load_imbalance.png", "expert_hist_grid0.png",
+                  "latency.png", "cooccurrence.png", "position_expert.png", "router_confidence.png"):
+        assert (tmp_path / "out" / image).exists(), image
+
+
+def test_several_runs_are_reported_apart_never_pooled(tmp_path):
+    (tmp_path / "traces.json").write_text(golden_otlp_line("r1", e2e=(1.0, 2.0)) + golden_otlp_line("r2", e2e=(3.0, 4.0)))
+    out = tmp_path / "out"
+    index = build_report([str(tmp_path)], str(out))
+    assert sorted(index["runs"]) == ["r1", "r2"]
+    for run, e2e in (("r1", {"a": 1.0, "b": 2.0}), ("r2", {"a": 3.0, "b": 4.0})):
+        summary = json.loads((out / f"run-{run}" / "summary.json").read_text())
+        _check_golden(summary)  # each run alone, not the sum of both
+        assert summary["run"] == run and summary["runs_found"] == ["r1", "r2"]
+        assert {k: v["e2e_s"] for k, v in summary["requests"].items()} == e2e
+    written = json.loads((out / "summary.json").read_text())
+    assert {name: r["folder"] for name, r in written["runs"].items()} == {"r1": "run-r1", "r2": "run-r2"}
+    assert "run-r1/report.html" in (out / "report.html").read_text()
+    one = build_report([str(tmp_path)], str(tmp_path / "only-r2"), run="r2")
+    _check_golden(one)
+    assert one["run"] == "r2" and (tmp_path / "only-r2" / "report.html").exists()
+    proc = _report_cli(str(tmp_path), "--out", str(tmp_path / "o"), "--run", "r9")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "otel-moe report: error: no run 'r9' in the input; runs found: r1, r2")
+
+
+def test_per_layer_files_for_the_layers_asked_for(tmp_path):
+    golden_jsonl(tmp_path / "routing.jsonl")
+    build_report([str(tmp_path / "routing.jsonl")], str(tmp_path / "auto"))  # 2 layers: every layer
+    assert {p.name for p in (tmp_path / "auto").glob("expert_hist_layer*.png")} == {
+        "expert_hist_layer0.png", "expert_hist_layer0_by_phase.png", "expert_hist_layer1.png", "expert_hist_layer1_by_phase.png"}
+    proc = _report_cli(str(tmp_path / "routing.jsonl"), "--out", str(tmp_path / "one"), "--layers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in (tmp_path / "one").glob("expert_hist_layer*.png")} == {
+        "expert_hist_layer1.png", "expert_hist_layer1_by_phase.png"}
+    proc = _report_cli(str(tmp_path / "routing.jsonl"), "--out", str(tmp_path / "none"), "--no-per-layer-files")
+    assert proc.returncode == 0 and not list((tmp_path / "none").glob("expert_hist_layer*.png"))
 
 
 def _report_cli(*args):
@@ -142,7 +202,8 @@ def _report_cli(*args):
 def test_empty_input_and_unknown_schema_fail_clearly(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     proc = _report_cli(str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o1"))
-    assert proc.returncode == 2 and "no otel-moe routing records" in proc.stderr
+    assert proc.returncode == 2 and "no otel-moe routing records in the input: read 1 file(s)" in proc.stderr
+    assert str(tmp_path / "empty.jsonl") in proc.stderr and "collector's --out folder" in proc.stderr
     (tmp_path / "v9.json").write_text(golden_otlp_line(version=9))
     proc = _report_cli(str(tmp_path / "v9.json"), "--out", str(tmp_path / "o2"))
     assert proc.returncode == 2 and "schema version 9 is not supported" in proc.stderr
@@ -168,7 +229,8 @@ def test_end_to_end_run_feeds_the_report(grpc_pipeline, tmp_path):
     assert set(summary["requests"]) == {o["request_id"] for o in grpc_pipeline.run.outputs}
     assert all(r["e2e_s"] > 0 and r["ttft_s"] > 0 for r in summary["requests"].values())
     images = sorted(p.name for p in out.glob("*.png"))
-    assert {"expert_heatmap.png", "load_imbalance.png", "latency.png"} <= set(images)
+    assert {"expert_heatmap.png", "imbalance_heatmap.png", "load_imbalance.png", "latency.png", "expert_hist_grid0.png",
+            "cooccurrence.png", "position_expert.png", "router_confidence.png"} <= set(images)
     assert {f"expert_hist_layer{layer}.png" for layer in range(4)} <= set(images)
     html = (out / "report.html").read_text()
     for name in images:

@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
 
 
-def _layer_selection(text: str) -> frozenset[int]:
+def _layer_selection(text: str) -> Optional[frozenset[int]]:
     try:
-        return parse_layers(text, "--layers")
+        return parse_layers(text, "--layers").layers  # None: all
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
