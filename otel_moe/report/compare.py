@@ -79,6 +79,7 @@ def heatmap(out_dir: str, result: dict) -> Optional[str]:
     names = [r["layer"] for r in rows]
     plots.layer_ticks(left, names)
     left.set_xlabel("expert")
+    plots.expert_axis(left.xaxis)
     left.set_ylabel("layer")
     left.set_title(f"share in {result['b']['label']} minus share in {result['a']['label']}")
     fig.colorbar(image, ax=left, label="share difference (red: more in B)", shrink=0.8)

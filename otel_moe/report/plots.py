@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import BoundaryNorm, PowerNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from otel_moe.report.aggregate import POSITION_BUCKETS, WEIGHT_BIN, RunStats  # noqa: E402
 
@@ -38,6 +39,11 @@ def layer_ticks(ax, names: list, axis: str = "y") -> None:
     setter(positions, [str(names[i]) for i in positions])
 
 
+def expert_axis(axis) -> None:
+    """Experts are whole numbers: no 0.5 ticks on a 4-expert axis."""
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _share(counts) -> np.ndarray:
     c = np.asarray(counts, float)
     return c / c.sum() if c.sum() else c
@@ -54,6 +60,7 @@ def heatmap(out_dir: str, layers: dict[str, dict]) -> str:
     image = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
     layer_ticks(ax, names)
     ax.set_xlabel("expert")
+    expert_axis(ax.xaxis)
     ax.set_ylabel("layer")
     ax.set_title(f"share of each layer's assignments (uniform = {1 / width:.3g})")
     fig.colorbar(image, ax=ax, label="share")
@@ -131,6 +138,7 @@ def histogram_grid(out_dir: str, layers: dict[str, dict], page: int, names: list
         ax.set_title(f"layer {name}", fontsize="small")
         ax.tick_params(labelsize="x-small")
         ax.set_xlim(-0.5, len(share) - 0.5)
+        expert_axis(ax.xaxis)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     fig.supxlabel("expert")
@@ -147,6 +155,7 @@ def expert_histogram(out_dir: str, layer: str, counts: list[int]) -> str:
     ax.bar(np.arange(len(counts)), counts, color=BLUE)
     ax.axhline(counts.sum() / len(counts), color=RED, linestyle="--", label="uniform share")
     ax.set_xlabel("expert")
+    expert_axis(ax.xaxis)
     ax.set_ylabel("routed tokens (x top-k slots)")
     ax.set_title(f"layer {layer}: expert usage ({counts.sum()} assignments)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -161,6 +170,7 @@ def phase_histogram(out_dir: str, layer: str, prefill: list[int], decode: list[i
         ax.bar(x + offset, _share(values), width=0.4, label=f"{label} ({int(values.sum())})", color=color)
     ax.axhline(1 / len(x), color=RED, linestyle="--", label="uniform share")
     ax.set_xlabel("expert")
+    expert_axis(ax.xaxis)
     ax.set_ylabel("share of the phase's assignments")
     ax.set_title(f"layer {layer}: prefill vs decode")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -211,6 +221,8 @@ def cooccurrence(out_dir: str, run: RunStats, layers: list[int]) -> Optional[str
         ax.set_title(f"layer {layer}", fontsize="small")
         ax.set_xlabel("expert")
         ax.set_ylabel("expert")
+        expert_axis(ax.xaxis)
+        expert_axis(ax.yaxis)
         fig.colorbar(image, ax=ax, shrink=0.8, label="share of tokens with both")
     for ax in axes.ravel()[len(layers):]:
         ax.axis("off")
@@ -239,6 +251,7 @@ def position_expert(out_dir: str, run: RunStats, layers: list[int]) -> Optional[
             ax.set_yticks(range(len(rows_shown)), [labels[b] for b in rows_shown], fontsize="x-small")
             ax.set_title(f"layer {layer}, {phase}", fontsize="small")
             ax.set_xlabel("expert")
+            expert_axis(ax.xaxis)
             ax.set_ylabel("token position")
             fig.colorbar(image, ax=ax, label="share", shrink=0.8)
     fig.suptitle("expert share by token position (rows sum to 1)")
