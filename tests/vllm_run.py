@@ -4,7 +4,7 @@ Used by the tests as a subprocess (a fresh process per engine configuration,
 the otel-moe flags coming from its environment). Usage:
   python tests/vllm_run.py SPEC.json OUT.json
 SPEC: {"model", "prompts": [str], "max_tokens": int | [int], "eager": bool,
-       "max_num_batched_tokens": int, "prefix_caching": bool, "batches": [[prompt index]]?,
+       "max_num_batched_tokens": int, "prefix_caching": bool, "tp": int?, "batches": [[prompt index]]?,
        "otlp_traces_endpoint": str?,
        "profile_dir": str?, "profile_batches": [batch index]?  (torch profiler around those batches)}
 """
@@ -32,6 +32,7 @@ def main(spec_path: str, out_path: str) -> None:
         max_model_len=spec.get("max_model_len", 512),
         enable_prefix_caching=spec.get("prefix_caching", False),
         gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.2),
+        tensor_parallel_size=spec.get("tp", 1),
         seed=0,
         **extra,
     )
