@@ -16,6 +16,10 @@ from typing import Optional
 LIVE_NAME = "traces.json"
 
 
+class Closed(RuntimeError):
+    """The file was closed (the collector stops): nothing more is written."""
+
+
 class RotatingFile:
     def __init__(self, out_dir: str, rotate_bytes: Optional[int] = None) -> None:
         self.out_dir = os.path.realpath(out_dir)
@@ -32,6 +36,8 @@ class RotatingFile:
     def write_line(self, line: str) -> None:
         data = line.encode()
         with self._lock:
+            if self._fd is None:
+                raise Closed()
             os.write(self._fd, data)
             self.lines += 1
             if self.rotate_bytes and os.fstat(self._fd).st_size >= self.rotate_bytes:
@@ -51,5 +57,7 @@ class RotatingFile:
 
     def close(self) -> None:
         with self._lock:
-            os.fsync(self._fd)
-            os.close(self._fd)
+            if self._fd is not None:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None

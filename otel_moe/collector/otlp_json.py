@@ -47,18 +47,44 @@ def to_json_line(request: ExportTraceServiceRequest) -> str:
     return json.dumps(_convert_ids(as_dict, _b64_to_hex), separators=(",", ":")) + "\n"
 
 
+ID_BYTES = {"traceId": 16, "spanId": 8, "parentSpanId": 8}
+
+
+def check_ids(request: ExportTraceServiceRequest) -> None:
+    """OTLP ids have fixed lengths (trace 16 bytes, span 8; a parent span id 8 or absent)."""
+    for r, resource_spans in enumerate(request.resource_spans):
+        for s, scope_spans in enumerate(resource_spans.scope_spans):
+            for i, span in enumerate(scope_spans.spans):
+                where = f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]"
+                _check_id(where, "traceId", span.trace_id)
+                _check_id(where, "spanId", span.span_id)
+                if span.parent_span_id:
+                    _check_id(where, "parentSpanId", span.parent_span_id)
+                for j, link in enumerate(span.links):
+                    _check_id(f"{where}.links[{j}]", "traceId", link.trace_id)
+                    _check_id(f"{where}.links[{j}]", "spanId", link.span_id)
+
+
+def _check_id(where: str, field: str, value: bytes) -> None:
+    if len(value) != ID_BYTES[field]:
+        raise BadRequest(f"{where}.{field}: {ID_BYTES[field]} bytes expected, got {len(value)}")
+
+
 def parse_protobuf(body: bytes) -> ExportTraceServiceRequest:
     request = ExportTraceServiceRequest()
     try:
         request.ParseFromString(body)
     except Exception as err:  # DecodeError, and RuntimeWarning-ish oddities from upb
         raise BadRequest(f"invalid protobuf: {err}") from None
+    check_ids(request)
     return request
 
 
 def parse_json(body: bytes) -> ExportTraceServiceRequest:
     try:
         as_dict = json.loads(body)
+    except RecursionError:
+        raise BadRequest("invalid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise BadRequest(f"invalid JSON: {err}") from None
     if not isinstance(as_dict, dict):
@@ -66,6 +92,7 @@ def parse_json(body: bytes) -> ExportTraceServiceRequest:
     request = ExportTraceServiceRequest()
     try:
         json_format.ParseDict(_convert_ids(as_dict, _hex_to_b64), request, ignore_unknown_fields=True)
-    except (json_format.ParseError, binascii.Error, TypeError, AttributeError, ValueError) as err:
+    except (json_format.ParseError, binascii.Error, TypeError, AttributeError, ValueError, RecursionError) as err:
         raise BadRequest(f"invalid OTLP/JSON: {err}") from None
+    check_ids(request)
     return request

@@ -5,10 +5,12 @@ ready line (printed once both receivers listen) instead of sleeping.
 """
 from __future__ import annotations
 
+import collections
 import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 READY = re.compile(r"gRPC (\S+):(\d+) OTLP/HTTP \S+:(\d+)")
@@ -27,6 +29,14 @@ class CollectorProcess:
             self.proc.kill()
             raise RuntimeError(f"the collector did not start: {ready!r} {self.proc.stderr.read()}")
         self.host, self.grpc_port, self.http_port = match.group(1), int(match.group(2)), int(match.group(3))
+        # Its pipes are drained for as long as it runs: a full pipe would block the collector's next write.
+        self.output: collections.deque[str] = collections.deque(maxlen=200)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=self._drain, args=(pipe,), daemon=True).start()
+
+    def _drain(self, pipe) -> None:
+        for line in pipe:
+            self.output.append(line)
 
     @property
     def grpc_endpoint(self) -> str:

@@ -1,42 +1,41 @@
 """``otel-moe collector``: OTLP/gRPC and OTLP/HTTP receivers feeding one file exporter.
 
 Receivers only parse and validate; the exporter (``files.RotatingFile``) only
-writes. Garbage gets HTTP 400 / gRPC INVALID_ARGUMENT, oversize bodies 413 /
-RESOURCE_EXHAUSTED, other content types 415, and the collector keeps serving.
-It listens on loopback unless told otherwise and writes only under ``--out``.
+writes. Every request is admitted against a memory budget before it is built
+(``admission``): too large alone -> HTTP 413 / gRPC RESOURCE_EXHAUSTED, budget
+taken by requests in flight -> 429 / UNAVAILABLE (retry). Garbage gets 400 /
+INVALID_ARGUMENT, other content types 415, and the collector keeps serving. It
+listens on loopback unless told otherwise and writes only under ``--out``; on
+SIGTERM it stops taking requests, lets those in flight finish (or answers them
+503 / UNAVAILABLE), then closes its file.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
+import contextlib
 import os
 import signal
 import socket
 import sys
 import threading
-import zlib
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # gRPC's C core would print its own lines (a taken port...) past the collector's one-line errors.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse  # noqa: E402
 
-from otel_moe.collector.files import RotatingFile
-from otel_moe.collector.otlp_json import BadRequest, parse_json, parse_protobuf, to_json_line
+from otel_moe.collector import admission  # noqa: E402
+from otel_moe.collector.admission import Busy, MemoryBudget, Reservation, TooLarge  # noqa: E402
+from otel_moe.collector.files import Closed, RotatingFile  # noqa: E402
+from otel_moe.collector.http_receiver import BoundedHTTPServer, BoundedHTTPServer6, Unavailable, make_handler  # noqa: E402
+from otel_moe.collector.otlp_json import BadRequest, parse_protobuf, to_json_line  # noqa: E402
 
-TRACE_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-HTTP_TRACES_PATH = "/v1/traces"
-PROTOBUF, JSON = "application/x-protobuf", "application/json"
+GRPC_WORKERS = 4  # concurrent gRPC exports; more get RESOURCE_EXHAUSTED from gRPC itself
 
 
 class StartError(RuntimeError):
     """The collector cannot start as asked (a port taken, a bad folder): one line says why."""
-
-
-class _IPv6HTTPServer(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
 
 
 def _bracketed(host: str) -> str:
@@ -44,12 +43,17 @@ def _bracketed(host: str) -> str:
 
 
 class Collector:
-    def __init__(self, out_dir: str, host: str, grpc_port: int, http_port: int,
-                 max_request_bytes: int, rotate_bytes: int | None) -> None:
+    def __init__(self, out_dir: str, host: str, grpc_port: int, http_port: int, max_request_bytes: int,
+                 rotate_bytes: int | None, memory_bytes: int = 512 << 20, timeout_s: float = 10.0,
+                 max_connections: int = 64) -> None:
         self.files = RotatingFile(out_dir, rotate_bytes)
         self.max_request_bytes = max_request_bytes
+        self.budget = MemoryBudget(memory_bytes)
+        self._inflight = 0
+        self._idle = threading.Condition()
+        self.stopping = False
         self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=4),
+            futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS), maximum_concurrent_rpcs=GRPC_WORKERS,
             # no SO_REUSEPORT: a second collector on a taken port must fail, not split the data
             options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0)],
         )
@@ -66,100 +70,67 @@ class Collector:
             self.grpc_port = 0
         if not self.grpc_port:
             raise StartError(f"cannot listen for OTLP/gRPC on {_bracketed(host)}:{grpc_port} (in use, or not an address here)")
-        server_class = _IPv6HTTPServer if ":" in host else ThreadingHTTPServer
+        server_class = BoundedHTTPServer6 if ":" in host else BoundedHTTPServer
         try:
-            self.http_server = server_class((host, http_port), _make_http_handler(self))
+            self.http_server = server_class((host, http_port), make_handler(self, timeout_s), max_connections)
         except OSError as err:
             self.grpc_server.stop(0)
             raise StartError(f"cannot listen for OTLP/HTTP on {_bracketed(host)}:{http_port}: {err.strerror or err}") from None
-        self.http_server.daemon_threads = True
         self.http_port = self.http_server.server_address[1]
         self.host = host
 
+    @contextlib.contextmanager
+    def request(self):
+        """Around one request, from its first byte: none starts once the collector
+        is stopping (Unavailable), and stop() waits for those in flight."""
+        with self._idle:
+            if self.stopping:
+                raise Unavailable()
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
     def accept(self, request) -> None:
-        if request.resource_spans:
-            self.files.write_line(to_json_line(request))
+        """Write one parsed request; Unavailable if the file is already closed."""
+        try:
+            if request.resource_spans:
+                self.files.write_line(to_json_line(request))
+        except Closed:
+            raise Unavailable() from None
 
     def _grpc_export(self, body: bytes, context: grpc.ServicerContext):
         try:
-            self.accept(parse_protobuf(body))
-        except BadRequest as err:
+            with self.request(), Reservation(self.budget) as held:
+                held.add(len(body))  # gRPC has read it already; its size is bounded by max_receive_message_length
+                held.add(admission.protobuf_cost(body, self.budget.total))
+                self.accept(parse_protobuf(body))
+        except (BadRequest, admission.Malformed) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except TooLarge as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request too large: {err}")
+        except (Busy, Unavailable):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is busy or stopping: retry")
         return ExportTraceServiceResponse()
 
     def start(self) -> None:
         self.grpc_server.start()
         threading.Thread(target=self.http_server.serve_forever, name="otlp-http", daemon=True).start()
 
-    def stop(self, grace_s: float = 2.0) -> None:
+    def stop(self, grace_s: float = 5.0) -> None:
+        """No new requests; those in flight get ``grace_s`` to finish, then the file closes
+        (a request still running answers 503 / UNAVAILABLE, nothing is written after)."""
+        with self._idle:
+            self.stopping = True
         self.http_server.shutdown()
+        self.http_server.server_close()
         self.grpc_server.stop(grace_s).wait()
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=grace_s)
         self.files.close()
-
-
-def _make_http_handler(collector: Collector):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:  # keep stderr for real problems
-            pass
-
-        def _reply(self, status: int, body: bytes = b"", content_type: str = "text/plain") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self) -> None:
-            if self.path.split("?")[0] != HTTP_TRACES_PATH:
-                return self._reply(404, b"only /v1/traces is served\n")
-            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-            if content_type not in (PROTOBUF, JSON):
-                self.close_connection = True
-                return self._reply(415, f"Content-Type must be {PROTOBUF} or {JSON}\n".encode())
-            length = int(self.headers.get("Content-Length") or -1)
-            if length < 0:
-                self.close_connection = True
-                return self._reply(411, b"Content-Length required\n")
-            if length > collector.max_request_bytes:
-                self.close_connection = True  # the body is not read
-                return self._reply(413, b"request too large\n")
-            body = self.rfile.read(length)
-            try:
-                body = _decompress(body, self.headers.get("Content-Encoding"), collector.max_request_bytes)
-                request = parse_json(body) if content_type == JSON else parse_protobuf(body)
-            except BadRequest as err:
-                return self._reply(400, f"{err}\n".encode())
-            except _TooLarge:
-                return self._reply(413, b"request too large once decompressed\n")
-            collector.accept(request)
-            response = ExportTraceServiceResponse()
-            if content_type == JSON:
-                return self._reply(200, b"{}", JSON)
-            return self._reply(200, response.SerializeToString(), PROTOBUF)
-
-    return Handler
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    encoding = (encoding or "").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise BadRequest(f"unsupported Content-Encoding {encoding!r}")
-    try:
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-        out = d.decompress(body, limit + 1)
-    except (zlib.error, gzip.BadGzipFile) as err:
-        raise BadRequest(f"invalid {encoding} body: {err}") from None
-    if len(out) > limit:
-        raise _TooLarge()
-    return out
 
 
 def _stop_signals() -> tuple[socket.socket, socket.socket]:
@@ -197,6 +168,12 @@ def _positive(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535; 0 picks a free one)")
@@ -206,10 +183,20 @@ def _port(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for traces.json (and rotated files)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback; ::1 for IPv6)")
-    parser.add_argument("--grpc-port", type=_port, default=4317, help="0 picks a free port")
-    parser.add_argument("--http-port", type=_port, default=4318, help="0 picks a free port")
+    parser.add_argument("--grpc-port", type=_port, default=4317, help="OTLP/gRPC port (default: %(default)s; 0 picks a free one)")
+    parser.add_argument("--http-port", type=_port, default=4318, help="OTLP/HTTP port (default: %(default)s; 0 picks a free one)")
     parser.add_argument("--rotate-mb", type=_positive, default=None, help="rotate traces.json past this size")
-    parser.add_argument("--max-request-mb", type=_positive, default=64.0, help="largest request accepted")
+    parser.add_argument("--max-request-mb", type=_positive, default=64.0,
+                        help="largest request accepted, compressed or not (default: %(default)s)")
+    parser.add_argument("--memory-mb", type=_positive, default=512.0,
+                        help="memory budget for requests in flight, their conversion included; a request that would "
+                             "pass it waits its turn (HTTP 429 / gRPC UNAVAILABLE) or is refused if too large alone "
+                             "(default: %(default)s)")
+    parser.add_argument("--timeout-s", type=_positive, default=10.0,
+                        help="HTTP: an idle connection, or a request's headers, may take this long; its body "
+                             "six times as long (default: %(default)s)")
+    parser.add_argument("--max-connections", type=_positive_int, default=64,
+                        help="HTTP connections served at once; one more gets 503 (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
             args.out, args.host, args.grpc_port, args.http_port,
             max_request_bytes=int(args.max_request_mb * (1 << 20)),
             rotate_bytes=int(args.rotate_mb * (1 << 20)) if args.rotate_mb else None,
+            memory_bytes=int(args.memory_mb * (1 << 20)), timeout_s=args.timeout_s, max_connections=args.max_connections,
         )
     except (StartError, OSError) as err:
         print(f"otel-moe collector: {err}", file=sys.stderr)

@@ -1,0 +1,149 @@
+"""The collector's memory budget: what a request may cost is known before it
+is built, and requests are admitted against what is left.
+
+A request's cost is its bytes (raw, then decompressed) plus its conversion:
+parsing and re-encoding as OTLP/JSON costs ~6x the protobuf's bytes plus a
+few hundred bytes per element (span, event, attribute, value), measured on
+this machine. The elements are what makes small requests expensive (64 KiB of
+gzip can hold 32 M empty spans: 8 GiB once converted), so they are counted on
+the wire, along the OTLP trace schema, before anything is parsed.
+"""
+from __future__ import annotations
+
+import threading
+
+BYTES_FACTOR = 6  # converted size / protobuf size, for requests of few large attributes
+ELEMENT_COST = 512  # bytes per element once parsed and converted (measured: ~250)
+JSON_BYTES_FACTOR = 10  # OTLP/JSON bodies: json.loads, ParseDict, then back
+MAX_DEPTH = 64  # nested AnyValues deeper than this are refused (protobuf stops at 100)
+
+
+class TooLarge(Exception):
+    """The request alone would exceed the budget: 413 / RESOURCE_EXHAUSTED."""
+
+
+class Busy(Exception):
+    """The budget is taken by requests in flight: 429 / UNAVAILABLE, retry later."""
+
+
+class Malformed(ValueError):
+    """Not a protobuf of the expected shape (the parser would refuse it too)."""
+
+
+class MemoryBudget:
+    def __init__(self, total_bytes: int) -> None:
+        self.total = total_bytes
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> None:
+        if n > self.total:
+            raise TooLarge(f"needs ~{n >> 20} MiB, more than the collector's memory budget ({self.total >> 20} MiB)")
+        with self._lock:
+            if self.used + n > self.total:
+                raise Busy()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+class Reservation:
+    """What one request holds of the budget; released as a whole at the end."""
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def grow_to(self, n: int) -> None:
+        if n > self.held:
+            self.budget.reserve(n - self.held)
+            self.held = n
+
+    def add(self, n: int) -> None:
+        self.grow_to(self.held + n)
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.budget.release(self.held)
+        self.held = 0
+
+
+# OTLP trace messages: field number -> the message type of a nested field.
+_SCHEMA = {
+    "request": {1: "resource_spans"},
+    "resource_spans": {1: "resource", 2: "scope_spans"},
+    "resource": {1: "key_value"},
+    "scope_spans": {1: "scope", 2: "span"},
+    "scope": {3: "key_value"},
+    "span": {9: "key_value", 11: "event", 13: "link", 15: "status"},
+    "event": {3: "key_value"},
+    "link": {4: "key_value"},
+    "status": {},
+    "key_value": {2: "any_value"},
+    "any_value": {5: "array_value", 6: "key_value_list"},
+    "array_value": {1: "any_value"},
+    "key_value_list": {1: "key_value"},
+}
+
+
+def protobuf_cost(body: bytes, limit: int) -> int:
+    """Estimated bytes to parse and convert this ExportTraceServiceRequest;
+    stops counting (and raises TooLarge) as soon as it passes ``limit``."""
+    base = BYTES_FACTOR * len(body)
+    if base > limit:
+        raise TooLarge(f"~{base >> 20} MiB to convert, more than the budget ({limit >> 20} MiB)")
+    most_elements = (limit - base) // ELEMENT_COST
+    elements = 0
+    stack = [("request", 0, len(body))]
+    while stack:
+        kind, pos, end = stack.pop()
+        nested = _SCHEMA[kind]
+        if len(stack) > MAX_DEPTH:
+            raise Malformed("nested too deeply")
+        while pos < end:
+            key, pos = _varint(body, pos, end)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _varint(body, pos, end)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                size, pos = _varint(body, pos, end)
+                if pos + size > end:
+                    raise Malformed("a field runs past its message")
+                if field in nested:
+                    elements += 1
+                    if elements > most_elements:
+                        raise TooLarge(f"more than {most_elements} spans, events and attributes: more than the "
+                                       f"memory budget ({limit >> 20} MiB) once converted")
+                    stack.append((nested[field], pos, pos + size))
+                pos += size
+            else:
+                raise Malformed(f"wire type {wire}")
+        if pos != end:
+            raise Malformed("a field runs past its message")
+    return base + elements * ELEMENT_COST
+
+
+def json_cost(body: bytes) -> int:
+    """OTLP/JSON: every object or array is an element (an over-estimate: braces in strings count too)."""
+    return JSON_BYTES_FACTOR * len(body) + (body.count(b"{") + body.count(b"[")) * ELEMENT_COST
+
+
+def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise Malformed("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
