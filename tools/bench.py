@@ -359,6 +359,66 @@ def bench_soak(args, work: Path) -> dict:
             "note": "bounded memory: the second half's maximum stays at the level of the first seconds"}
 
 
+def bench_hostile_soak(args, work: Path) -> dict:
+    """The soak's steady OTLP load with hostile clients beside it (tools/hostile.py: gzip and
+    gRPC bombs, big requests in parallel, idle and slow connections, short bodies, garbage,
+    deep JSON, bad ids), the collector at its default budget (512 MiB), its memory sampled."""
+    import collections
+    import threading
+
+    from hostile import Attacks
+
+    from otel_moe.config import from_env
+    from otel_moe.sinks.otlp import OtlpSink
+
+    layers, top_k, experts, tokens = 24, 4, 60, 2048
+    records = list(synthetic.records(8, tokens, layers, top_k, experts))
+    collector = CollectorProcess(work / "hostile", "--rotate-mb", "64")
+    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {})
+    attacks = Attacks(collector.host, collector.http_port, collector.grpc_port)
+    answers: collections.Counter = collections.Counter()
+    done = threading.Event()
+
+    def attacker(offset: int) -> None:
+        kinds = attacks.all()
+        i = offset
+        while not done.is_set():
+            attack = kinds[i % len(kinds)]
+            answers[f"{attack.__name__}: {attack()}"] += 1
+            i += 1
+
+    threads = [threading.Thread(target=attacker, args=(n,), daemon=True) for n in range(6)]
+    for t in threads:
+        t.start()
+    samples, steps, t0 = [], 0, time.monotonic()
+    next_sample = t0
+    while time.monotonic() - t0 < args.soak_seconds:
+        record = records[steps % len(records)]
+        record.step = steps
+        sink.write(record)
+        sink.finish(record.request_ids)
+        steps += 1
+        if time.monotonic() >= next_sample:
+            samples.append(rss_kib(collector.proc.pid))
+            next_sample += 1.0
+            for old in sorted((work / "hostile").glob("traces-*.json"))[:-2]:
+                old.unlink()
+    done.set()
+    for t in threads:
+        t.join(timeout=180)
+    sink.close(60)
+    elapsed = time.monotonic() - t0
+    peak = collector.peak_rss_kib()
+    collector.stop()
+    tail = samples[len(samples) // 2:]
+    return {"seconds": round(elapsed, 1), "steps_exported": steps, "failed_export_spans": sink.failed_export_spans,
+            "collector_rss_mib_first_10s": round(max(samples[:10]) / 1024, 1),
+            "collector_rss_mib_second_half_max": round(max(tail) / 1024, 1), "collector_peak_rss_mib": round(peak / 1024, 1),
+            "memory_budget_mib": 512, "answers": dict(sorted(answers.items())),
+            "traceback_lines": sum("Traceback" in line for line in collector.output)}
+
+
 # ---- report throughput ----------------------------------------------------------
 def bench_report(args, work: Path) -> dict:
     """Issue 12's target: a 24-layer x 60-expert top-4 log of ~1 M tokens, every figure
@@ -391,7 +451,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench/results.json")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--sections", default="vllm,profile,collector,report,soak,exporter_soak")
+    parser.add_argument("--sections", default="vllm,profile,collector,report,soak,hostile_soak,exporter_soak")
     parser.add_argument("--exporter-soak-seconds", type=float, default=120)
     parser.add_argument("--exporter-soak-rate", type=float, default=50, help="steps per second")
     parser.add_argument("--soak-seconds", type=float, default=120)
@@ -434,6 +494,8 @@ def main() -> int:
             results["report"] = bench_report(args, work)
         if "soak" in sections:
             results["soak"] = bench_soak(args, work)
+        if "hostile_soak" in sections:
+            results["hostile_soak"] = bench_hostile_soak(args, work)
         if "exporter_soak" in sections:
             results["exporter_soak"] = bench_exporter_soak(args, work)
     finally:
@@ -493,6 +555,11 @@ def print_table(results: dict) -> None:
         r = results["soak"]
         print(f"soak: {r['seconds']} s at {r['expert_ids_per_s'] / 1e6:.1f}M ids/s, collector RSS "
               f"{r['collector_rss_mib_first_10s']} MiB early, {r['collector_rss_mib_second_half_max']} MiB late")
+    if "hostile_soak" in results:
+        r = results["hostile_soak"]
+        print(f"hostile soak: {r['seconds']} s, collector RSS {r['collector_rss_mib_first_10s']} MiB early, "
+              f"{r['collector_rss_mib_second_half_max']} MiB late, peak {r['collector_peak_rss_mib']} MiB "
+              f"(budget {r['memory_budget_mib']}); failed spans {r['failed_export_spans']}; {r['answers']}")
     for key in ("collector", "report"):
         if key in results:
             r = results[key]
