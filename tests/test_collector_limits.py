@@ -6,47 +6,21 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import os
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from conftest import CollectorProcess
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from hostile import EXPORT, big_request as valid_request, empty_spans  # noqa: E402
+
 PROTOBUF = "application/x-protobuf"
-EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def field(number: int, payload: bytes) -> bytes:
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-
-def empty_spans(n: int) -> bytes:
-    """An ExportTraceServiceRequest of n empty spans: 2 bytes each on the wire."""
-    return field(1, field(2, b"\x12\x00" * n))
-
-
-def valid_request(attribute_bytes: int = 16, spans: int = 1, trace_id: bytes = b"t" * 16, span_id: bytes = b"s" * 8) -> bytes:
-    request = ExportTraceServiceRequest()
-    scope = request.resource_spans.add().scope_spans.add()
-    for _ in range(spans):
-        span = scope.spans.add(trace_id=trace_id, span_id=span_id, name="x")
-        span.attributes.add(key="blob").value.bytes_value = os.urandom(attribute_bytes)
-    return request.SerializeToString()
 
 
 def status_of(proc_pid: int, key: str) -> int:

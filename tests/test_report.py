@@ -256,3 +256,21 @@ def test_summary_command_prints_each_layer(tmp_path):
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])]
     assert [(r[0], r[1]) for r in rows] == [("0", "5"), ("1", "5")]  # layer, tokens
     assert "e0 40%" in proc.stdout and "e2 50%" in proc.stdout  # LAYER0 4/10, LAYER1 5/10
+
+
+def test_counts_mode_windows(tmp_path):
+    """Counts mode: one record per window of steps; imbalance per window, no per-token analyses."""
+    rows = [{"step": 0, "last_step": 4, "layer": 0, "num_tokens": 10, "counts": [12, 4, 2, 2]},
+            {"step": 0, "last_step": 4, "layer": 1, "num_tokens": 10, "counts": [5, 5, 5, 5]},
+            {"step": 5, "last_step": 9, "layer": 0, "num_tokens": 6, "counts": [3, 3, 3, 3]},
+            {"step": 5, "last_step": 9, "layer": 1, "num_tokens": 6, "counts": [0, 0, 6, 6]}]
+    (tmp_path / "counts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = build_report([str(tmp_path / "counts.jsonl")], str(tmp_path / "out"))
+    assert summary["steps"] == 2
+    assert summary["layers"]["0"]["counts"] == [15, 7, 5, 5] and summary["layers"]["0"]["tokens"] == 16
+    assert summary["layers"]["1"]["step_max_over_mean_mean"] == pytest.approx((1.0 + 2.0) / 2)
+    assert summary["cooccurrence"]["layers"] == {} and summary["position_expert"]["layers"] == {}
+    assert summary["layers"]["0"]["router_confidence"] == {"top1_weight": None, "topk_weight_sum": None}
+    out = tmp_path / "out"
+    assert (out / "imbalance_heatmap.png").exists() and not (out / "cooccurrence.png").exists()
+    assert "Needs the tokens mode" in (out / "report.html").read_text()

@@ -27,13 +27,17 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 def empty_spans(n: int) -> bytes:
+    """An ExportTraceServiceRequest of n empty spans: 2 bytes each on the wire."""
     return _field(1, _field(2, b"\x12\x00" * n))
 
 
-def big_request(attribute_bytes: int, trace_id: bytes = b"t" * 16) -> bytes:
+def big_request(attribute_bytes: int = 16, spans: int = 1, trace_id: bytes = b"t" * 16, span_id: bytes = b"s" * 8) -> bytes:
+    """A valid request: ``spans`` spans, each with one bytes attribute of that size."""
     request = ExportTraceServiceRequest()
-    span = request.resource_spans.add().scope_spans.add().spans.add(trace_id=trace_id, span_id=b"s" * 8, name="x")
-    span.attributes.add(key="blob").value.bytes_value = os.urandom(attribute_bytes)
+    scope = request.resource_spans.add().scope_spans.add()
+    for _ in range(spans):
+        span = scope.spans.add(trace_id=trace_id, span_id=span_id, name="x")
+        span.attributes.add(key="blob").value.bytes_value = os.urandom(attribute_bytes)
     return request.SerializeToString()
 
 

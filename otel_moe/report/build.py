@@ -58,7 +58,8 @@ def _nothing_found(files: list[str], stats: LineStats, found: set[str], only_run
 
 
 def _add_step(run: RunStats, step: StepBatch) -> None:
-    run.begin_step(step.step, step.layers[0].num_tokens if step.layers else 0)
+    if step.layers:  # counts mode: request tallies come in records of their own, without layers
+        run.begin_step(step.step, step.layers[0].num_tokens)
     run.add_request_tokens(step.request_ids, step.request_tokens, step.prefill_tokens)
     for lb in step.layers:
         run.add_layer(lb.layer, lb.num_experts, lb.counts, lb.ids, lb.weights,
