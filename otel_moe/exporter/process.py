@@ -224,15 +224,9 @@ class Exporter:
                            self.steps, self.layout_drops, self.failed_steps)
 
 
-EXPORTER_NICENESS = 10
-
-
 def run(spec_json: str) -> int:
     spec = json.loads(spec_json)
     _name_process(spec)
-    # Telemetry yields the CPU to vLLM: where vLLM keeps every core busy, the exporter
-    # runs in the gaps, and if it falls behind the ring fills and steps drop (counted).
-    os.nice(EXPORTER_NICENESS)
     # Ctrl-C reaches the whole process group: the worker decides when to stop (it
     # closes the socket or asks), so the last steps it sends are not lost.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
