@@ -83,6 +83,17 @@ def test_a_gzip_bomb_of_empty_spans_is_refused_before_it_is_built(tmp_path):
         c.stop()
 
 
+def test_requests_of_many_spans_and_deep_values_are_measured_right(small):
+    assert post(small, valid_request(spans=2000))[0] == 200  # siblings are not depth
+    value = "{}"
+    for _ in range(30):  # 60 levels of messages, under protobuf's 100
+        value = f'{{"arrayValue": {{"values": [{value}]}}}}'
+    span = {"traceId": "ab" * 16, "spanId": "cd" * 8, "name": "x", "attributes": [{"key": "deep", "value": json.loads(value)}]}
+    body = json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}).encode()
+    assert post(small, body, "application/json")[0] == 200
+    assert lines(small) == 2
+
+
 def test_parallel_requests_are_admitted_against_the_budget(small):
     before = status_of(small.proc.pid, "VmRSS")
     body = valid_request(attribute_bytes=4 << 20)  # ~28 MiB to hold and convert: two fit in 64 MiB

@@ -15,7 +15,7 @@ import threading
 BYTES_FACTOR = 6  # converted size / protobuf size, for requests of few large attributes
 ELEMENT_COST = 512  # bytes per element once parsed and converted (measured: ~250)
 JSON_BYTES_FACTOR = 10  # OTLP/JSON bodies: json.loads, ParseDict, then back
-MAX_DEPTH = 64  # nested AnyValues deeper than this are refused (protobuf stops at 100)
+MAX_DEPTH = 100  # nesting refused beyond protobuf's own limit
 
 
 class TooLarge(Exception):
@@ -98,11 +98,11 @@ def protobuf_cost(body: bytes, limit: int) -> int:
         raise TooLarge(f"~{base >> 20} MiB to convert, more than the budget ({limit >> 20} MiB)")
     most_elements = (limit - base) // ELEMENT_COST
     elements = 0
-    stack = [("request", 0, len(body))]
+    stack = [("request", 0, len(body), 0)]  # messages still to walk, with their depth
     while stack:
-        kind, pos, end = stack.pop()
+        kind, pos, end, depth = stack.pop()
         nested = _SCHEMA[kind]
-        if len(stack) > MAX_DEPTH:
+        if depth > MAX_DEPTH:
             raise Malformed("nested too deeply")
         while pos < end:
             key, pos = _varint(body, pos, end)
@@ -122,7 +122,7 @@ def protobuf_cost(body: bytes, limit: int) -> int:
                     if elements > most_elements:
                         raise TooLarge(f"more than {most_elements} spans, events and attributes: more than the "
                                        f"memory budget ({limit >> 20} MiB) once converted")
-                    stack.append((nested[field], pos, pos + size))
+                    stack.append((nested[field], pos, pos + size, depth + 1))
                 pos += size
             else:
                 raise Malformed(f"wire type {wire}")
