@@ -98,7 +98,7 @@ def iter_lines(path: str, stats: LineStats) -> Iterator[dict]:
             stats.lines += 1
             try:
                 item = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 stats.bad_lines += 1
                 continue
             if not isinstance(item, dict):

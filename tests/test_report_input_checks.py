@@ -102,9 +102,10 @@ def test_one_bad_jsonl_row_costs_only_itself(tmp_path):
     bad["expert_ids"] = [0.0, 2.5]
     rows[2] = json.dumps(bad)
     rows.insert(5, "{not json")
+    rows.insert(6, "[" * 100000 + "]" * 100000)  # deeper than the JSON parser goes
     (tmp_path / "routing.jsonl").write_text("\n".join(rows) + "\n")
     summary = build_report([str(tmp_path / "routing.jsonl")], str(tmp_path / "out"))
-    assert summary["inputs"]["bad_lines"] == 1
+    assert summary["inputs"]["bad_lines"] == 2
     assert summary["inputs"]["skipped_records"] == {"expert id out of range": 1}
     assert summary["layers"]["0"]["counts"] == [LAYER0[0] - 1, LAYER0[1], LAYER0[2] - 1, LAYER0[3]]
     assert summary["layers"]["1"]["counts"] == LAYER1

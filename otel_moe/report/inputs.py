@@ -181,7 +181,7 @@ def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] =
                 stats.lines += 1
                 try:
                     item = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
                     stats.bad_lines += 1
                     continue
                 if not isinstance(item, dict):
