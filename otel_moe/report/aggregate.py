@@ -232,7 +232,6 @@ class RunStats:
         self._step_key = None
         self._step_tokens = 0
         self._step_counts: dict[int, np.ndarray] = {}
-        self._rows_of: tuple[int, np.ndarray] = (0, np.zeros(0, np.int64))
 
     def layer(self, layer: int, num_experts: int) -> LayerStats:
         stats = self.layers.get(layer)
@@ -251,10 +250,11 @@ class RunStats:
         self._step_tokens += tokens
 
     # One step's routing for one layer. ids/weights: [n, K] (None in counts mode);
-    # request_of: [n] request index into request_ids; prefill, positions: [n].
+    # request_of: [n] index into the step's requests, request_rows: [R] their rows in
+    # self.routing (request_rows()); prefill, positions: [n].
     def add_layer(self, layer: int, num_experts: int, counts: np.ndarray,
                   ids: Optional[np.ndarray], weights: Optional[np.ndarray],
-                  request_ids: Optional[list], request_of: Optional[np.ndarray],
+                  request_rows: Optional[np.ndarray], request_of: Optional[np.ndarray],
                   prefill: Optional[np.ndarray], positions: Optional[np.ndarray], num_tokens: int) -> None:
         stats = self.layer(layer, num_experts)
         stats.counts[: len(counts)] += counts
@@ -262,18 +262,16 @@ class RunStats:
         if ids is not None:
             self.top_k = max(self.top_k, ids.shape[1])
             stats.add_tokens(ids, weights, prefill, positions)
-            if request_of is not None and request_ids:
-                e = stats.num_experts
-                per_request = np.bincount((request_of[:, None] * e + ids).ravel(),
-                                          minlength=len(request_ids) * e).reshape(len(request_ids), e)
-                self.routing.add(self._rows(request_ids), layer, e, per_request)
+            if request_of is not None and request_rows is not None and len(request_rows):
+                e, r = stats.num_experts, len(request_rows)
+                per_request = np.bincount((request_of[:, None] * e + ids).ravel(), minlength=r * e).reshape(r, e)
+                self.routing.add(request_rows, layer, e, per_request)
         acc = self._step_counts.get(layer)
         self._step_counts[layer] = counts.astype(np.int64) if acc is None else acc + counts
 
-    def _rows(self, request_ids: list) -> np.ndarray:
-        if self._rows_of[0] != id(request_ids):  # the same list for every layer of a step
-            self._rows_of = (id(request_ids), np.asarray([self._request(r).row for r in request_ids], np.int64))
-        return self._rows_of[1]
+    def request_rows(self, request_ids: list) -> np.ndarray:
+        """Each request's row in self.routing (-1: not kept), once per step for all its layers."""
+        return np.asarray([self._request(r).row for r in request_ids], np.int64)
 
     def _request(self, request_id: str) -> RequestStats:
         mine = self.requests[request_id]

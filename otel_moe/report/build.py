@@ -61,10 +61,10 @@ def _add_step(run: RunStats, step: StepBatch) -> None:
     if step.layers:  # counts mode: request tallies come in records of their own, without layers
         run.begin_step(step.step, step.layers[0].num_tokens)
     run.add_request_tokens(step.request_ids, step.request_tokens, step.prefill_tokens)
+    rows = run.request_rows(step.request_ids) if any(lb.request_of is not None for lb in step.layers) else None
     for lb in step.layers:
-        run.add_layer(lb.layer, lb.num_experts, lb.counts, lb.ids, lb.weights,
-                      step.request_ids if lb.request_of is not None else None, lb.request_of, lb.prefill,
-                      lb.positions, lb.num_tokens)
+        run.add_layer(lb.layer, lb.num_experts, lb.counts, lb.ids, lb.weights, rows if lb.request_of is not None else None,
+                      lb.request_of, lb.prefill, lb.positions, lb.num_tokens)
 
 
 def _attach_latencies(runs: dict[str, RunStats], latencies: list[Latency], stats: LineStats) -> None:
