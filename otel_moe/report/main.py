@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import sys
@@ -193,7 +194,18 @@ def _position_layers(result: dict, wanted: Optional[frozenset[int]]) -> list[int
 
 def _write_json(path: str, data: dict) -> None:
     with open(path, "w") as f:
-        json.dump(data, f, indent=1, allow_nan=False)
+        json.dump(_strict(data), f, indent=1, allow_nan=False)
+
+
+def _strict(value):
+    """Strict JSON: any NaN or infinity left (a profiler trace's numbers, say) becomes null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _write_requests_csv(path: str, result: dict) -> None:
