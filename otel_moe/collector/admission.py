@@ -10,7 +10,10 @@ the wire, along the OTLP trace schema, before anything is parsed.
 """
 from __future__ import annotations
 
+import functools
 import threading
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 BYTES_FACTOR = 6  # converted size / protobuf size, for requests of few large attributes
 ELEMENT_COST = 512  # bytes per element once parsed and converted (measured: ~250)
@@ -72,36 +75,26 @@ class Reservation:
         self.held = 0
 
 
-# OTLP trace messages: field number -> the message type of a nested field.
-_SCHEMA = {
-    "request": {1: "resource_spans"},
-    "resource_spans": {1: "resource", 2: "scope_spans"},
-    "resource": {1: "key_value"},
-    "scope_spans": {1: "scope", 2: "span"},
-    "scope": {3: "key_value"},
-    "span": {9: "key_value", 11: "event", 13: "link", 15: "status"},
-    "event": {3: "key_value"},
-    "link": {4: "key_value"},
-    "status": {},
-    "key_value": {2: "any_value"},
-    "any_value": {5: "array_value", 6: "key_value_list"},
-    "array_value": {1: "any_value"},
-    "key_value_list": {1: "key_value"},
-}
+@functools.lru_cache(maxsize=None)
+def _nested(descriptor) -> dict:
+    """Field number -> message descriptor, for a message's nested message fields."""
+    return {f.number: f.message_type for f in descriptor.fields if f.message_type is not None}
 
 
-def protobuf_cost(body: bytes, limit: int) -> int:
-    """Estimated bytes to parse and convert this ExportTraceServiceRequest;
-    stops counting (and raises TooLarge) as soon as it passes ``limit``."""
+def protobuf_cost(body: bytes, limit: int, root=ExportTraceServiceRequest.DESCRIPTOR) -> int:
+    """Estimated bytes to parse and convert this request (``root``: its message
+    descriptor, traces by default); stops counting (and raises TooLarge) as soon
+    as it passes ``limit``. The walk follows the message descriptors: every
+    nested message is an element, strings and bytes are skipped by length."""
     base = BYTES_FACTOR * len(body)
     if base > limit:
         raise TooLarge(f"~{base >> 20} MiB to convert, more than the budget ({limit >> 20} MiB)")
     most_elements = (limit - base) // ELEMENT_COST
     elements = 0
-    stack = [("request", 0, len(body), 0)]  # messages still to walk, with their depth
+    stack = [(root, 0, len(body), 0)]  # messages still to walk, with their depth
     while stack:
         kind, pos, end, depth = stack.pop()
-        nested = _SCHEMA[kind]
+        nested = _nested(kind)
         if depth > MAX_DEPTH:
             raise Malformed("nested too deeply")
         while pos < end:
