@@ -196,17 +196,22 @@ def test_ids_of_the_wrong_length_are_refused_naming_the_field(small):
 
 
 def test_sigterm_with_a_request_in_flight(tmp_path):
-    """It finishes (200, written) if the collector had begun it, else it gets 503 and
-    nothing is written; either way the collector exits cleanly, no traceback."""
+    """It finishes (200, written) if the collector had begun it, else it gets 503, or its
+    connection is cut if its headers were not read yet, and nothing is written; either
+    way the collector exits cleanly, no traceback."""
     c = CollectorProcess(tmp_path / "out")
     body = valid_request(spans=3)
     with socket.create_connection((c.host, c.http_port), timeout=30) as s:
         s.sendall(b"POST /v1/traces HTTP/1.1\r\nContent-Type: application/x-protobuf\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body) + body[:20])
         c.proc.send_signal(signal.SIGTERM)
-        s.sendall(body[20:])
-        reply = b"".join(iter(lambda: s.recv(4096), b""))  # until the collector closes
+        try:
+            s.sendall(body[20:])
+            reply = b"".join(iter(lambda: s.recv(4096), b""))  # until the collector closes
+        except ConnectionResetError:
+            reply = b""
     assert c.proc.wait(timeout=30) == 0
     assert (reply.startswith(b"HTTP/1.1 200") and lines(c) == 1) or (
-        reply.startswith(b"HTTP/1.1 503") and b"the collector is stopping" in reply and lines(c) == 0), reply
+        reply.startswith(b"HTTP/1.1 503") and b"the collector is stopping" in reply and lines(c) == 0) or (
+        reply == b"" and lines(c) == 0), reply
     assert not [line for line in c.output if "Traceback" in line]

@@ -32,6 +32,7 @@ HTTP_TRACES_PATH = "/v1/traces"
 PROTOBUF, JSON = "application/x-protobuf", "application/json"
 BODY_TIMEOUT_FACTOR = 6
 READ_CHUNK = 1 << 20
+LINGER_S, LINGER_BYTES = 1.0, 4 << 20
 RETRY_AFTER_S = "1"
 BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
               b"Connection: close\r\n\r\n")
@@ -47,7 +48,18 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address, handler, max_connections: int) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)
+        self.handlers: set = set()  # connections being served
+        self.handlers_changed = threading.Condition()
         super().__init__(address, handler)
+
+    def close_idle_and_wait(self, grace_s: float) -> None:
+        """On stop: cut the connections waiting for a request, give those in a request
+        ``grace_s`` to answer."""
+        with self.handlers_changed:
+            for handler in self.handlers:
+                if not handler.busy:
+                    _shut(handler.connection)
+            self.handlers_changed.wait_for(lambda: not self.handlers, timeout=grace_s)
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
@@ -81,13 +93,17 @@ class _Deadline:
 
     @staticmethod
     def _expire(connection: socket.socket) -> None:
-        try:
-            connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        _shut(connection)
 
     def cancel(self) -> None:
         self._timer.cancel()
+
+
+def _shut(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class _Refused(Exception):
@@ -103,6 +119,13 @@ def make_handler(collector: "Collector", timeout_s: float):
 
         def log_message(self, *args) -> None:  # keep stderr for real problems
             pass
+
+        busy = False  # inside a request (stop() waits for it) or waiting for one (stop() cuts it)
+
+        def setup(self) -> None:
+            super().setup()
+            with self.server.handlers_changed:
+                self.server.handlers.add(self)
 
         def handle_one_request(self) -> None:
             deadline = _Deadline(self.connection, timeout_s)  # idle + request line + headers
@@ -126,8 +149,20 @@ def make_handler(collector: "Collector", timeout_s: float):
             self.wfile.write(body)
 
         def do_POST(self) -> None:
+            self.busy = True
             self._deadline.cancel()
             body_deadline = _Deadline(self.connection, timeout_s * BODY_TIMEOUT_FACTOR)
+            try:
+                with collector.request():  # held until the answer is sent: a stopping collector waits for it
+                    self._answer()
+            except Unavailable:
+                self.close_connection = True
+                self._reply(503, b"the collector is stopping\n", retry=True)
+            finally:
+                body_deadline.cancel()
+                self.busy = self.close_connection  # kept alive: waiting for the next request again
+
+        def _answer(self) -> None:
             try:
                 self._export()
             except _Refused as err:
@@ -138,8 +173,16 @@ def make_handler(collector: "Collector", timeout_s: float):
                       file=sys.stderr, flush=True)
                 self.close_connection = True
                 self._reply(500, b"internal error\n")
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+                if self.close_connection:
+                    _linger(self.connection)
             finally:
-                body_deadline.cancel()
+                with self.server.handlers_changed:
+                    self.server.handlers.discard(self)
+                    self.server.handlers_changed.notify_all()
 
         def _export(self) -> None:
             if self.path.split("?")[0] != HTTP_TRACES_PATH:
@@ -149,7 +192,7 @@ def make_handler(collector: "Collector", timeout_s: float):
             if content_type not in (PROTOBUF, JSON):
                 raise _Refused(415, f"Content-Type must be {PROTOBUF} or {JSON}", close=True)
             try:
-                with collector.request(), Reservation(collector.budget) as held:
+                with Reservation(collector.budget) as held:
                     body = self._read_body(held)
                     body = _decompress(body, self.headers.get("Content-Encoding"), collector.max_request_bytes, held)
                     held.add(admission.json_cost(body) if content_type == JSON else
@@ -217,6 +260,23 @@ def make_handler(collector: "Collector", timeout_s: float):
                 self.rfile.readline(3)  # CRLF after the chunk
 
     return Handler
+
+
+def _linger(connection: socket.socket) -> None:
+    """Close after an answer sent before the body was read: stop writing, then read
+    away what the client still sends for a moment, so the close is not a reset that
+    would destroy the answer before the client reads it."""
+    try:
+        connection.shutdown(socket.SHUT_WR)
+        connection.settimeout(LINGER_S)
+        drained = 0
+        while drained < LINGER_BYTES:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass
 
 
 def _decompress(body: bytes, encoding: str | None, limit: int, held: Reservation) -> bytes:

@@ -127,6 +127,7 @@ class Collector:
             self.stopping = True
         self.http_server.shutdown()
         self.http_server.server_close()
+        self.http_server.close_idle_and_wait(grace_s)
         self.grpc_server.stop(grace_s).wait()
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=grace_s)
