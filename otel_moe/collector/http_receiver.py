@@ -19,7 +19,9 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 
 from otel_moe.collector import admission
 from otel_moe.collector.admission import Busy, Reservation, TooLarge
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from otel_moe.collector.server import Collector
 
 HTTP_TRACES_PATH = "/v1/traces"
+SIGNALS = {HTTP_TRACES_PATH: (ExportTraceServiceRequest, ExportTraceServiceResponse),
+           "/v1/metrics": (ExportMetricsServiceRequest, ExportMetricsServiceResponse)}
 PROTOBUF, JSON = "application/x-protobuf", "application/json"
 BODY_TIMEOUT_FACTOR = 6
 READ_CHUNK = 1 << 20
@@ -185,9 +189,11 @@ def make_handler(collector: "Collector", timeout_s: float):
                     self.server.handlers_changed.notify_all()
 
         def _export(self) -> None:
-            if self.path.split("?")[0] != HTTP_TRACES_PATH:
+            signal = SIGNALS.get(self.path.split("?")[0])
+            if signal is None:
                 self.close_connection = True  # the body is not read
-                raise _Refused(404, f"only {HTTP_TRACES_PATH} is served")
+                raise _Refused(404, f"only {' and '.join(SIGNALS)} are served")
+            message, response = signal
             content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if content_type not in (PROTOBUF, JSON):
                 raise _Refused(415, f"Content-Type must be {PROTOBUF} or {JSON}", close=True)
@@ -196,8 +202,8 @@ def make_handler(collector: "Collector", timeout_s: float):
                     body = self._read_body(held)
                     body = _decompress(body, self.headers.get("Content-Encoding"), collector.max_request_bytes, held)
                     held.add(admission.json_cost(body) if content_type == JSON else
-                             admission.protobuf_cost(body, collector.budget.total))
-                    request = parse_json(body) if content_type == JSON else parse_protobuf(body)
+                             admission.protobuf_cost(body, collector.budget.total, message.DESCRIPTOR))
+                    request = parse_json(body, message) if content_type == JSON else parse_protobuf(body, message)
                     del body
                     collector.accept(request)
             except admission.Malformed as err:
@@ -213,7 +219,7 @@ def make_handler(collector: "Collector", timeout_s: float):
                 raise _Refused(503, "the collector is stopping", close=True) from None
             if content_type == JSON:
                 return self._reply(200, b"{}", JSON)
-            return self._reply(200, ExportTraceServiceResponse().SerializeToString(), PROTOBUF)
+            return self._reply(200, response().SerializeToString(), PROTOBUF)
 
         def _read_body(self, held: Reservation) -> bytes:
             chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
@@ -277,6 +283,30 @@ def _linger(connection: socket.socket) -> None:
             drained += len(chunk)
     except OSError:
         pass
+
+
+def make_prometheus_handler(state, timeout_s: float):
+    """GET /metrics: the text exposition of what the OTLP metrics said last."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = timeout_s
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/metrics":
+                body, status = b"only /metrics is served\n", 404
+            else:
+                body, status = state.render(), 200
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
 
 
 def _decompress(body: bytes, encoding: str | None, limit: int, held: Reservation) -> bytes:

@@ -10,6 +10,7 @@ import binascii
 import json
 
 from google.protobuf import json_format
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
@@ -41,8 +42,9 @@ def _hex_to_b64(value: str) -> str:
         raise BadRequest(f"invalid hex id {value[:40]!r}") from None
 
 
-def to_json_line(request: ExportTraceServiceRequest) -> str:
-    """One request -> one line of OTLP/JSON, newline included."""
+def to_json_line(request) -> str:
+    """One request (traces or metrics) -> one line of OTLP/JSON, newline included.
+    (Metric exemplars' ids would stay base64: otel-moe's metrics record none.)"""
     as_dict = json_format.MessageToDict(request, use_integers_for_enums=True)
     return json.dumps(_convert_ids(as_dict, _b64_to_hex), separators=(",", ":")) + "\n"
 
@@ -70,17 +72,19 @@ def _check_id(where: str, field: str, value: bytes) -> None:
         raise BadRequest(f"{where}.{field}: {ID_BYTES[field]} bytes expected, got {len(value)}")
 
 
-def parse_protobuf(body: bytes) -> ExportTraceServiceRequest:
-    request = ExportTraceServiceRequest()
+def parse_protobuf(body: bytes, message=ExportTraceServiceRequest):
+    """``message``: ExportTraceServiceRequest (default) or ExportMetricsServiceRequest."""
+    request = message()
     try:
         request.ParseFromString(body)
     except Exception as err:  # DecodeError, and RuntimeWarning-ish oddities from upb
         raise BadRequest(f"invalid protobuf: {err}") from None
-    check_ids(request)
+    if message is ExportTraceServiceRequest:
+        check_ids(request)
     return request
 
 
-def parse_json(body: bytes) -> ExportTraceServiceRequest:
+def parse_json(body: bytes, message=ExportTraceServiceRequest):
     try:
         as_dict = json.loads(body)
     except RecursionError:
@@ -89,10 +93,15 @@ def parse_json(body: bytes) -> ExportTraceServiceRequest:
         raise BadRequest(f"invalid JSON: {err}") from None
     if not isinstance(as_dict, dict):
         raise BadRequest("an OTLP/JSON request is an object")
-    request = ExportTraceServiceRequest()
+    request = message()
     try:
         json_format.ParseDict(_convert_ids(as_dict, _hex_to_b64), request, ignore_unknown_fields=True)
     except (json_format.ParseError, binascii.Error, TypeError, AttributeError, ValueError, RecursionError) as err:
         raise BadRequest(f"invalid OTLP/JSON: {err}") from None
-    check_ids(request)
+    if message is ExportTraceServiceRequest:
+        check_ids(request)
     return request
+
+
+__all__ = ["BadRequest", "ExportMetricsServiceRequest", "ExportTraceServiceRequest", "check_ids", "parse_json",
+           "parse_protobuf", "to_json_line"]

@@ -23,12 +23,17 @@ from concurrent import futures
 # gRPC's C core would print its own lines (a taken port...) past the collector's one-line errors.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse  # noqa: E402
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (  # noqa: E402
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
+    ExportTraceServiceRequest, ExportTraceServiceResponse)
 
 from otel_moe.collector import admission  # noqa: E402
 from otel_moe.collector.admission import Busy, MemoryBudget, Reservation, TooLarge  # noqa: E402
 from otel_moe.collector.files import Closed, RotatingFile  # noqa: E402
-from otel_moe.collector.http_receiver import BoundedHTTPServer, BoundedHTTPServer6, Unavailable, make_handler  # noqa: E402
+from otel_moe.collector.http_receiver import (  # noqa: E402
+    BoundedHTTPServer, BoundedHTTPServer6, Unavailable, make_handler, make_prometheus_handler)
+from otel_moe.collector.prometheus import PrometheusState  # noqa: E402
 from otel_moe.collector.otlp_json import BadRequest, parse_protobuf, to_json_line  # noqa: E402
 
 GRPC_WORKERS = 4  # concurrent gRPC exports; more get RESOURCE_EXHAUSTED from gRPC itself
@@ -45,8 +50,10 @@ def _bracketed(host: str) -> str:
 class Collector:
     def __init__(self, out_dir: str, host: str, grpc_port: int, http_port: int, max_request_bytes: int,
                  rotate_bytes: int | None, memory_bytes: int = 512 << 20, timeout_s: float = 10.0,
-                 max_connections: int = 64) -> None:
+                 max_connections: int = 64, prometheus_port: int | None = None) -> None:
         self.files = RotatingFile(out_dir, rotate_bytes)
+        self.metric_files = RotatingFile(out_dir, rotate_bytes, "metrics")
+        self.prometheus = PrometheusState() if prometheus_port is not None else None
         self.max_request_bytes = max_request_bytes
         self.budget = MemoryBudget(memory_bytes)
         self._inflight = 0
@@ -58,12 +65,14 @@ class Collector:
             options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0)],
         )
         # Raw bytes in: parsing here lets garbage get INVALID_ARGUMENT, not INTERNAL.
-        handler = grpc.unary_unary_rpc_method_handler(
-            self._grpc_export, request_deserializer=None,
-            response_serializer=ExportTraceServiceResponse.SerializeToString)
-        self.grpc_server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(
-                "opentelemetry.proto.collector.trace.v1.TraceService", {"Export": handler}),))
+        for service, message, response in (
+                ("opentelemetry.proto.collector.trace.v1.TraceService", ExportTraceServiceRequest, ExportTraceServiceResponse),
+                ("opentelemetry.proto.collector.metrics.v1.MetricsService", ExportMetricsServiceRequest,
+                 ExportMetricsServiceResponse)):
+            handler = grpc.unary_unary_rpc_method_handler(
+                lambda body, context, message=message, response=response: self._grpc_export(body, context, message, response),
+                request_deserializer=None, response_serializer=response.SerializeToString)
+            self.grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {"Export": handler}),))
         try:
             self.grpc_port = self.grpc_server.add_insecure_port(f"{_bracketed(host)}:{grpc_port}")
         except RuntimeError:
@@ -77,6 +86,15 @@ class Collector:
             self.grpc_server.stop(0)
             raise StartError(f"cannot listen for OTLP/HTTP on {_bracketed(host)}:{http_port}: {err.strerror or err}") from None
         self.http_port = self.http_server.server_address[1]
+        self.prometheus_server = None
+        if self.prometheus is not None:
+            try:
+                self.prometheus_server = server_class((host, prometheus_port), make_prometheus_handler(self.prometheus, timeout_s),
+                                                      max_connections)
+            except OSError as err:
+                self.grpc_server.stop(0)
+                self.http_server.server_close()
+                raise StartError(f"cannot serve Prometheus on {_bracketed(host)}:{prometheus_port}: {err.strerror or err}") from None
         self.host = host
 
     @contextlib.contextmanager
@@ -95,43 +113,52 @@ class Collector:
                 self._idle.notify_all()
 
     def accept(self, request) -> None:
-        """Write one parsed request; Unavailable if the file is already closed."""
+        """Write one parsed request (traces or metrics); Unavailable if the file is already closed."""
+        traces = isinstance(request, ExportTraceServiceRequest)
+        if not (request.resource_spans if traces else request.resource_metrics):
+            return
         try:
-            if request.resource_spans:
-                self.files.write_line(to_json_line(request))
+            (self.files if traces else self.metric_files).write_line(to_json_line(request))
         except Closed:
             raise Unavailable() from None
+        if not traces and self.prometheus is not None:
+            self.prometheus.update(request)
 
-    def _grpc_export(self, body: bytes, context: grpc.ServicerContext):
+    def _grpc_export(self, body: bytes, context: grpc.ServicerContext, message, response):
         try:
             with self.request(), Reservation(self.budget) as held:
                 held.add(len(body))  # gRPC has read it already; its size is bounded by max_receive_message_length
-                held.add(admission.protobuf_cost(body, self.budget.total))
-                self.accept(parse_protobuf(body))
+                held.add(admission.protobuf_cost(body, self.budget.total, message.DESCRIPTOR))
+                self.accept(parse_protobuf(body, message))
         except (BadRequest, admission.Malformed) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except TooLarge as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request too large: {err}")
         except (Busy, Unavailable):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the collector is busy or stopping: retry")
-        return ExportTraceServiceResponse()
+        return response()
 
     def start(self) -> None:
         self.grpc_server.start()
         threading.Thread(target=self.http_server.serve_forever, name="otlp-http", daemon=True).start()
+        if self.prometheus_server is not None:
+            threading.Thread(target=self.prometheus_server.serve_forever, name="prometheus", daemon=True).start()
 
     def stop(self, grace_s: float = 5.0) -> None:
         """No new requests; those in flight get ``grace_s`` to finish, then the file closes
         (a request still running answers 503 / UNAVAILABLE, nothing is written after)."""
         with self._idle:
             self.stopping = True
-        self.http_server.shutdown()
-        self.http_server.server_close()
+        for server in (self.http_server, self.prometheus_server):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
         self.http_server.close_idle_and_wait(grace_s)
         self.grpc_server.stop(grace_s).wait()
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=grace_s)
         self.files.close()
+        self.metric_files.close()
 
 
 def _stop_signals() -> tuple[socket.socket, socket.socket]:
@@ -196,6 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=_positive, default=10.0,
                         help="HTTP: an idle connection, or a request's headers, may take this long; its body "
                              "six times as long (default: %(default)s)")
+    parser.add_argument("--prometheus-port", type=_port, default=None,
+                        help="serve the OTLP metrics received as Prometheus text on this port, at /metrics "
+                             "(default: off; 0 picks a free port)")
     parser.add_argument("--max-connections", type=_positive_int, default=64,
                         help="HTTP connections served at once; one more gets 503 (default: %(default)s)")
 
@@ -211,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
             max_request_bytes=int(args.max_request_mb * (1 << 20)),
             rotate_bytes=int(args.rotate_mb * (1 << 20)) if args.rotate_mb else None,
             memory_bytes=int(args.memory_mb * (1 << 20)), timeout_s=args.timeout_s, max_connections=args.max_connections,
+            prometheus_port=args.prometheus_port,
         )
     except (StartError, OSError) as err:
         print(f"otel-moe collector: {err}", file=sys.stderr)
@@ -218,8 +249,10 @@ def run(args: argparse.Namespace) -> int:
     collector.start()
     # Tests and `make demo` wait for this line rather than sleeping.
     host = _bracketed(collector.host)
+    prometheus = (f" Prometheus {host}:{collector.prometheus_server.server_address[1]}"
+                  if collector.prometheus_server is not None else "")
     print(f"otel-moe collector: OTLP/gRPC {host}:{collector.grpc_port} "
-          f"OTLP/HTTP {host}:{collector.http_port} writing {collector.files.path}", flush=True)
+          f"OTLP/HTTP {host}:{collector.http_port} writing {collector.files.path}{prometheus}", flush=True)
     stopped.recv(1)
     collector.stop()
     print(f"otel-moe collector: stopped after {collector.files.lines} lines", flush=True)
