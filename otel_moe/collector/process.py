@@ -29,6 +29,8 @@ class CollectorProcess:
             self.proc.kill()
             raise RuntimeError(f"the collector did not start: {ready!r} {self.proc.stderr.read()}")
         self.host, self.grpc_port, self.http_port = match.group(1), int(match.group(2)), int(match.group(3))
+        prometheus = re.search(r"Prometheus \S+:(\d+)", ready)
+        self.prometheus_port = int(prometheus.group(1)) if prometheus else None
         # Its pipes are drained for as long as it runs: a full pipe would block the collector's next write.
         self.output: collections.deque[str] = collections.deque(maxlen=200)
         for pipe in (self.proc.stdout, self.proc.stderr):

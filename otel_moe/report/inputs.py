@@ -188,6 +188,8 @@ def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] =
                     stats.bad_lines += 1
                 elif "resourceSpans" in item:
                     yield from _otlp_items(item, stats)
+                elif "resourceMetrics" in item:
+                    continue  # the collector's metrics.json: not read by the report yet
                 elif "layer" in item and "step" in item:
                     jsonl = jsonl or JsonlSteps(f"jsonl:{os.path.basename(file)}")
                     try:

@@ -1,0 +1,70 @@
+"""OTLP metrics into the embedded collector, from the OpenTelemetry SDK's own
+exporters over loopback: metrics.json lines and the Prometheus text endpoint."""
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+
+from conftest import CollectorProcess
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory):
+    c = CollectorProcess(tmp_path_factory.mktemp("metrics") / "out", "--prometheus-port", "0")
+    yield c
+    c.stop()
+
+
+def _exporter(collector, protocol):
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        return OTLPMetricExporter(endpoint=collector.grpc_endpoint, insecure=True)
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+    return OTLPMetricExporter(endpoint=f"{collector.http_endpoint}/v1/metrics")
+
+
+def _scrape(collector) -> str:
+    with urllib.request.urlopen(f"http://{collector.host}:{collector.prometheus_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_sdk_metrics_reach_the_file_and_prometheus(collector, protocol):
+    reader = PeriodicExportingMetricReader(_exporter(collector, protocol), export_interval_millis=3_600_000)
+    resource = Resource.create({"service.name": "vllm", "service.instance.id": f"run-{protocol}"})
+    provider = MeterProvider(resource=resource, metric_readers=[reader])
+    meter = provider.get_meter("otel_moe")
+    tokens = meter.create_counter("moe.expert.tokens", unit="{token}")
+    imbalance = meter.create_gauge("moe.layer.imbalance", unit="1")
+    for layer, expert, n in ((0, 3, 5), (0, 3, 2), (1, 7, 4)):
+        tokens.add(n, {"moe.layer": layer, "moe.expert": expert, "moe.phase": "decode"})
+    imbalance.set(1.5, {"moe.layer": 0})
+    assert reader.force_flush(timeout_millis=30_000)
+    provider.shutdown()
+    lines = [json.loads(line) for line in (collector.out_dir / "metrics.json").read_text().splitlines()]
+    names = {m["name"] for line in lines for rm in line["resourceMetrics"] for sm in rm["scopeMetrics"] for m in sm["metrics"]}
+    assert {"moe.expert.tokens", "moe.layer.imbalance"} <= names
+    text = _scrape(collector)
+    labels = f'job="vllm",instance="run-{protocol}"'
+    assert "# TYPE moe_expert_tokens_total counter" in text
+    assert f'moe_expert_tokens_total{{{labels},moe_expert="3",moe_layer="0",moe_phase="decode"}} 7' in text
+    assert f'moe_expert_tokens_total{{{labels},moe_expert="7",moe_layer="1",moe_phase="decode"}} 4' in text
+    assert f'moe_layer_imbalance_ratio{{{labels},moe_layer="0"}} 1.5' in text
+
+
+def test_metrics_never_reach_the_report(collector, tmp_path):
+    from otel_moe.report.build import EmptyInput
+    from otel_moe.report.main import build_report
+
+    if not (collector.out_dir / "metrics.json").exists():
+        pytest.skip("runs after the export test")
+    with pytest.raises(EmptyInput) as err:
+        build_report([str(collector.out_dir / "metrics.json")], str(tmp_path / "out"))
+    assert "0 not JSON objects" not in str(err.value) and "not JSON objects" not in str(err.value)
