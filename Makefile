@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup prometheus demo test bench clean
 
 setup: $(VENV)/.ready
 
@@ -20,7 +20,11 @@ $(VENV)/.ready: pyproject.toml
 demo: setup
 	$(PY) tools/demo.py --out $(OUT)/demo
 
-test: setup
+# A real Prometheus server for the metrics test (Debian's package; the test says so if it is missing).
+prometheus:
+	@command -v prometheus >/dev/null || apt-get install -y -q prometheus >/dev/null || echo "prometheus not installed: its test will be skipped"
+
+test: setup prometheus
 	$(PY) -m pytest -q
 
 bench: setup

@@ -19,6 +19,8 @@ QUEUE_STEPS = "VLLM_LOG_MOE_QUEUE_STEPS"
 CONTROL = "VLLM_LOG_MOE_CONTROL"
 RING_MB = "VLLM_LOG_MOE_RING_MB"
 COUNTS_INTERVAL_MS = "VLLM_LOG_MOE_COUNTS_INTERVAL_MS"
+METRICS = "VLLM_LOG_MOE_METRICS"  # OTLP metrics detail: "experts" (per expert and layer) or "layers" (per layer)
+METRICS_DETAILS = ("experts", "layers")
 
 OTLP = "otlp"
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
@@ -118,6 +120,7 @@ class Config:
     control_path: Optional[str] = None  # VLLM_LOG_MOE_CONTROL: live start/stop/switch
     ring_mb: int = DEFAULT_RING_MB  # shared memory between a worker and its exporter
     counts_interval_ms: int = DEFAULT_COUNTS_INTERVAL_MS  # counts mode: device counters read this often
+    metrics: str = METRICS_DETAILS[0]  # with OTLP: what the expert-load metrics break down
 
     @property
     def jsonl_paths(self) -> list[str]:
@@ -165,6 +168,9 @@ def from_env(env: Mapping[str, str] = os.environ) -> Optional[Config]:
     queue = env.get(QUEUE_STEPS, "").strip()
     ring_mb = env.get(RING_MB, "").strip()
     interval = env.get(COUNTS_INTERVAL_MS, "").strip()
+    metrics = env.get(METRICS, "").strip().lower() or METRICS_DETAILS[0]
+    if metrics not in METRICS_DETAILS:
+        raise _refuse(METRICS, env[METRICS], " or ".join(METRICS_DETAILS))
     control = env.get(CONTROL, "").strip() or None
     if control is not None and (os.path.isdir(control) or not os.path.isdir(os.path.dirname(os.path.abspath(control)))):
         raise _refuse(CONTROL, control, "a file path in an existing directory (the file itself may be absent)")
@@ -177,4 +183,5 @@ def from_env(env: Mapping[str, str] = os.environ) -> Optional[Config]:
         control_path=control,
         ring_mb=_positive_int(RING_MB, ring_mb) if ring_mb else DEFAULT_RING_MB,
         counts_interval_ms=_positive_int(COUNTS_INTERVAL_MS, interval) if interval else DEFAULT_COUNTS_INTERVAL_MS,
+        metrics=metrics,
     )

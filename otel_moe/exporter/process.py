@@ -237,7 +237,7 @@ def run(spec_json: str) -> int:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     config = Config(destinations=tuple(spec["destinations"]), layers=parse_layers(""), mode=spec["mode"],
-                    expected_moe_layers=None, queue_steps=1)
+                    expected_moe_layers=None, queue_steps=1, metrics=spec.get("metrics", "experts"))
     exporter = Exporter(spec, open_sinks(config, spec["resource"]))
     try:
         exporter.run()

@@ -24,6 +24,7 @@ from opentelemetry.trace import Link
 
 from otel_moe import schema
 from otel_moe.config import Config, otlp_protocol
+from otel_moe.sinks.metrics import open_metrics
 from otel_moe.step import StepRecord
 
 logger = logging.getLogger("vllm.otel_moe")
@@ -154,6 +155,7 @@ class OtlpSink:
         self.tracer = self._provider.get_tracer(schema.INSTRUMENTATION_SCOPE, version("otel-moe"))
         self.exporter = exporter or make_exporter()
         self.requests = RequestTallies()
+        self.metrics = open_metrics(resource_attributes, config.metrics) if exporter is None else None
         self.failed_export_spans = 0
         self.evicted_requests = 0
         self._last_export = time.monotonic()
@@ -163,6 +165,8 @@ class OtlpSink:
         """A tokens-mode step, a counts-mode step's layout (no ids, no counts: request
         totals only) or a counts-mode window (counts, no requests)."""
         self.mode = "counts" if record.ids is None else "tokens"
+        if self.metrics is not None:
+            self.metrics.add(record)
         slots = self._tally(record) if record.request_ids else np.zeros(0, np.int64)
         spans = self._step_spans(record) if record.ids is not None or record.counts is not None else []
         first_span = self.requests.first_span
@@ -313,6 +317,11 @@ class OtlpSink:
             self.exporter.shutdown()
         except Exception:
             pass
+        if self.metrics is not None:
+            try:
+                self.metrics.close(max(0.5, deadline - time.monotonic()))  # a last export of the totals
+            except Exception:
+                logger.warning("otel-moe: the last metrics export failed")
 
 
 def _batches(sized_spans: list[tuple[ReadableSpan, int]]) -> list[list]:

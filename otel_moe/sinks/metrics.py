@@ -1,0 +1,165 @@
+"""Expert load as OpenTelemetry metrics, from the exporter process (never vLLM's
+engine thread). Records add into numpy totals; the SDK's reader thread reads
+them at each export (``OTEL_METRIC_EXPORT_INTERVAL``), so a step costs a few
+bincounts, not one ``add()`` per series.
+
+- ``moe.expert.tokens`` (counter, ``{token}``): tokens routed to each expert,
+  by ``moe.layer``, ``moe.expert``, ``moe.phase`` (``prefill`` / ``decode``;
+  counts mode, whose windows carry no split: ``all``) and ``otel_moe.dp_rank``.
+- ``moe.layer.imbalance`` (gauge, ``{ratio}``): busiest expert over mean expert
+  load since the previous export, per ``moe.layer``.
+- ``moe.layer.experts_unused`` (gauge, ``{expert}``): experts that got no token
+  since the previous export.
+``VLLM_LOG_MOE_METRICS=layers`` keeps only the two gauges (few series);
+``OTEL_METRICS_EXPORTER=none`` turns metrics off.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Optional
+
+import numpy as np
+
+from otel_moe.step import StepRecord
+
+PHASES = ("prefill", "decode", "all")
+
+
+def enabled(env=os.environ) -> bool:
+    return env.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() != "none"
+
+
+def _exporter():
+    """From the standard variables; where only the traces' endpoint is given (as vLLM's
+    --otlp-traces-endpoint does), the metrics go to the same collector."""
+    env = os.environ
+    protocol = (env.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or "grpc").strip()
+    endpoint = None
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if traces and not (env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+        endpoint = traces if protocol == "grpc" else traces.rsplit("/v1/traces", 1)[0].rstrip("/") + "/v1/metrics"
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    return OTLPMetricExporter(endpoint=endpoint)  # None: endpoint, headers, timeout from the OTEL_* variables
+
+
+class ExpertMetrics:
+    def __init__(self, resource_attributes: dict, detail: str, reader=None) -> None:
+        """``reader``: the SDK metric reader (default: periodic OTLP export from the OTEL_* variables)."""
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+
+        self._lock = threading.Lock()
+        self._totals: dict[tuple[int, str], np.ndarray] = {}  # (dp rank, phase) -> [layer slot, expert]
+        self._seen: dict[str, np.ndarray] = {}  # gauge -> the all-ranks totals at its previous read
+        self._layers: list[int] = []
+        run_id = resource_attributes.get("otel_moe.run_id", "")
+        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "vllm",
+                                    "service.instance.id": str(run_id), **resource_attributes})
+        self._reader = reader or PeriodicExportingMetricReader(_exporter())
+        self._provider = MeterProvider(resource=resource, metric_readers=[self._reader])
+        meter = self._provider.get_meter("otel_moe")
+        if detail == "experts":
+            meter.create_observable_counter("moe.expert.tokens", [self._observe_tokens], unit="{token}",
+                                            description="tokens routed to each expert")
+        meter.create_observable_gauge("moe.layer.imbalance", [self._observe_imbalance], unit="{ratio}",
+                                      description="busiest expert's load over the mean, since the previous export")
+        meter.create_observable_gauge("moe.layer.experts_unused", [self._observe_unused], unit="{expert}",
+                                      description="experts that got no token since the previous export")
+
+    def add(self, record: StepRecord) -> None:
+        if record.ids is not None:
+            n = len(record.positions)
+            if not n:
+                return
+            prompt = np.repeat(record.prompt_lens, record.request_tokens)
+            prefill = record.positions < prompt
+            for phase, rows in (("prefill", prefill), ("decode", ~prefill)):
+                if rows.any():
+                    self._add(record.dp_rank, phase, record.layers, record.num_experts,
+                              _per_layer(record.ids[rows], record.num_experts))
+        elif record.counts is not None:
+            self._add(record.dp_rank, "all", record.layers, record.counts.shape[1], record.counts.astype(np.int64))
+
+    def _add(self, dp_rank: int, phase: str, layers: list[int], num_experts: int, counts: np.ndarray) -> None:
+        with self._lock:
+            slots = [self._slot(layer) for layer in layers]
+            have = self._totals.get((dp_rank, phase))
+            if have is None or have.shape[0] < len(self._layers) or have.shape[1] < num_experts:
+                have = self._totals[(dp_rank, phase)] = _grown(have, len(self._layers), num_experts)
+            have[slots, :num_experts] += counts
+
+    def _slot(self, layer: int) -> int:
+        if layer not in self._layers:
+            self._layers.append(layer)
+        return self._layers.index(layer)
+
+    def _observe_tokens(self, options):
+        from opentelemetry.metrics import Observation
+
+        with self._lock:
+            out = []
+            for (dp_rank, phase), counts in self._totals.items():
+                for slot, layer in enumerate(self._layers[: counts.shape[0]]):
+                    for expert in np.flatnonzero(counts[slot]):
+                        out.append(Observation(int(counts[slot, expert]), {
+                            "moe.layer": layer, "moe.expert": int(expert), "moe.phase": phase, "otel_moe.dp_rank": dp_rank}))
+            return out
+
+    def _since_last_read(self, gauge: str) -> dict[int, tuple[float, int]]:
+        """Per layer: (max / mean, experts unused) over what came since this gauge's
+        previous read, all ranks and phases together (each gauge keeps its own mark)."""
+        with self._lock:
+            if not self._totals:
+                return {}
+            width = max(c.shape[1] for c in self._totals.values())
+            total = np.zeros((len(self._layers), width), np.int64)
+            for counts in self._totals.values():
+                total[: counts.shape[0], : counts.shape[1]] += counts
+            seen = _grown(self._seen.get(gauge), *total.shape)
+            self._seen[gauge] = total
+        delta = total - seen
+        return {layer: (float(row.max() / row.mean()), int((row == 0).sum()))
+                for layer, row in zip(self._layers, delta) if row.sum()}
+
+    def _observe_imbalance(self, options):
+        from opentelemetry.metrics import Observation
+
+        return [Observation(ratio, {"moe.layer": layer})
+                for layer, (ratio, _) in self._since_last_read("imbalance").items()]
+
+    def _observe_unused(self, options):
+        from opentelemetry.metrics import Observation
+
+        return [Observation(unused, {"moe.layer": layer})
+                for layer, (_, unused) in self._since_last_read("unused").items()]
+
+    def close(self, timeout_s: float) -> None:
+        self._provider.shutdown(timeout_millis=int(timeout_s * 1000))  # a last export
+
+
+def _grown(have: Optional[np.ndarray], layers: int, experts: int) -> np.ndarray:
+    """``have`` (or nothing) padded with zeros to at least [layers, experts]."""
+    if have is not None and have.shape[0] >= layers and have.shape[1] >= experts:
+        return have
+    grown = np.zeros((max(layers, 0 if have is None else have.shape[0]), max(experts, 0 if have is None else have.shape[1])),
+                     np.int64)
+    if have is not None:
+        grown[: have.shape[0], : have.shape[1]] = have
+    return grown
+
+
+def _per_layer(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """ids [n, L, K] -> counts [L, E]."""
+    n, layers, k = ids.shape
+    index = (np.arange(layers, dtype=np.int64)[None, :, None] * num_experts + ids.astype(np.int64)).ravel()
+    return np.bincount(index, minlength=layers * num_experts).reshape(layers, num_experts)
+
+
+def open_metrics(resource_attributes: dict, detail: str) -> Optional[ExpertMetrics]:
+    return ExpertMetrics(resource_attributes, detail) if enabled() else None

@@ -1,0 +1,96 @@
+"""Expert load as OTLP metrics, end to end on real parts: a vLLM engine records
+(JSONL and OTLP at once), the embedded collector serves the metrics for
+Prometheus, and a real Prometheus server (Debian's package) scrapes it. PromQL's
+answers must equal the counts in the same run's JSONL."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+
+import pytest
+
+from conftest import CHUNKED, CollectorProcess, run_vllm
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+class Prometheus:
+    def __init__(self, workdir, target: str) -> None:
+        self.port = _free_port()
+        config = workdir / "prometheus.yml"
+        config.write_text(f"global: {{scrape_interval: 1s}}\nscrape_configs:\n"
+                          f"  - job_name: otel-moe\n    static_configs: [{{targets: ['{target}']}}]\n")
+        self.log = open(workdir / "prometheus.log", "w")
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+
+    def query(self, promql: str) -> list:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        return _get(url)["data"]["result"]
+
+    def wait_for(self, promql: str, want, limit_s: float = 60) -> list:
+        """Prometheus scrapes on its own clock: ask until the answer is ``want`` (or time runs out)."""
+        deadline, result = time.monotonic() + limit_s, None
+        while time.monotonic() < deadline:
+            try:
+                result = self.query(promql)
+                if want(result):
+                    return result
+            except OSError:
+                pass  # not listening yet
+            time.sleep(0.5)
+        return result
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus package is not installed (make test installs it)")
+def test_prometheus_totals_equal_the_recorded_routing(models, tmp_path):
+    collector = CollectorProcess(tmp_path / "collected", "--prometheus-port", "0")
+    prometheus = Prometheus(tmp_path, f"{collector.host}:{collector.prometheus_port}")
+    try:
+        routing = tmp_path / "routing.jsonl"
+        run = run_vllm(tmp_path / "run", {"model": models["qwen2_moe"], **CHUNKED}, VLLM_LOG_MOE=f"otlp,{routing}",
+                       OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_METRIC_EXPORT_INTERVAL="500")
+        records = [json.loads(line) for line in routing.read_text().splitlines()]
+        assert len(records) == sum(len(o["prompt_token_ids"]) + len(o["output_token_ids"]) - 1 for o in run.outputs) * 4
+        expected = Counter((r["layer"], e) for r in records for e in r["expert_ids"])
+        total = sum(expected.values())
+        assert total == len(records) * 2  # top-2
+        answer = prometheus.wait_for("sum(moe_expert_tokens_total)",
+                                     lambda r: bool(r) and float(r[0]["value"][1]) == total)
+        assert answer and float(answer[0]["value"][1]) == total, (answer, total)
+        by_series = prometheus.query("sum by (moe_layer, moe_expert) (moe_expert_tokens_total)")
+        got = {(int(s["metric"]["moe_layer"]), int(s["metric"]["moe_expert"])): float(s["value"][1]) for s in by_series}
+        assert got == {key: float(n) for key, n in expected.items()}
+        phases = prometheus.query("sum by (moe_phase) (moe_expert_tokens_total)")
+        by_phase = {s["metric"]["moe_phase"]: float(s["value"][1]) for s in phases}
+        assert by_phase == {phase: float(sum(2 for r in records if r["phase"] == phase)) for phase in ("prefill", "decode")}
+        imbalance = prometheus.query("moe_layer_imbalance")
+        assert {s["metric"]["moe_layer"] for s in imbalance} <= {"0", "1", "2", "3"}
+        lines = (tmp_path / "collected" / "metrics.json").read_text().splitlines()
+        assert lines and all("resourceMetrics" in json.loads(line) for line in lines)
+    finally:
+        prometheus.stop()
+        collector.stop()
