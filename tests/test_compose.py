@@ -59,3 +59,49 @@ def test_readme_names_the_same_ports_and_commands():
     readme = (ROOT / "README.md").read_text()
     for text in ("docker compose up", "http://localhost:16686", "4317", "4318", "make demo", "make test"):
         assert text in readme, text
+
+
+def _volumes(service: str) -> dict[str, str]:
+    return {v.split(":")[1]: v.split(":")[0] for v in COMPOSE["services"][service]["volumes"]}
+
+
+def test_metrics_pipeline_files_and_prometheus():
+    pipeline = CONFIG["service"]["pipelines"]["metrics"]
+    assert pipeline["receivers"] == ["otlp"] and set(pipeline["exporters"]) == {"file/metrics", "prometheus"}
+    assert CONFIG["exporters"]["file/metrics"]["path"] == "/data/metrics.json"
+    port = CONFIG["exporters"]["prometheus"]["endpoint"].rsplit(":", 1)[1]
+    assert f"{port}:{port}" in COMPOSE["services"]["otel-collector"]["ports"]
+    scrape = yaml.safe_load((ROOT / _volumes("prometheus")["/etc/prometheus/prometheus.yml"]).read_text())
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    assert f"otel-collector:{port}" in targets and "host.docker.internal:8000" in targets
+
+
+def test_grafana_dashboard_queries_name_metrics_that_exist():
+    import json
+    import re
+
+    volumes = _volumes("grafana")
+    dashboards = ROOT / volumes["/var/lib/grafana/dashboards"]
+    provider = yaml.safe_load((ROOT / volumes["/etc/grafana/provisioning"] / "dashboards" / "otel-moe.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    datasource = yaml.safe_load((ROOT / volumes["/etc/grafana/provisioning"] / "datasources" / "prometheus.yml").read_text())
+    uid = datasource["datasources"][0]["uid"]
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    dashboard = json.loads((dashboards / "otel-moe.json").read_text())
+    ours = {"moe_expert_tokens_total", "moe_layer_imbalance", "moe_layer_experts_unused"}
+    from otel_moe.collector.prometheus import metric_name
+
+    # the names the Collector's prometheus exporter (and ours) give otel-moe's instruments
+    assert {metric_name("moe.expert.tokens", "{token}", True), metric_name("moe.layer.imbalance", "{ratio}", False),
+            metric_name("moe.layer.experts_unused", "{expert}", False)} == ours
+    vllm_names = set(re.findall(r'"(vllm:[a-z_]+)"', Path(__import__("vllm.v1.metrics.loggers", fromlist=["x"]).__file__).read_text()))
+    used = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == uid and panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            for name in re.findall(r"\b((?:vllm:)?[a-z_]+(?:_total|_bucket|_imbalance|_unused))\b", target["expr"]):
+                base = re.sub(r"_(total|bucket)$", "", name) if name.startswith("vllm:") else name
+                assert name in ours or base in vllm_names, (panel["title"], name)
+                used.add(name)
+    assert ours <= used
+    assert any(n.startswith("vllm:") for n in used)
