@@ -72,6 +72,9 @@ REQUEST_PARTIAL = "moe.request.partial"
 
 WEIGHTS_DTYPE = "<f4"
 
+# Metrics (sinks/metrics.py): the counter the report can also read
+METRIC_EXPERT_TOKENS = "moe.expert.tokens"
+
 # vLLM's own request span (vllm/tracing): latency beside routing
 VLLM_REQUEST_SPAN = "llm_request"
 VLLM_TTFT = "gen_ai.latency.time_to_first_token"

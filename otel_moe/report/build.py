@@ -7,7 +7,7 @@ from typing import Callable, Optional
 from otel_moe.read import LineStats, SchemaError
 from otel_moe.report import analyses
 from otel_moe.report.aggregate import RunStats
-from otel_moe.report.inputs import Latency, StepBatch, input_files, stream
+from otel_moe.report.inputs import Latency, MetricsWindow, StepBatch, input_files, stream
 from otel_moe.report.profile import ProfileJoin
 
 SUMMARY_SCHEMA = "otel-moe-report/2"
@@ -23,10 +23,14 @@ def aggregate(paths: list[str], stats: LineStats, on_bytes: Optional[Callable[[i
     ``profile`` also collects the routing of the steps a profiler trace covers."""
     runs: dict[str, RunStats] = {}
     latencies: list[Latency] = []
+    windows: list[StepBatch] = []
     found: set[str] = set()
     for item in stream(paths, stats, on_bytes=on_bytes or (lambda n: None)):
         if isinstance(item, Latency):
             latencies.append(item)
+            continue
+        if isinstance(item, MetricsWindow):
+            windows.append(item.batch)
             continue
         found.add(item.run)
         if only_run is not None and item.run != only_run:
@@ -36,6 +40,11 @@ def aggregate(paths: list[str], stats: LineStats, on_bytes: Optional[Callable[[i
         if profile is not None and item.layers:
             profile.add(item.run, item.dp_rank, item.step, {lb.layer: lb.counts for lb in item.layers},
                         item.layers[0].num_tokens)
+    # Metrics count the same tokens as the spans: they fill in only runs that have no spans.
+    for batch in windows:
+        if batch.run not in found and (only_run is None or batch.run == only_run):
+            _add_step(runs.setdefault(batch.run, RunStats()), batch)
+    found |= {batch.run for batch in windows}
     for run in runs.values():
         run.finish()
     if not runs:

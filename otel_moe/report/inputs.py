@@ -172,7 +172,8 @@ class JsonlSteps:
 
 
 def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] = lambda n: None
-           ) -> Iterator[StepBatch | Latency]:
+           ) -> Iterator[StepBatch | Latency | MetricsWindow]:
+    metrics = MetricsDeltas(stats)
     for file in input_files(paths):
         jsonl: Optional[JsonlSteps] = None
         with open(file, "rb") as f:
@@ -189,7 +190,7 @@ def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] =
                 elif "resourceSpans" in item:
                     yield from _otlp_items(item, stats)
                 elif "resourceMetrics" in item:
-                    continue  # the collector's metrics.json: not read by the report yet
+                    yield from metrics.add(item)
                 elif "layer" in item and "step" in item:
                     jsonl = jsonl or JsonlSteps(f"jsonl:{os.path.basename(file)}")
                     try:
@@ -205,6 +206,60 @@ def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] =
             done = jsonl.flush()
             if done is not None:
                 yield done
+
+
+@dataclasses.dataclass
+class MetricsWindow:
+    """What ``moe.expert.tokens`` grew by between two exports of one process: a window
+    of steps without step indices (aggregate() uses it only for runs without moe.step spans)."""
+
+    batch: StepBatch
+
+
+class MetricsDeltas:
+    """Cumulative ``moe.expert.tokens`` points -> per-export deltas per layer."""
+
+    def __init__(self, stats: LineStats) -> None:
+        self.stats = stats
+        self._last: dict[tuple, float] = {}  # (run, dp rank, layer, expert, phase) -> cumulative value
+        self._windows: dict[str, int] = {}  # run -> windows so far
+
+    def add(self, request: dict) -> Iterator[MetricsWindow]:
+        grown: dict[tuple[str, int], dict[int, dict[int, int]]] = {}
+        for resource_metrics in request.get("resourceMetrics") or []:
+            try:
+                resource = schema.attributes((resource_metrics.get("resource") or {}).get("attributes", []))
+                run = read.run_key(resource)
+                for scope in resource_metrics.get("scopeMetrics") or []:
+                    for metric in scope.get("metrics") or []:
+                        if metric.get("name") == schema.METRIC_EXPERT_TOKENS:
+                            for point in (metric.get("sum") or {}).get("dataPoints") or []:
+                                self._point(run, point, grown)
+            except (ValueError, TypeError, AttributeError, KeyError, BadRecord):
+                self.stats.skip("malformed metrics")
+        for (run, dp_rank), layers in grown.items():
+            batches = []
+            for layer, experts in sorted(layers.items()):
+                counts = np.zeros(max(experts) + 1, np.int64)
+                for expert, n in experts.items():
+                    counts[expert] += n
+                batches.append(LayerBatch(layer, len(counts), counts, int(counts.sum())))
+            index = self._windows[run] = self._windows.get(run, -1) + 1
+            yield MetricsWindow(StepBatch(run, index, [], np.zeros(0, np.int64), np.zeros(0, np.int64), batches, dp_rank))
+
+    def _point(self, run: str, point: dict, grown: dict) -> None:
+        a = schema.attributes(point.get("attributes", []))
+        layer, expert = validate.layer(int(a[schema.LAYER])), int(a["moe.expert"])
+        validate.whole(expert, "expert", 0, validate.MAX_EXPERTS - 1)
+        dp_rank = int(a.get("otel_moe.dp_rank", 0))
+        value = float(point["asInt"]) if "asInt" in point else float(point.get("asDouble", 0))
+        key = (run, dp_rank, layer, expert, a.get("moe.phase", ""))
+        last = self._last.get(key, 0.0)
+        delta = value - last if value >= last else value  # a smaller value: the process restarted
+        self._last[key] = value
+        if delta > 0:
+            experts = grown.setdefault((run, dp_rank), {}).setdefault(layer, {})
+            experts[expert] = experts.get(expert, 0) + int(delta)
 
 
 def _otlp_items(request: dict, stats: LineStats) -> Iterator[StepBatch | Latency]:

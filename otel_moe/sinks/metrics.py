@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from otel_moe import schema
 from otel_moe.step import StepRecord
 
 PHASES = ("prefill", "decode", "all")
@@ -65,7 +66,7 @@ class ExpertMetrics:
         self._provider = MeterProvider(resource=resource, metric_readers=[self._reader])
         meter = self._provider.get_meter("otel_moe")
         if detail == "experts":
-            meter.create_observable_counter("moe.expert.tokens", [self._observe_tokens], unit="{token}",
+            meter.create_observable_counter(schema.METRIC_EXPERT_TOKENS, [self._observe_tokens], unit="{token}",
                                             description="tokens routed to each expert")
         meter.create_observable_gauge("moe.layer.imbalance", [self._observe_imbalance], unit="{ratio}",
                                       description="busiest expert's load over the mean, since the previous export")
