@@ -39,13 +39,13 @@ def test_counters_and_interval_gauges():
                       (5, 2, "prefill"): 3, (5, 3, "prefill"): 1,
                       (3, 1, "decode"): 1, (3, 0, "decode"): 1, (5, 3, "decode"): 2}
     # layer 3 over the interval: experts 0:3 1:2 2:1 3:0 -> max/mean 3/1.5, one unused
-    assert got[("moe.layer.imbalance", (("moe.layer", 3),))] == 2.0
-    assert got[("moe.layer.experts_unused", (("moe.layer", 3),))] == 1
-    assert got[("moe.layer.experts_unused", (("moe.layer", 5),))] == 2  # experts 0 and 1
+    assert got[("moe.layer.imbalance", (("moe.layer", 3), ("otel_moe.dp_rank", 0)))] == 2.0
+    assert got[("moe.layer.experts_unused", (("moe.layer", 3), ("otel_moe.dp_rank", 0)))] == 1
+    assert got[("moe.layer.experts_unused", (("moe.layer", 5), ("otel_moe.dp_rank", 0)))] == 2  # experts 0 and 1
     metrics.add(step([[[0, 1], [0, 1]]], [7], [2], [1]))  # the next interval: one decode token
     got = points(reader)
-    assert got[("moe.layer.imbalance", (("moe.layer", 3),))] == 2.0  # 0:1 1:1 -> 1 / 0.5
-    assert got[("moe.layer.experts_unused", (("moe.layer", 3),))] == 2
+    assert got[("moe.layer.imbalance", (("moe.layer", 3), ("otel_moe.dp_rank", 0)))] == 2.0  # 0:1 1:1 -> 1 / 0.5
+    assert got[("moe.layer.experts_unused", (("moe.layer", 3), ("otel_moe.dp_rank", 0)))] == 2
     assert got[("moe.expert.tokens", (("moe.expert", 0), ("moe.layer", 3), ("moe.phase", "decode"),
                                       ("otel_moe.dp_rank", 0)))] == 2  # cumulative
 

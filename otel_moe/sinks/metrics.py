@@ -7,9 +7,9 @@ bincounts, not one ``add()`` per series.
   by ``moe.layer``, ``moe.expert``, ``moe.phase`` (``prefill`` / ``decode``;
   counts mode, whose windows carry no split: ``all``) and ``otel_moe.dp_rank``.
 - ``moe.layer.imbalance`` (gauge, ``{ratio}``): busiest expert over mean expert
-  load since the previous export, per ``moe.layer``.
+  load since the previous export, per ``moe.layer`` and ``otel_moe.dp_rank``.
 - ``moe.layer.experts_unused`` (gauge, ``{expert}``): experts that got no token
-  since the previous export.
+  since the previous export, likewise.
 ``VLLM_LOG_MOE_METRICS=layers`` keeps only the two gauges (few series);
 ``OTEL_METRICS_EXPORTER=none`` turns metrics off.
 """
@@ -59,6 +59,7 @@ class ExpertMetrics:
         self._totals: dict[tuple[int, str], np.ndarray] = {}  # (dp rank, phase) -> [layer slot, expert]
         self._seen: dict[str, np.ndarray] = {}  # gauge -> the all-ranks totals at its previous read
         self._layers: list[int] = []
+        self._dp_rank = 0  # of this exporter's worker: gauges of several DP ranks stay apart
         run_id = resource_attributes.get("otel_moe.run_id", "")
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "vllm",
                                     "service.instance.id": str(run_id), **resource_attributes})
@@ -89,6 +90,7 @@ class ExpertMetrics:
 
     def _add(self, dp_rank: int, phase: str, layers: list[int], num_experts: int, counts: np.ndarray) -> None:
         with self._lock:
+            self._dp_rank = dp_rank
             slots = [self._slot(layer) for layer in layers]
             have = self._totals.get((dp_rank, phase))
             if have is None or have.shape[0] < len(self._layers) or have.shape[1] < num_experts:
@@ -131,13 +133,13 @@ class ExpertMetrics:
     def _observe_imbalance(self, options):
         from opentelemetry.metrics import Observation
 
-        return [Observation(ratio, {"moe.layer": layer})
+        return [Observation(ratio, {"moe.layer": layer, "otel_moe.dp_rank": self._dp_rank})
                 for layer, (ratio, _) in self._since_last_read("imbalance").items()]
 
     def _observe_unused(self, options):
         from opentelemetry.metrics import Observation
 
-        return [Observation(unused, {"moe.layer": layer})
+        return [Observation(unused, {"moe.layer": layer, "otel_moe.dp_rank": self._dp_rank})
                 for layer, (_, unused) in self._since_last_read("unused").items()]
 
     def close(self, timeout_s: float) -> None:
