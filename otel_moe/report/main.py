@@ -242,8 +242,9 @@ def run(args: argparse.Namespace) -> int:
     for reason, n in inputs["skipped_records"].items():
         print(f"otel-moe report: skipped {n} records: {reason}", file=sys.stderr)
     several = "run" not in result
+    folders = _run_folders(sorted(result["runs"])) if several else {result["run"]: ""}
     for name, r in (result["runs"].items() if several else [(result["run"], result)]):
-        where = os.path.join(args.out, _run_folders(sorted(result["runs"]))[name] if several else "", "report.html")
+        where = os.path.join(args.out, folders[name], "report.html")
         print(f"otel-moe report: run {name}: {len(r['layers'])} layers, {len(r['requests'])} requests -> {where}")
         if "profile" in r:
             p = r["profile"]

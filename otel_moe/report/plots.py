@@ -127,11 +127,20 @@ def _aligned(series: list) -> tuple[np.ndarray, np.ndarray]:
     return x, ys
 
 
+def _small_multiples(count: int, columns: int, width: float, height: float, extra_height: float = 0.0):
+    """A figure of ``count`` panels, ``columns`` a row (width x height inches each); the grid's
+    spare panels are hidden. Returns the figure and the ``count`` axes in reading order."""
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows + extra_height), squeeze=False)
+    for ax in axes.ravel()[count:]:
+        ax.axis("off")
+    return fig, list(axes.ravel()[:count])
+
+
 def histogram_grid(out_dir: str, layers: dict[str, dict], page: int, names: list[str]) -> str:
     """Small multiples: each layer's expert shares, the uniform share dashed."""
-    rows = -(-len(names) // GRID_COLUMNS)
-    fig, axes = plt.subplots(rows, GRID_COLUMNS, figsize=(14, 2.1 * rows + 0.8), squeeze=False)
-    for ax, name in zip(axes.ravel(), names):
+    fig, axes = _small_multiples(len(names), GRID_COLUMNS, 14 / GRID_COLUMNS, 2.1, extra_height=0.8)
+    for ax, name in zip(axes, names):
         share = _share(layers[name]["counts"])
         ax.stairs(share, np.arange(len(share) + 1) - 0.5, fill=True, color=BLUE)  # one artist, not E bars
         ax.axhline(1 / len(share), color=RED, linestyle="--", linewidth=0.8)
@@ -139,8 +148,6 @@ def histogram_grid(out_dir: str, layers: dict[str, dict], page: int, names: list
         ax.tick_params(labelsize="x-small")
         ax.set_xlim(-0.5, len(share) - 0.5)
         expert_axis(ax.xaxis)
-    for ax in axes.ravel()[len(names):]:
-        ax.axis("off")
     fig.supxlabel("expert")
     fig.supylabel("share of the layer's assignments")
     fig.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=BLUE), plt.Line2D([], [], color=RED, linestyle="--")],
@@ -208,10 +215,8 @@ def cooccurrence(out_dir: str, run: RunStats, layers: list[int]) -> Optional[str
     """Per layer, how often experts i and j serve the same token (share of its tokens)."""
     if not layers:
         return None
-    columns = min(3, len(layers))
-    rows = -(-len(layers) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 4.2 * rows), squeeze=False)
-    for ax, layer in zip(axes.ravel(), layers):
+    fig, axes = _small_multiples(len(layers), min(3, len(layers)), 4.6, 4.2)
+    for ax, layer in zip(axes, layers):
         ls = run.layers[layer]
         full = ls.cooccurrence + ls.cooccurrence.T
         share = full / max(ls.weighted_tokens, 1)
@@ -224,8 +229,6 @@ def cooccurrence(out_dir: str, run: RunStats, layers: list[int]) -> Optional[str
         expert_axis(ax.xaxis)
         expert_axis(ax.yaxis)
         fig.colorbar(image, ax=ax, shrink=0.8, label="share of tokens with both")
-    for ax in axes.ravel()[len(layers):]:
-        ax.axis("off")
     fig.suptitle("expert co-occurrence: both experts chosen for the same token")
     fig.tight_layout()
     return save(fig, out_dir, "cooccurrence.png")
