@@ -19,8 +19,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -137,24 +139,46 @@ def bench_vllm(args, work: Path) -> dict:
                   max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization)
     if model_info.get("load_format"):
         engine["load_format"] = model_info["load_format"]
+    if args.device == "cuda" and _engine_accepts("kv_cache_memory_bytes"):
+        # Every engine the same KV cache, not whatever its memory profile found beside the
+        # others: a smaller one runs fewer sequences at a time, a difference otel-moe did not make.
+        engine["kv_cache_memory_bytes"] = kv_cache_bytes(qwen15_moe_a27b_config(args.layers), args.max_num_seqs,
+                                                         engine["max_model_len"])
     prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(args.prompt_len)] for i in range(args.prompts)]
     samples: dict[str, list[float]] = {m: [] for m in modes}
+    conditions: dict[str, list[dict]] = {m: [] for m in modes}  # the machine while each sample ran
     engines: dict[str, Engine] = {}
+    def spec(mode: str) -> dict:
+        spec = {"mode": mode, "engine": {**engine, "enforce_eager": mode.endswith("_eager")}, "prompts": prompts,
+                "gen_len": args.gen_len, "outputs": str(work / f"outputs-{mode}.json")}
+        if mode == "seed_style_eager":
+            spec["seed_style_log"] = str(work / "seed_style.jsonl")
+        return spec
+
+    compile_s = None
     try:
+        if args.device == "cuda":
+            # torch.compile's first engine compiles, the others load its cache: a throwaway
+            # engine compiles first, so every timed engine starts the same way.
+            first = Engine("compile", spec("compile"), work)
+            compile_s = first.start_s
+            first.quit()
+            print(f"compile cache warmed in {compile_s} s", flush=True)
         for mode in modes:  # built one after another: each sizes its memory with the others loaded
-            spec = {"mode": mode, "engine": {**engine, "enforce_eager": mode.endswith("_eager")}, "prompts": prompts,
-                    "gen_len": args.gen_len, "outputs": str(work / f"outputs-{mode}.json")}
-            if mode == "seed_style_eager":
-                spec["seed_style_log"] = str(work / "seed_style.jsonl")
-            engines[mode] = Engine(mode, spec, work)
+            engines[mode] = Engine(mode, spec(mode), work)
             print(f"engine {mode}: started in {engines[mode].start_s} s", flush=True)
+        watch = MachineWatch(args.device == "cuda")
         for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
-            for mode in modes if round_index % 2 else list(reversed(modes)):
+            for mode in _round_order(modes, round_index):
+                watch.start()
                 tok_s = engines[mode].ask({"run": True})["tok_s"]
+                machine = watch.stop()
                 _wait_until_written(work / "collected")  # no engine is timed beside another's backlog
                 if round_index:
                     samples[mode].append(tok_s)
-                    print(f"{mode}: {tok_s:.0f} tok/s", flush=True)
+                    conditions[mode].append(machine)
+                    print(f"{mode}: {tok_s:.0f} tok/s {machine}", flush=True)
+        watch.close()
         outputs = {mode: e.quit() for mode, e in engines.items()}
         collector_peak = collector.peak_rss_kib()
     finally:
@@ -164,7 +188,11 @@ def bench_vllm(args, work: Path) -> dict:
         collector.stop()
 
     throughput = {m: round(statistics.median(v), 1) for m, v in samples.items()}
-    ratio = {m: round(throughput[m] / throughput["off"], 3) for m in modes if m != "off"}
+    # Each round's throughput over off's in the same round, then the median: a drift of
+    # the machine over the run (clocks, heat) moves both sides of a pair alike.
+    paired = {m: [x / o for x, o in zip(samples[m], samples["off"])] for m in modes if m != "off"}
+    ratio = {m: round(statistics.median(v), 3) for m, v in paired.items()}
+    ratio_of_medians = {m: round(throughput[m] / throughput["off"], 3) for m in modes if m != "off"}
     spans = [s for s in read.iter_collector_spans([str(work / "collected")]) if s.name == schema.STEP_SPAN]
     records = [row for s in spans if s.resource.get(schema.RUN_ID) == "bench-tokens" for row in read.decode_step(s).token_rows()]
     problems = exactness_problems(records, outputs["tokens"], list(range(args.layers))) if "tokens" in modes else []
@@ -177,13 +205,125 @@ def bench_vllm(args, work: Path) -> dict:
         "schedule": "engines side by side, one process each, rounds interleaved",
         "prompts": args.prompts, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "max_num_seqs": args.max_num_seqs,
         "rounds": args.rounds, "modes": modes, "engine_start_s": {m: e.start_s for m, e in engines.items()},
+        "compile_s": compile_s, "kv_cache_tokens": {m: _kv_cache_tokens(work / f"engine-{m}.log") for m in modes},
+        "kv_cache_memory_bytes": engine.get("kv_cache_memory_bytes"),
         "throughput_tok_s": throughput, "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
-        "ratio": ratio, "noise": {"off2_ratio": ratio.get("off2"), "tolerance": NOISE_TOLERANCE, "noisy": noisy},
+        "machine_per_round": conditions, "ratio": ratio, "ratio_method": "median over rounds of the mode's throughput / off's in the same round",
+        "ratio_of_medians": ratio_of_medians, "ratio_per_round": {m: [round(x, 3) for x in v] for m, v in paired.items()},
+        "noise": {"off2_ratio": ratio.get("off2"), "tolerance": NOISE_TOLERANCE, "noisy": noisy},
+        "metrics": _metrics_totals(work / "collected", outputs, args),
         "sink": "otlp (gRPC) to the embedded collector on the same machine",
-        "exactness": {"records": len(records), "problems": problems[:10], "exact": not problems},
+        "exactness": {"records": len(records), "problems": problems[:10], "exact": not problems if "tokens" in modes else None},
         "dropped_steps_max": max(dropped, default=0), "collector_peak_rss_mib": round(collector_peak / 1024, 1),
         "paused_step_spans": sum(s.resource.get(schema.RUN_ID) == "bench-paused" for s in spans),  # must be 0
     }
+
+
+class MachineWatch:
+    """What the machine did while one sample ran: CPU time the hypervisor gave to others
+    (steal, all CPUs) and, on a GPU, the mean SM clock; to tell a noisy sample's cause."""
+
+    def __init__(self, gpu: bool) -> None:
+        self._clocks: list[float] = []
+        self._sampling = threading.Event()
+        self._stop = threading.Event()
+        self._thread = None
+        if gpu:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                self._clock = lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+            except Exception:  # no NVML: steal time only
+                self._thread = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            if self._sampling.is_set():
+                self._clocks.append(self._clock())
+
+    @staticmethod
+    def _steal_s() -> float:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()  # "cpu user nice system idle iowait irq softirq steal ..."
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        self._steal0 = self._steal_s()
+        self._clocks = []
+        self._sampling.set()
+
+    def stop(self) -> dict:
+        self._sampling.clear()
+        seen = {"steal_s": round(self._steal_s() - self._steal0, 2)}
+        if self._clocks:
+            seen["sm_mhz_mean"] = round(statistics.mean(self._clocks))
+            seen["sm_mhz_min"] = min(self._clocks)
+        return seen
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _round_order(modes: list[str], round_index: int) -> list[str]:
+    """Each round starts one mode further along: every engine takes every place in the
+    order (right after another's backlog, first after a pause) as often as the others."""
+    shift = round_index % len(modes)
+    return modes[shift:] + modes[:shift]
+
+
+def _engine_accepts(field: str) -> bool:
+    import dataclasses as dc
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return field in {f.name for f in dc.fields(EngineArgs)}
+
+
+def kv_cache_bytes(config: dict, sequences: int, max_model_len: int) -> int:
+    """Room for every sequence at full length, a quarter more for block rounding."""
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2  # K and V, bf16
+    return int(per_token * sequences * max_model_len * 1.25)
+
+
+def _kv_cache_tokens(log: Path) -> Optional[int]:
+    """What the engine's log says its KV cache holds ("GPU KV cache size: 69,632 tokens")."""
+    import re
+
+    found = re.findall(r"KV cache size: ([\d,]+) tokens", log.read_text(errors="replace")) if log.exists() else []
+    return int(found[-1].replace(",", "")) if found else None
+
+
+def _metrics_totals(folder: Path, outputs: dict[str, list], args) -> dict:
+    """The last cumulative ``moe.expert.tokens`` of each recording engine, summed over its
+    series, next to what it computed (tokens x layers x top_k): the metrics path, on by
+    default with otlp, ran in the timed engines, and its totals must be exact."""
+    from otel_moe import schema
+    from otel_moe.verify import computed_tokens
+
+    last: dict[tuple, int] = {}
+    for file in sorted(folder.glob("metrics*.json")):
+        for line in file.read_text().splitlines():
+            for resource_metrics in json.loads(line).get("resourceMetrics", []):
+                resource = schema.attributes(resource_metrics.get("resource", {}).get("attributes", []))
+                for scope in resource_metrics.get("scopeMetrics", []):
+                    for metric in scope.get("metrics", []):
+                        if metric.get("name") == schema.METRIC_EXPERT_TOKENS:
+                            for point in metric["sum"]["dataPoints"]:
+                                series = json.dumps(point["attributes"], sort_keys=True)
+                                last[resource.get(schema.RUN_ID), series] = int(point["asInt"])
+    top_k = 2 if args.device == "cpu" else qwen15_moe_a27b_config(args.layers)["num_experts_per_tok"]
+    result = {}
+    for mode in ("counts", "tokens"):
+        if mode in outputs:
+            total = sum(v for (run, _), v in last.items() if run == f"bench-{mode}")
+            expected = sum(computed_tokens(o) for o in outputs[mode]) * args.layers * top_k
+            result[mode] = {"expert_tokens_total": total, "expected": expected, "exact": total == expected}
+    return result
 
 
 def _free_device_memory() -> None:

@@ -3,7 +3,8 @@ engine core in a child process, as `vllm serve` and a plain `LLM(...)` run it).
 
 tools/bench.py starts one per mode, with that mode's otel-moe flags in the
 environment, and drives them over stdin/stdout, one JSON line each way (``@@bench {...}`` from the engine):
-  -> {"run": true}        <- {"tok_s": float}        generate the batch once
+  -> {"run": true}        <- {"tok_s": float}        generate the batch once (its prompts
+                                                     made unique to the run: no prefix-cache hits)
   -> {"quit": true}       <- {"outputs": path}       shut down, outputs of every run written
 The first line out is {"ready": true, "start_s": float} once the engine is built.
 
@@ -39,13 +40,13 @@ def main(spec_path: str) -> None:
 
         llm.collective_rpc(seed_style.install(spec["seed_style_log"]))
     say({"ready": True, "start_s": round(time.monotonic() - t0, 1)})
-    prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
     params = SamplingParams(max_tokens=spec["gen_len"], ignore_eos=True, temperature=0.0, detokenize=False)
     outputs = []
-    for line in sys.stdin:
+    for run, line in enumerate(sys.stdin):
         command = json.loads(line)
         if command.get("quit"):
             break
+        prompts = [{"prompt_token_ids": ids} for ids in unique_prompts(spec["prompts"], run)]
         t = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t
@@ -56,6 +57,17 @@ def main(spec_path: str) -> None:
     llm.llm_engine.engine_core.shutdown()  # the workers' shutdown flushes otel-moe's exporters
     Path(spec["outputs"]).write_text(json.dumps(outputs))
     say({"outputs": spec["outputs"]})
+
+
+def unique_prompts(prompts: list[list[int]], run: int) -> list[list[int]]:
+    """The batch with its first two tokens made unique to this prompt and this run (as two
+    base-500 digits, token ids 1..500): vLLM's prefix cache never hits, so every run of
+    every engine computes the same tokens whatever the earlier runs left in its cache."""
+    unique = []
+    for i, ids in enumerate(prompts):
+        key = run * len(prompts) + i
+        unique.append([key // 500 % 500 + 1, key % 500 + 1, *ids[2:]])
+    return unique
 
 
 if __name__ == "__main__":
