@@ -210,6 +210,7 @@ def bench_vllm(args, work: Path) -> dict:
         "throughput_tok_s": throughput, "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
         "machine_per_round": conditions, "ratio": ratio, "ratio_method": "median over rounds of the mode's throughput / off's in the same round",
         "ratio_of_medians": ratio_of_medians, "ratio_per_round": {m: [round(x, 3) for x in v] for m, v in paired.items()},
+        "ratio_to_pooled_off": ratio_to_pooled_off(samples),
         "noise": {"off2_ratio": ratio.get("off2"), "tolerance": NOISE_TOLERANCE, "noisy": noisy},
         "metrics": _metrics_totals(work / "collected", outputs, args),
         "sink": "otlp (gRPC) to the embedded collector on the same machine",
@@ -219,9 +220,34 @@ def bench_vllm(args, work: Path) -> dict:
     }
 
 
+def ratio_to_pooled_off(samples: dict[str, list[float]], resamples: int = 2000) -> dict:
+    """Each mode's median against the median of every `off` and `off2` sample together (the
+    two engines without otel-moe are one population), with a 90% bootstrap interval: how far
+    the samples' own spread leaves the ratio uncertain."""
+    import random
+
+    off = samples["off"] + samples.get("off2", [])
+    rng = random.Random(0)
+    result = {}
+    for mode, values in samples.items():
+        if mode in ("off", "off2") or not values:
+            continue
+        boot = sorted(statistics.median(rng.choices(values, k=len(values)))
+                      / statistics.median(rng.choices(off, k=len(off))) for _ in range(resamples))
+        result[mode] = {"ratio": round(statistics.median(values) / statistics.median(off), 3),
+                        "interval_90": [round(boot[int(0.05 * resamples)], 3), round(boot[int(0.95 * resamples)], 3)]}
+    return result
+
+
+# How otel-moe's processes show in /proc/PID/cmdline (an exporter renames itself once started).
+TELEMETRY_PROCESSES = (b"otel_moe.cli\0collector", b"otel_moe\0exporter", b"otel-moe exporter")
+
+
 class MachineWatch:
     """What the machine did while one sample ran: CPU time the hypervisor gave to others
-    (steal, all CPUs) and, on a GPU, the mean SM clock; to tell a noisy sample's cause."""
+    (steal, all CPUs), CPU time of otel-moe's own processes (exporters, collector: on a
+    CPU machine taken from vLLM's cores) and, on a GPU, the mean SM clock; to tell a noisy
+    sample's cause."""
 
     def __init__(self, gpu: bool) -> None:
         self._clocks: list[float] = []
@@ -251,14 +277,36 @@ class MachineWatch:
             fields = f.readline().split()  # "cpu user nice system idle iowait irq softirq steal ..."
         return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
+    @staticmethod
+    def _telemetry_cpu_s() -> dict[int, float]:
+        """CPU seconds so far of every otel-moe process (exporters and the collector)."""
+        found = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    command = f.read()
+                if not any(mark in command for mark in TELEMETRY_PROCESSES):
+                    continue
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+                found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except OSError:  # gone meanwhile
+                continue
+        return found
+
     def start(self) -> None:
         self._steal0 = self._steal_s()
+        self._telemetry0 = self._telemetry_cpu_s()
         self._clocks = []
         self._sampling.set()
 
     def stop(self) -> dict:
         self._sampling.clear()
-        seen = {"steal_s": round(self._steal_s() - self._steal0, 2)}
+        telemetry = self._telemetry_cpu_s()
+        seen = {"steal_s": round(self._steal_s() - self._steal0, 2),
+                "telemetry_cpu_s": round(sum(t - self._telemetry0.get(pid, 0.0) for pid, t in telemetry.items()), 2)}
         if self._clocks:
             seen["sm_mhz_mean"] = round(statistics.mean(self._clocks))
             seen["sm_mhz_min"] = min(self._clocks)
@@ -600,7 +648,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=None)
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--gen-len", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--collector-steps", type=int, default=60)
@@ -614,9 +662,9 @@ def main() -> int:
     # a preempted request is computed, and recorded, twice).
     big_gpu = gpu and _gpu_memory_gib() > 100
     args.layers = args.layers or (12 if big_gpu else 6 if gpu else 8)
-    args.prompts = args.prompts or (1024 if gpu else 16)
-    args.prompt_len = args.prompt_len or (128 if gpu else 32)
-    args.gen_len = args.gen_len or (128 if gpu else 32)
+    args.prompts = args.prompts or (1024 if gpu else 64)
+    args.prompt_len = args.prompt_len or (128 if gpu else 64)
+    args.gen_len = args.gen_len or (128 if gpu else 64)
     args.max_num_seqs = args.max_num_seqs or (256 if gpu else args.prompts)
     args.gpu_memory_utilization = args.gpu_memory_utilization or (round(0.9 / engines, 3) if gpu else 0.05)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
