@@ -29,11 +29,13 @@ def clean_env(**flags: str) -> dict:
 
 
 class VllmRun:
-    def __init__(self, workdir: Path, outputs: list, log: str, routing: Path | None):
+    def __init__(self, workdir: Path, outputs: list, log: str, routing: Path | None,
+                 worker_modules_loaded: list | None = None):
         self.workdir = workdir
         self.outputs = outputs
         self.log = log
         self.routing = routing
+        self.worker_modules_loaded = worker_modules_loaded  # per worker, when the spec asked
 
     def records(self) -> list[dict]:
         with open(self.routing) as f:
@@ -53,8 +55,9 @@ def run_vllm(workdir: Path, spec: dict, timeout: int = 600, **flags: str) -> Vll
     if proc.returncode != 0:
         raise RuntimeError(f"vLLM run failed ({proc.returncode}); log tail:\n{log[-4000:]}")
     routing = flags.get("VLLM_LOG_MOE")
-    return VllmRun(workdir, json.loads(out_path.read_text())["outputs"], log,
-                   Path(routing) if routing and routing != "otlp" else None)
+    result = json.loads(out_path.read_text())
+    return VllmRun(workdir, result["outputs"], log, Path(routing) if routing and routing != "otlp" else None,
+                   result.get("worker_modules_loaded"))
 
 
 @pytest.fixture(scope="session")

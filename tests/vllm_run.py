@@ -6,7 +6,9 @@ the otel-moe flags coming from its environment). Usage:
 SPEC: {"model", "prompts": [str], "max_tokens": int | [int], "eager": bool,
        "max_num_batched_tokens": int, "prefix_caching": bool, "tp": int?, "batches": [[prompt index]]?,
        "otlp_traces_endpoint": str?,
-       "profile_dir": str?, "profile_batches": [batch index]?  (torch profiler around those batches)}
+       "profile_dir": str?, "profile_batches": [batch index]?  (torch profiler around those batches),
+       "worker_modules": [module name]?  (which of them each worker process has imported, after the run;
+                                          needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 to send the check)}
 """
 import json
 import sys
@@ -56,7 +58,15 @@ def main(spec_path: str, out_path: str) -> None:
                 "output_token_ids": list(r.outputs[0].token_ids),
                 "num_cached_tokens": r.num_cached_tokens or 0,
             })
-    json.dump({"outputs": outputs}, open(out_path, "w"))
+    result = {"outputs": outputs}
+    if spec.get("worker_modules"):
+        result["worker_modules_loaded"] = llm.collective_rpc(_loaded_modules, args=(spec["worker_modules"],))
+    json.dump(result, open(out_path, "w"))
+
+
+def _loaded_modules(worker, names: list[str]) -> list[str]:
+    """Runs in a worker process: which of ``names`` it has imported."""
+    return [name for name in names if name in sys.modules]
 
 
 if __name__ == "__main__":

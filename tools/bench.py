@@ -102,8 +102,9 @@ class Engine:
                 self.log.flush()
                 tail = Path(self.log.name).read_text()[-3000:]
                 raise RuntimeError(f"engine {self.mode} died; the end of its log:\n{tail}")
-            if line.startswith(PREFIX):  # vLLM prints to stdout too
+            if line.startswith(PREFIX):
                 return json.loads(line[len(PREFIX):])
+            self.log.write(line)  # vLLM logs to stdout: keep it with the engine's stderr
 
     def quit(self) -> list:
         outputs = json.loads(Path(self.ask({"quit": True})["outputs"]).read_text())
@@ -111,16 +112,25 @@ class Engine:
         return outputs
 
 
-def _wait_until_written(folder: Path, quiet_s: float = 0.5, limit_s: float = 60.0) -> None:
-    """Until the collector's files stop growing: the last engine's exporter and the
-    collector have caught up (a bench pause, not a test)."""
-    deadline, last = time.monotonic() + limit_s, -1
+def _wait_until_quiet(folder: Path, limit_s: float = 60.0) -> None:
+    """Until the last engine's telemetry is all written: past the exporter's idle flush
+    (it holds spans that long after the last step), then until otel-moe's processes stop
+    using CPU and the collector's files stop growing (a bench pause, not a test)."""
+    from otel_moe.exporter.process import IDLE_FLUSH_S
+
+    time.sleep(IDLE_FLUSH_S + 0.25)
+    deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        size = sum(f.stat().st_size for f in folder.glob("traces*.json"))
-        if size == last:
+        cpu, size = MachineWatch.telemetry_cpu_s(), _written_bytes(folder)
+        time.sleep(0.25)
+        after = MachineWatch.telemetry_cpu_s()
+        busy = sum(t - cpu.get(pid, 0.0) for pid, t in after.items())
+        if busy < 0.01 and _written_bytes(folder) == size:
             return
-        last = size
-        time.sleep(quiet_s)
+
+
+def _written_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.json"))
 
 
 def bench_vllm(args, work: Path) -> dict:
@@ -173,7 +183,7 @@ def bench_vllm(args, work: Path) -> dict:
                 watch.start()
                 tok_s = engines[mode].ask({"run": True})["tok_s"]
                 machine = watch.stop()
-                _wait_until_written(work / "collected")  # no engine is timed beside another's backlog
+                _wait_until_quiet(work / "collected")  # no engine is timed beside another's backlog
                 if round_index:
                     samples[mode].append(tok_s)
                     conditions[mode].append(machine)
@@ -278,7 +288,7 @@ class MachineWatch:
         return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
     @staticmethod
-    def _telemetry_cpu_s() -> dict[int, float]:
+    def telemetry_cpu_s() -> dict[int, float]:
         """CPU seconds so far of every otel-moe process (exporters and the collector)."""
         found = {}
         for entry in os.scandir("/proc"):
@@ -298,13 +308,13 @@ class MachineWatch:
 
     def start(self) -> None:
         self._steal0 = self._steal_s()
-        self._telemetry0 = self._telemetry_cpu_s()
+        self._telemetry0 = self.telemetry_cpu_s()
         self._clocks = []
         self._sampling.set()
 
     def stop(self) -> dict:
         self._sampling.clear()
-        telemetry = self._telemetry_cpu_s()
+        telemetry = self.telemetry_cpu_s()
         seen = {"steal_s": round(self._steal_s() - self._steal0, 2),
                 "telemetry_cpu_s": round(sum(t - self._telemetry0.get(pid, 0.0) for pid, t in telemetry.items()), 2)}
         if self._clocks:

@@ -98,7 +98,11 @@ def protobuf_cost(body: bytes, limit: int, root=ExportTraceServiceRequest.DESCRI
         if depth > MAX_DEPTH:
             raise Malformed("nested too deeply")
         while pos < end:
-            key, pos = _varint(body, pos, end)
+            key = body[pos]  # one-byte keys and lengths (most of them) without a call
+            if key < 0x80:
+                pos += 1
+            else:
+                key, pos = _varint(body, pos, end)
             field, wire = key >> 3, key & 7
             if wire == 0:
                 _, pos = _varint(body, pos, end)
@@ -107,7 +111,11 @@ def protobuf_cost(body: bytes, limit: int, root=ExportTraceServiceRequest.DESCRI
             elif wire == 5:
                 pos += 4
             elif wire == 2:
-                size, pos = _varint(body, pos, end)
+                size = body[pos] if pos < end else 0x80
+                if size < 0x80:
+                    pos += 1
+                else:
+                    size, pos = _varint(body, pos, end)
                 if pos + size > end:
                     raise Malformed("a field runs past its message")
                 if field in nested:

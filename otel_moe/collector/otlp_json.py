@@ -8,8 +8,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.internal import type_checkers
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -45,8 +48,82 @@ def _hex_to_b64(value: str) -> str:
 def to_json_line(request) -> str:
     """One request (traces or metrics) -> one line of OTLP/JSON, newline included.
     (Metric exemplars' ids would stay base64: otel-moe's metrics record none.)"""
-    as_dict = json_format.MessageToDict(request, use_integers_for_enums=True)
-    return json.dumps(_convert_ids(as_dict, _b64_to_hex), separators=(",", ":")) + "\n"
+    try:
+        as_dict = message_to_dict(request)
+    except _NotPlain:  # a message type protobuf's own mapping must write
+        as_dict = _convert_ids(json_format.MessageToDict(request, use_integers_for_enums=True), _b64_to_hex)
+    return json.dumps(as_dict, separators=(",", ":")) + "\n"
+
+
+# ---- protobuf's JSON mapping, for plain messages such as OTLP's ----------------
+# json_format.MessageToDict walks every field through several generic calls; the
+# collector spent ~1 ms per engine step there. This walks the same ListFields()
+# with one converter per field, made once; the output is the same (tested), with
+# enums as numbers and the spans' and links' ids in hex as above.
+_SPAN_TYPES = ("opentelemetry.proto.trace.v1.Span", "opentelemetry.proto.trace.v1.Span.Link")
+_INT64 = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+_FIELDS: dict = {}  # field descriptor -> (JSON name, converter of its value)
+
+
+class _NotPlain(Exception):
+    """A map, an extension or a well-known type: left to json_format."""
+
+
+def message_to_dict(message) -> dict:
+    out = {}
+    for field, value in message.ListFields():
+        known = _FIELDS.get(field)
+        if known is None:
+            known = _FIELDS[field] = (field.json_name, _converter(field))
+        out[known[0]] = known[1](value)
+    return out
+
+
+def _converter(field):
+    if field.is_extension:
+        raise _NotPlain(field.full_name)
+    if field.cpp_type == FieldDescriptor.CPPTYPE_MESSAGE:
+        kind = field.message_type
+        if kind.GetOptions().map_entry or kind.full_name.startswith("google.protobuf."):
+            raise _NotPlain(kind.full_name)
+        one = message_to_dict
+    elif field.type == FieldDescriptor.TYPE_BYTES:
+        if field.containing_type.full_name in _SPAN_TYPES and field.json_name in ID_BYTES:
+            one = bytes.hex
+        else:
+            one = _base64
+    elif field.cpp_type in _INT64:
+        one = str
+    elif field.cpp_type == FieldDescriptor.CPPTYPE_DOUBLE:
+        one = _double
+    elif field.cpp_type == FieldDescriptor.CPPTYPE_FLOAT:
+        one = _float
+    else:  # string, bool, 32-bit integers, enums (as numbers)
+        one = _same
+    if field.is_repeated:
+        return lambda values: [one(v) for v in values]
+    return one
+
+
+def _same(value):
+    return value
+
+
+def _base64(value: bytes) -> str:
+    return binascii.b2a_base64(value, newline=False).decode("ascii")
+
+
+def _double(value: float):
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def _float(value: float):
+    value = _double(value)
+    return value if isinstance(value, str) else type_checkers.ToShortestFloat(value)
 
 
 ID_BYTES = {"traceId": 16, "spanId": 8, "parentSpanId": 8}
