@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench import engine_env, make_model  # noqa: E402
+from bench_vllm import engine_env, make_model  # noqa: E402
 from otel_moe.collector.process import CollectorProcess  # noqa: E402
 
 METRICS = ("request_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms")

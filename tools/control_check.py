@@ -31,7 +31,7 @@ def main() -> int:
         path.unlink(missing_ok=True)
     os.environ.update(VLLM_LOG_MOE=str(routing), VLLM_LOG_MOE_CONTROL=str(control),
                       VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    from bench import make_model
+    from bench_vllm import make_model
     from vllm import LLM, SamplingParams
 
     from otel_moe.config import parse_layers

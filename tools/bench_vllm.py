@@ -1,0 +1,375 @@
+"""The vLLM part of `make bench`: one engine per mode, each in a process of its own
+(tools/bench_engine.py) and in vLLM's default topology (engine core in a child
+process), all alive for the whole run, taking turns at generating the same batch;
+each mode's throughput compared with `off` of the same run, turn by turn, and a
+second `off` engine (`off2`) says how far two identical engines differ.
+`--device cuda` runs the same on a GPU. See BENCHMARKS.md for how to read it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from bench_engine import PREFIX
+from otel_moe.collector.process import CollectorProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Modes: `off` (no otel-moe), `off2` (a second `off` engine: the noise control), `paused`
+# (otel-moe capturing, recording switched off by live control), `counts`, `tokens`;
+# `off_eager` and `seed_style_eager` (the prototype's hook) on request.
+MODES_CPU = ["off", "off2", "paused", "counts", "tokens"]
+MODES_GPU = ["off", "off2", "counts", "tokens"]
+NOISE_TOLERANCE = 0.03  # off2 further than this from off: the run says it is noisy
+
+
+def qwen15_moe_a27b_config(layers: int) -> dict:
+    """Qwen1.5-MoE-A2.7B's layer shapes (random weights, loaded with load_format=dummy)."""
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": 2048,
+        "intermediate_size": 5632, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": layers, "num_experts": 60,
+        "num_experts_per_tok": 4, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": False,
+        "vocab_size": 151936, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16", "qkv_bias": True,
+        "bos_token_id": 0, "eos_token_id": 0,
+    }
+
+
+def make_model(work: Path, device: str, layers: int) -> tuple[str, dict]:
+    from otel_moe import tiny_model
+
+    model = work / "model"
+    if device == "cpu":
+        tiny_model.build(str(model), "qwen2_moe", layers=layers)
+        return str(model), {"name": f"tiny qwen2_moe, {layers} layers, 8 experts, top-2 (random weights)"}
+    tiny_model.build_tokenizer(str(model))
+    (model / "config.json").write_text(json.dumps(qwen15_moe_a27b_config(layers)))
+    return str(model), {"name": f"Qwen1.5-MoE-A2.7B shapes, {layers} layers, 60 experts, top-4 (random weights)",
+                        "load_format": "dummy"}
+
+
+def engine_env(mode: str, work: Path) -> dict:
+    """The environment an engine of this mode runs in: its otel-moe flags, all else as ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
+    recording = mode in ("counts", "tokens", "paused")
+    env.update(VLLM_LOG_MOE="otlp" if recording else "", VLLM_LOG_MOE_MODE="counts" if mode == "counts" else "tokens",
+               OTEL_MOE_RUN_ID=f"bench-{mode}")
+    if mode == "paused":
+        control = work / "control-paused.json"
+        control.write_text('{"recording": false}')
+        env["VLLM_LOG_MOE_CONTROL"] = str(control)
+    return env
+
+
+class Engine:
+    """A tools/bench_engine.py process: one engine of one mode, alive for the whole run."""
+
+    def __init__(self, mode: str, spec: dict, work: Path) -> None:
+        self.mode = mode
+        spec_path = work / f"engine-{mode}.json"
+        spec_path.write_text(json.dumps(spec))
+        self.log = open(work / f"engine-{mode}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "bench_engine.py"), str(spec_path)],
+                                     env=engine_env(mode, work), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+        self.start_s = self.ask(None)["start_s"]
+
+    def ask(self, command: dict | None) -> dict:
+        if command is not None:
+            self.proc.stdin.write(json.dumps(command) + "\n")
+            self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.log.flush()
+                tail = Path(self.log.name).read_text()[-3000:]
+                raise RuntimeError(f"engine {self.mode} died; the end of its log:\n{tail}")
+            if line.startswith(PREFIX):
+                return json.loads(line[len(PREFIX):])
+            self.log.write(line)  # vLLM logs to stdout: keep it with the engine's stderr
+
+    def quit(self) -> list:
+        outputs = json.loads(Path(self.ask({"quit": True})["outputs"]).read_text())
+        self.proc.wait(timeout=120)
+        return outputs
+
+
+def _wait_until_quiet(folder: Path, limit_s: float = 60.0) -> None:
+    """Until the last engine's telemetry is all written: past the exporter's idle flush
+    (it holds spans that long after the last step), then until otel-moe's processes stop
+    using CPU and the collector's files stop growing (a bench pause, not a test)."""
+    from otel_moe.exporter.process import IDLE_FLUSH_S
+
+    time.sleep(IDLE_FLUSH_S + 0.25)
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        cpu, size = MachineWatch.telemetry_cpu_s(), _written_bytes(folder)
+        time.sleep(0.25)
+        after = MachineWatch.telemetry_cpu_s()
+        busy = sum(t - cpu.get(pid, 0.0) for pid, t in after.items())
+        if busy < 0.01 and _written_bytes(folder) == size:
+            return
+
+
+def _written_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.json"))
+
+
+def bench_vllm(args, work: Path) -> dict:
+    """Every mode's engine alive side by side, one process each (vLLM's default topology
+    inside each), generating the same batch in turns; each compared with `off` turn by
+    turn, and `off2` says how far two identical engines differ."""
+    from otel_moe import read, schema
+    from otel_moe.verify import exactness_problems
+
+    modes = args.modes.split(",")
+    model, model_info = make_model(work, args.device, args.layers)
+    collector = CollectorProcess(work / "collected")
+    os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the default: engine core in its own process
+    engine = dict(model=model, max_model_len=args.prompt_len + args.gen_len + 16, seed=0,
+                  max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization)
+    if model_info.get("load_format"):
+        engine["load_format"] = model_info["load_format"]
+    if args.device == "cuda" and _engine_accepts("kv_cache_memory_bytes"):
+        # Every engine the same KV cache, not whatever its memory profile found beside the
+        # others: a smaller one runs fewer sequences at a time, a difference otel-moe did not make.
+        engine["kv_cache_memory_bytes"] = kv_cache_bytes(qwen15_moe_a27b_config(args.layers), args.max_num_seqs,
+                                                         engine["max_model_len"])
+    prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(args.prompt_len)] for i in range(args.prompts)]
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    conditions: dict[str, list[dict]] = {m: [] for m in modes}  # the machine while each sample ran
+    engines: dict[str, Engine] = {}
+
+    def spec(mode: str) -> dict:
+        spec = {"mode": mode, "engine": {**engine, "enforce_eager": mode.endswith("_eager")}, "prompts": prompts,
+                "gen_len": args.gen_len, "outputs": str(work / f"outputs-{mode}.json")}
+        if mode == "seed_style_eager":
+            spec["seed_style_log"] = str(work / "seed_style.jsonl")
+        return spec
+
+    compile_s = None
+    try:
+        if args.device == "cuda":
+            # torch.compile's first engine compiles, the others load its cache: a throwaway
+            # engine compiles first, so every timed engine starts the same way.
+            first = Engine("compile", spec("compile"), work)
+            compile_s = first.start_s
+            first.quit()
+            print(f"compile cache warmed in {compile_s} s", flush=True)
+        for mode in modes:  # built one after another: each sizes its memory with the others loaded
+            engines[mode] = Engine(mode, spec(mode), work)
+            print(f"engine {mode}: started in {engines[mode].start_s} s", flush=True)
+        watch = MachineWatch(args.device == "cuda")
+        for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
+            for mode in _round_order(modes, round_index):
+                watch.start()
+                tok_s = engines[mode].ask({"run": True})["tok_s"]
+                machine = watch.stop()
+                _wait_until_quiet(work / "collected")  # no engine is timed beside another's backlog
+                if round_index:
+                    samples[mode].append(tok_s)
+                    conditions[mode].append(machine)
+                    print(f"{mode}: {tok_s:.0f} tok/s {machine}", flush=True)
+        watch.close()
+        outputs = {mode: e.quit() for mode, e in engines.items()}
+        collector_peak = collector.peak_rss_kib()
+    finally:
+        for e in engines.values():
+            if e.proc.poll() is None:
+                e.proc.kill()
+        collector.stop()
+
+    throughput = {m: round(statistics.median(v), 1) for m, v in samples.items()}
+    # Each round's throughput over off's in the same round, then the median: a drift of
+    # the machine over the run (clocks, heat) moves both sides of a pair alike.
+    paired = {m: [x / o for x, o in zip(samples[m], samples["off"])] for m in modes if m != "off"}
+    ratio = {m: round(statistics.median(v), 3) for m, v in paired.items()}
+    ratio_of_medians = {m: round(throughput[m] / throughput["off"], 3) for m in modes if m != "off"}
+    spans = [s for s in read.iter_collector_spans([str(work / "collected")]) if s.name == schema.STEP_SPAN]
+    records = [row for s in spans if s.resource.get(schema.RUN_ID) == "bench-tokens" for row in read.decode_step(s).token_rows()]
+    problems = exactness_problems(records, outputs["tokens"], list(range(args.layers))) if "tokens" in modes else []
+    dropped = [int(s.attributes.get(schema.DROPPED_STEPS, 0)) for s in spans]
+    noisy = "off2" in ratio and abs(ratio["off2"] - 1) > NOISE_TOLERANCE
+    if noisy:
+        print(f"NOISY RUN: two identical off engines differ by {abs(ratio['off2'] - 1):.1%} (> {NOISE_TOLERANCE:.0%})")
+    return {
+        "model": model_info["name"], "device": args.device, "topology": "default",
+        "schedule": "engines side by side, one process each, rounds interleaved",
+        "prompts": args.prompts, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "max_num_seqs": args.max_num_seqs,
+        "rounds": args.rounds, "modes": modes, "engine_start_s": {m: e.start_s for m, e in engines.items()},
+        "compile_s": compile_s, "kv_cache_tokens": {m: _kv_cache_tokens(work / f"engine-{m}.log") for m in modes},
+        "kv_cache_memory_bytes": engine.get("kv_cache_memory_bytes"),
+        "throughput_tok_s": throughput, "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
+        "machine_per_round": conditions, "ratio": ratio, "ratio_method": "median over rounds of the mode's throughput / off's in the same round",
+        "ratio_of_medians": ratio_of_medians, "ratio_per_round": {m: [round(x, 3) for x in v] for m, v in paired.items()},
+        "ratio_to_pooled_off": ratio_to_pooled_off(samples),
+        "noise": {"off2_ratio": ratio.get("off2"), "tolerance": NOISE_TOLERANCE, "noisy": noisy},
+        "metrics": _metrics_totals(work / "collected", outputs, args.layers,
+                                   json.loads((Path(model) / "config.json").read_text())["num_experts_per_tok"]),
+        "sink": "otlp (gRPC) to the embedded collector on the same machine",
+        "exactness": {"records": len(records), "problems": problems[:10], "exact": not problems if "tokens" in modes else None},
+        "dropped_steps_max": max(dropped, default=0), "collector_peak_rss_mib": round(collector_peak / 1024, 1),
+        "paused_step_spans": sum(s.resource.get(schema.RUN_ID) == "bench-paused" for s in spans),  # must be 0
+    }
+
+
+def ratio_to_pooled_off(samples: dict[str, list[float]], resamples: int = 2000) -> dict:
+    """Each mode's median against the median of every `off` and `off2` sample together (the
+    two engines without otel-moe are one population), with a 90% bootstrap interval: how far
+    the samples' own spread leaves the ratio uncertain."""
+    import random
+
+    off = samples["off"] + samples.get("off2", [])
+    rng = random.Random(0)
+    result = {}
+    for mode, values in samples.items():
+        if mode in ("off", "off2") or not values:
+            continue
+        boot = sorted(statistics.median(rng.choices(values, k=len(values)))
+                      / statistics.median(rng.choices(off, k=len(off))) for _ in range(resamples))
+        result[mode] = {"ratio": round(statistics.median(values) / statistics.median(off), 3),
+                        "interval_90": [round(boot[int(0.05 * resamples)], 3), round(boot[int(0.95 * resamples)], 3)]}
+    return result
+
+
+# How otel-moe's processes show in /proc/PID/cmdline (an exporter renames itself once started).
+TELEMETRY_PROCESSES = (b"otel_moe.cli\0collector", b"otel_moe\0exporter", b"otel-moe exporter")
+
+
+class MachineWatch:
+    """What the machine did while one sample ran: CPU time the hypervisor gave to others
+    (steal, all CPUs), CPU time of otel-moe's own processes (exporters, collector: on a
+    CPU machine taken from vLLM's cores) and, on a GPU, the mean SM clock; to tell a noisy
+    sample's cause."""
+
+    def __init__(self, gpu: bool) -> None:
+        self._clocks: list[float] = []
+        self._sampling = threading.Event()
+        self._stop = threading.Event()
+        self._thread = None
+        if gpu:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                self._clock = lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+            except Exception:  # no NVML: steal time only
+                self._thread = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            if self._sampling.is_set():
+                self._clocks.append(self._clock())
+
+    @staticmethod
+    def _steal_s() -> float:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()  # "cpu user nice system idle iowait irq softirq steal ..."
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def telemetry_cpu_s() -> dict[int, float]:
+        """CPU seconds so far of every otel-moe process (exporters and the collector)."""
+        found = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    command = f.read()
+                if not any(mark in command for mark in TELEMETRY_PROCESSES):
+                    continue
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+                found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except OSError:  # gone meanwhile
+                continue
+        return found
+
+    def start(self) -> None:
+        self._steal0 = self._steal_s()
+        self._telemetry0 = self.telemetry_cpu_s()
+        self._clocks = []
+        self._sampling.set()
+
+    def stop(self) -> dict:
+        self._sampling.clear()
+        telemetry = self.telemetry_cpu_s()
+        seen = {"steal_s": round(self._steal_s() - self._steal0, 2),
+                "telemetry_cpu_s": round(sum(t - self._telemetry0.get(pid, 0.0) for pid, t in telemetry.items()), 2)}
+        if self._clocks:
+            seen["sm_mhz_mean"] = round(statistics.mean(self._clocks))
+            seen["sm_mhz_min"] = min(self._clocks)
+        return seen
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _round_order(modes: list[str], round_index: int) -> list[str]:
+    """Each round starts one mode further along: every engine takes every place in the
+    order (right after another's backlog, first after a pause) as often as the others."""
+    shift = round_index % len(modes)
+    return modes[shift:] + modes[:shift]
+
+
+def _engine_accepts(field: str) -> bool:
+    import dataclasses as dc
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return field in {f.name for f in dc.fields(EngineArgs)}
+
+
+def kv_cache_bytes(config: dict, sequences: int, max_model_len: int) -> int:
+    """Room for every sequence at full length, a quarter more for block rounding."""
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2  # K and V, bf16
+    return int(per_token * sequences * max_model_len * 1.25)
+
+
+def _kv_cache_tokens(log: Path) -> Optional[int]:
+    """What the engine's log says its KV cache holds ("GPU KV cache size: 69,632 tokens")."""
+    import re
+
+    found = re.findall(r"KV cache size: ([\d,]+) tokens", log.read_text(errors="replace")) if log.exists() else []
+    return int(found[-1].replace(",", "")) if found else None
+
+
+def _metrics_totals(folder: Path, outputs: dict[str, list], layers: int, top_k: int) -> dict:
+    """The last cumulative ``moe.expert.tokens`` of each recording engine, summed over its
+    series, next to what it computed (tokens x layers x top_k): the metrics path, on by
+    default with otlp, ran in the timed engines, and its totals must be exact."""
+    from otel_moe import schema
+    from otel_moe.verify import computed_tokens
+
+    last: dict[tuple, int] = {}
+    for file in sorted(folder.glob("metrics*.json")):
+        for line in file.read_text().splitlines():
+            for resource_metrics in json.loads(line).get("resourceMetrics", []):
+                resource = schema.attributes(resource_metrics.get("resource", {}).get("attributes", []))
+                for scope in resource_metrics.get("scopeMetrics", []):
+                    for metric in scope.get("metrics", []):
+                        if metric.get("name") == schema.METRIC_EXPERT_TOKENS:
+                            for point in metric["sum"]["dataPoints"]:
+                                series = json.dumps(point["attributes"], sort_keys=True)
+                                last[resource.get(schema.RUN_ID), series] = int(point["asInt"])
+    result = {}
+    for mode in ("counts", "tokens"):
+        if mode in outputs:
+            total = sum(v for (run, _), v in last.items() if run == f"bench-{mode}")
+            expected = sum(computed_tokens(o) for o in outputs[mode]) * layers * top_k
+            result[mode] = {"expert_tokens_total": total, "expected": expected, "exact": total == expected}
+    return result
