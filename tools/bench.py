@@ -314,7 +314,7 @@ def main() -> int:
     # a preempted request is computed, and recorded, twice).
     big_gpu = gpu and _gpu_memory_gib() > 100
     args.layers = args.layers or (12 if big_gpu else 6 if gpu else 8)
-    args.prompts = args.prompts or (1024 if gpu else 64)
+    args.prompts = args.prompts or (1024 if gpu else 256)  # CPU: 256 at once, vLLM's default max_num_seqs
     args.prompt_len = args.prompt_len or (128 if gpu else 64)
     args.gen_len = args.gen_len or (128 if gpu else 64)
     args.max_num_seqs = args.max_num_seqs or (256 if gpu else args.prompts)
