@@ -57,7 +57,7 @@ def to_json_line(request) -> str:
 
 # ---- protobuf's JSON mapping, for plain messages such as OTLP's ----------------
 # json_format.MessageToDict walks every field through several generic calls; the
-# collector spent ~1 ms per engine step there. This walks the same ListFields()
+# collector spent ~0.7 ms per engine step there. This walks the same ListFields()
 # with one converter per field, made once; the output is the same (tested), with
 # enums as numbers and the spans' and links' ids in hex as above.
 _SPAN_TYPES = ("opentelemetry.proto.trace.v1.Span", "opentelemetry.proto.trace.v1.Span.Link")
