@@ -68,13 +68,15 @@ class StepRecord:
     def is_prefill(self) -> np.ndarray:
         return self.positions < self.prompt_lens[self.token_request_index()]
 
-    def layer_counts(self) -> np.ndarray:
-        """[L, E] tokens routed to each expert (each token counts top_k times)."""
+    def layer_counts(self, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """[L, E] tokens routed to each expert (each token counts top_k times); of the
+        tokens ``rows`` selects (a boolean mask over tokens) when given (tokens mode)."""
         if self.counts is not None:
             return self.counts
         assert self.ids is not None
+        ids = self.ids if rows is None else self.ids[rows]
         num_layers = len(self.layers)
-        flat = self.ids.transpose(1, 0, 2).reshape(num_layers, -1).astype(np.int64)
+        flat = ids.transpose(1, 0, 2).reshape(num_layers, -1).astype(np.int64)
         flat = flat + (np.arange(num_layers, dtype=np.int64) * self.num_experts)[:, None]
         return np.bincount(flat.ravel(), minlength=num_layers * self.num_experts).reshape(
             num_layers, self.num_experts

@@ -76,15 +76,10 @@ class ExpertMetrics:
 
     def add(self, record: StepRecord) -> None:
         if record.ids is not None:
-            n = len(record.positions)
-            if not n:
-                return
-            prompt = np.repeat(record.prompt_lens, record.request_tokens)
-            prefill = record.positions < prompt
+            prefill = record.is_prefill()
             for phase, rows in (("prefill", prefill), ("decode", ~prefill)):
                 if rows.any():
-                    self._add(record.dp_rank, phase, record.layers, record.num_experts,
-                              _per_layer(record.ids[rows], record.num_experts))
+                    self._add(record.dp_rank, phase, record.layers, record.num_experts, record.layer_counts(rows))
         elif record.counts is not None:
             self._add(record.dp_rank, "all", record.layers, record.counts.shape[1], record.counts.astype(np.int64))
 
@@ -155,13 +150,6 @@ def _grown(have: Optional[np.ndarray], layers: int, experts: int) -> np.ndarray:
     if have is not None:
         grown[: have.shape[0], : have.shape[1]] = have
     return grown
-
-
-def _per_layer(ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """ids [n, L, K] -> counts [L, E]."""
-    n, layers, k = ids.shape
-    index = (np.arange(layers, dtype=np.int64)[None, :, None] * num_experts + ids.astype(np.int64)).ravel()
-    return np.bincount(index, minlength=layers * num_experts).reshape(layers, num_experts)
 
 
 def open_metrics(resource_attributes: dict, detail: str) -> Optional[ExpertMetrics]:
