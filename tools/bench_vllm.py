@@ -349,27 +349,23 @@ def _kv_cache_tokens(log: Path) -> Optional[int]:
 
 
 def _metrics_totals(folder: Path, outputs: dict[str, list], layers: int, top_k: int) -> dict:
-    """The last cumulative ``moe.expert.tokens`` of each recording engine, summed over its
-    series, next to what it computed (tokens x layers x top_k): the metrics path, on by
-    default with otlp, ran in the timed engines, and its totals must be exact."""
-    from otel_moe import schema
+    """Each recording engine's ``moe.expert.tokens``, summed over the collector's metrics
+    files by the report's own reader, next to what it computed (tokens x layers x top_k):
+    the metrics path, on by default with otlp, ran in the timed engines and must be exact."""
+    from otel_moe.read import LineStats
+    from otel_moe.report.inputs import MetricsDeltas
     from otel_moe.verify import computed_tokens
 
-    last: dict[tuple, int] = {}
+    deltas, totals = MetricsDeltas(LineStats()), {}
     for file in sorted(folder.glob("metrics*.json")):
         for line in file.read_text().splitlines():
-            for resource_metrics in json.loads(line).get("resourceMetrics", []):
-                resource = schema.attributes(resource_metrics.get("resource", {}).get("attributes", []))
-                for scope in resource_metrics.get("scopeMetrics", []):
-                    for metric in scope.get("metrics", []):
-                        if metric.get("name") == schema.METRIC_EXPERT_TOKENS:
-                            for point in metric["sum"]["dataPoints"]:
-                                series = json.dumps(point["attributes"], sort_keys=True)
-                                last[resource.get(schema.RUN_ID), series] = int(point["asInt"])
+            for window in deltas.add(json.loads(line)):
+                grown = sum(int(layer.counts.sum()) for layer in window.batch.layers)
+                totals[window.batch.run] = totals.get(window.batch.run, 0) + grown
     result = {}
     for mode in ("counts", "tokens"):
         if mode in outputs:
-            total = sum(v for (run, _), v in last.items() if run == f"bench-{mode}")
             expected = sum(computed_tokens(o) for o in outputs[mode]) * layers * top_k
+            total = totals.get(f"bench-{mode}", 0)
             result[mode] = {"expert_tokens_total": total, "expected": expected, "exact": total == expected}
     return result
