@@ -76,8 +76,5 @@ class StepRecord:
         assert self.ids is not None
         ids = self.ids if rows is None else self.ids[rows]
         num_layers = len(self.layers)
-        flat = ids.transpose(1, 0, 2).reshape(num_layers, -1).astype(np.int64)
-        flat = flat + (np.arange(num_layers, dtype=np.int64) * self.num_experts)[:, None]
-        return np.bincount(flat.ravel(), minlength=num_layers * self.num_experts).reshape(
-            num_layers, self.num_experts
-        )
+        index = (np.arange(num_layers, dtype=np.int64)[None, :, None] * self.num_experts + ids).ravel()
+        return np.bincount(index, minlength=num_layers * self.num_experts).reshape(num_layers, self.num_experts)
