@@ -2,7 +2,9 @@
 
 On CUDA the copy is queued on the current stream right after the step's
 forward (non_blocking, into the page-locked ring) and an event marks its end;
-the exporter link's thread waits on the event, never the engine. On CPU the
+the exporter link's thread waits on the event, never the engine. The event is
+a blocking-sync one: the waiting thread sleeps until the copy is done instead
+of spinning a CPU core of vLLM's process for the whole step (CUDA's default). On CPU the
 forward has already finished when the step returns, so a plain copy is taken.
 Either way the engine thread touches no per-token data in Python.
 """
@@ -86,6 +88,6 @@ class Snapshotter:
             ring[at: at + source.numel()].view(source.shape).copy_(source, non_blocking=self.on_cuda)
         event = None
         if self.on_cuda:
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)
             event.record()
         return Snapshot(offset, arrays, event, offset + total)

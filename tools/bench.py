@@ -301,6 +301,8 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--gen-len", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--keep-awake", choices=["no", "yes", "alternate"], default="no",
+                        help="spin every CPU at SCHED_IDLE priority during rounds (alternate: every other round)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--collector-steps", type=int, default=60)
@@ -374,9 +376,11 @@ def print_table(results: dict) -> None:
         if key in results:
             r = results[key]
             print(f"\n{key}: {r['model']}, {r['prompts']} prompts x {r['gen_len']} tokens, median of {r['rounds']} rounds")
-            print(f"{'mode':<22}{'tok/s':>10}{'ratio':>8}")
-            for mode, tps in r["throughput_tok_s"].items():
-                print(f"{mode:<22}{tps:>10.0f}{r['ratio'].get(mode, 1.0):>8.3f}")
+            parts = [("all rounds", r)] + [(f"{name} rounds", part) for name, part in (r.get("by_keep_awake") or {}).items()]
+            for title, part in parts:
+                print(f"{title}: {'mode':<14}{'tok/s':>10}{'ratio':>8}{'spread':>8}")
+                for mode, tps in part["throughput_tok_s"].items():
+                    print(f"{'':<12}{mode:<14}{tps:>10.0f}{part['ratio'].get(mode, 1.0):>8.3f}{part['spread'][mode]:>8.3f}")
             print(f"exact: {r['exactness']['exact']} ({r['exactness']['records']} records); dropped steps: {r['dropped_steps_max']}; "
                   f"step spans while paused: {r['paused_step_spans']}; noise (off2/off): {r['noise']['off2_ratio']}"
                   f"{' NOISY' if r['noise']['noisy'] else ''}")

@@ -148,6 +148,7 @@ def bench_vllm(args, work: Path) -> dict:
     samples: dict[str, list[float]] = {m: [] for m in modes}
     conditions: dict[str, list[dict]] = {m: [] for m in modes}  # the machine while each sample ran
     engines: dict[str, Engine] = {}
+    awake_rounds: list[bool] = []  # per counted round: were the CPUs kept awake (--keep-awake)
 
     def spec(mode: str) -> dict:
         spec = {"mode": mode, "engine": {**engine, "enforce_eager": mode.endswith("_eager")}, "prompts": prompts,
@@ -170,15 +171,19 @@ def bench_vllm(args, work: Path) -> dict:
             print(f"engine {mode}: started in {engines[mode].start_s} s", flush=True)
         watch = MachineWatch(args.device == "cuda")
         for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
-            for mode in _round_order(modes, round_index):
-                watch.start()
-                tok_s = engines[mode].ask({"run": True})["tok_s"]
-                machine = watch.stop()
-                _wait_until_quiet(work / "collected")  # no engine is timed beside another's backlog
-                if round_index:
-                    samples[mode].append(tok_s)
-                    conditions[mode].append(machine)
-                    print(f"{mode}: {tok_s:.0f} tok/s {machine}", flush=True)
+            awake = _keeps_awake(args.keep_awake, round_index)
+            if round_index:
+                awake_rounds.append(awake)
+            with KeepAwake(awake):
+                for mode in _round_order(modes, round_index):
+                    watch.start()
+                    tok_s = engines[mode].ask({"run": True})["tok_s"]
+                    machine = watch.stop()
+                    _wait_until_quiet(work / "collected")  # no engine is timed beside another's backlog
+                    if round_index:
+                        samples[mode].append(tok_s)
+                        conditions[mode].append({**machine, "keep_awake": awake})
+                        print(f"{mode}: {tok_s:.0f} tok/s {machine}{' (kept awake)' if awake else ''}", flush=True)
         watch.close()
         outputs = {mode: e.quit() for mode, e in engines.items()}
         collector_peak = collector.peak_rss_kib()
@@ -188,19 +193,18 @@ def bench_vllm(args, work: Path) -> dict:
                 e.proc.kill()
         collector.stop()
 
-    throughput = {m: round(statistics.median(v), 1) for m, v in samples.items()}
-    # Each round's throughput over off's in the same round, then the median: a drift of
-    # the machine over the run (clocks, heat) moves both sides of a pair alike.
-    paired = {m: [x / o for x, o in zip(samples[m], samples["off"])] for m in modes if m != "off"}
-    ratio = {m: round(statistics.median(v), 3) for m, v in paired.items()}
-    ratio_of_medians = {m: round(throughput[m] / throughput["off"], 3) for m in modes if m != "off"}
     spans = [s for s in read.iter_collector_spans([str(work / "collected")]) if s.name == schema.STEP_SPAN]
     records = [row for s in spans if s.resource.get(schema.RUN_ID) == "bench-tokens" for row in read.decode_step(s).token_rows()]
     problems = exactness_problems(records, outputs["tokens"], list(range(args.layers))) if "tokens" in modes else []
     dropped = [int(s.attributes.get(schema.DROPPED_STEPS, 0)) for s in spans]
-    noisy = "off2" in ratio and abs(ratio["off2"] - 1) > NOISE_TOLERANCE
-    if noisy:
-        print(f"NOISY RUN: two identical off engines differ by {abs(ratio['off2'] - 1):.1%} (> {NOISE_TOLERANCE:.0%})")
+    summary = summarize(samples)
+    if summary["noise"]["noisy"]:
+        print(f"NOISY RUN: two identical off engines differ by {abs(summary['ratio']['off2'] - 1):.1%} "
+              f"(> {NOISE_TOLERANCE:.0%})")
+    by_keep_awake = None
+    if args.keep_awake == "alternate":  # the same engines, every other round with the CPUs kept awake
+        by_keep_awake = {name: summarize({m: [x for x, a in zip(v, awake_rounds) if a == awake] for m, v in samples.items()})
+                         for name, awake in (("awake", True), ("plain", False))}
     return {
         "model": model_info["name"], "device": args.device, "topology": "default",
         "schedule": "engines side by side, one process each, rounds interleaved",
@@ -208,11 +212,10 @@ def bench_vllm(args, work: Path) -> dict:
         "rounds": args.rounds, "modes": modes, "engine_start_s": {m: e.start_s for m, e in engines.items()},
         "compile_s": compile_s, "kv_cache_tokens": {m: _kv_cache_tokens(work / f"engine-{m}.log") for m in modes},
         "kv_cache_memory_bytes": engine.get("kv_cache_memory_bytes"),
-        "throughput_tok_s": throughput, "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
-        "machine_per_round": conditions, "ratio": ratio, "ratio_method": "median over rounds of the mode's throughput / off's in the same round",
-        "ratio_of_medians": ratio_of_medians, "ratio_per_round": {m: [round(x, 3) for x in v] for m, v in paired.items()},
-        "ratio_to_pooled_off": ratio_to_pooled_off(samples),
-        "noise": {"off2_ratio": ratio.get("off2"), "tolerance": NOISE_TOLERANCE, "noisy": noisy},
+        "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
+        "machine_per_round": conditions, **summary,
+        "ratio_method": "median over rounds of the mode's throughput / off's in the same round",
+        "keep_awake": args.keep_awake, "by_keep_awake": by_keep_awake,
         "metrics": _metrics_totals(work / "collected", outputs, args.layers,
                                    json.loads((Path(model) / "config.json").read_text())["num_experts_per_tok"]),
         "sink": "otlp (gRPC) to the embedded collector on the same machine",
@@ -220,6 +223,54 @@ def bench_vllm(args, work: Path) -> dict:
         "dropped_steps_max": max(dropped, default=0), "collector_peak_rss_mib": round(collector_peak / 1024, 1),
         "paused_step_spans": sum(s.resource.get(schema.RUN_ID) == "bench-paused" for s in spans),  # must be 0
     }
+
+
+def summarize(samples: dict[str, list[float]]) -> dict:
+    """Throughputs and ratios to `off` of some rounds' samples (every mode, the same rounds)."""
+    modes = [m for m, v in samples.items() if v]
+    throughput = {m: round(statistics.median(samples[m]), 1) for m in modes}
+    # Each round's throughput over off's in the same round, then the median: a drift of
+    # the machine over the run (clocks, heat) moves both sides of a pair alike.
+    paired = {m: [x / o for x, o in zip(samples[m], samples["off"])] for m in modes if m != "off"}
+    ratio = {m: round(statistics.median(v), 3) for m, v in paired.items()}
+    noisy = "off2" in ratio and abs(ratio["off2"] - 1) > NOISE_TOLERANCE
+    return {"rounds_counted": len(samples["off"]), "throughput_tok_s": throughput, "ratio": ratio,
+            "ratio_of_medians": {m: round(throughput[m] / throughput["off"], 3) for m in modes if m != "off"},
+            "ratio_per_round": {m: [round(x, 3) for x in v] for m, v in paired.items()},
+            "spread": {m: round(statistics.pstdev(samples[m]) / statistics.mean(samples[m]), 3) for m in modes},
+            "ratio_to_pooled_off": ratio_to_pooled_off({m: samples[m] for m in modes}),
+            "noise": {"off2_ratio": ratio.get("off2"), "tolerance": NOISE_TOLERANCE, "noisy": noisy}}
+
+
+def _keeps_awake(choice: str, round_index: int) -> bool:
+    return choice == "yes" or (choice == "alternate" and round_index % 2 == 0)
+
+
+class KeepAwake:
+    """While it is open, one spinning process per CPU at the lowest priority there is
+    (SCHED_IDLE): any thread that wakes up preempts one at once, and finds its virtual CPU
+    running instead of halted, so no wake-up waits on the hypervisor to resume a halted
+    vCPU. A guest's stand-in for booting with idle=poll, which benchmark hosts use for the
+    same reason; every engine of a round runs under it alike."""
+
+    SPIN = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\n"
+            "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True:\n    pass\n")
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "KeepAwake":
+        if self.on:
+            self.procs = [subprocess.Popen([sys.executable, "-c", self.SPIN, str(cpu)], stdin=subprocess.DEVNULL)
+                          for cpu in sorted(os.sched_getaffinity(0))]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
 
 
 def ratio_to_pooled_off(samples: dict[str, list[float]], resamples: int = 2000) -> dict:
