@@ -20,14 +20,14 @@ Invariants:
     warm-up forwards are simply never read.
   - Ids are written before any EPLB logical->physical mapping where vLLM offers
     the ``set_capture_fn`` hook (vLLM >= 0.26).
-  - Counts mode keeps per-layer expert counters on the device (``counts``,
-    ``(num_layers, num_experts + 1)`` int64; the extra column takes ids of a layer
-    never captured). ``accumulate(n)`` adds rows ``0..n-1`` of ``ids`` into them:
-    called from the engine thread after a real step's forward, with the host's
-    count of that step's real tokens, so padding, dummy, profile and warm-up
-    rows never count, and nothing runs inside the forward or the CUDA graphs.
-    Launching it is four small kernels and no host sync; the counters are read
-    (and zeroed) only once per window of steps.
+  - Counts mode keeps per-layer expert counters on the device (``counts``, int64,
+    one row per layer; columns ``0..num_experts-1`` are read, the others take
+    what a layer never captured holds). ``accumulate(n)`` adds rows ``0..n-1`` of
+    ``ids`` into them: called from the engine thread after a real step's forward,
+    with the host's count of that step's real tokens, so padding, dummy, profile
+    and warm-up rows never count, and nothing runs inside the forward or the CUDA
+    graphs. Launching it is two small kernels (three for int16 ids) and no host
+    sync; the counters are read (and zeroed) only once per window of steps.
 """
 from __future__ import annotations
 
@@ -67,15 +67,23 @@ class RoutingBuffers:
         self.counts: Optional[torch.Tensor] = None  # counts mode (enable_counts)
 
     def enable_counts(self) -> None:
-        width = self.num_experts + 1
-        self.counts = torch.zeros((len(self.layers), width), dtype=torch.int64, device=self.ids.device)
-        self._layer_base = (torch.arange(len(self.layers), dtype=torch.int64, device=self.ids.device) * width).view(1, -1, 1)
-        self._one = torch.ones(1, dtype=torch.int64, device=self.ids.device)
+        # uint8 ids: a column for each of the 256 values an id can hold, so the fill value
+        # of a layer never captured lands in a column nobody reads, without a clamp kernel;
+        # int16 ids (more than 256 experts) are clamped into one extra column.
+        self._clamp = self.ids.dtype != torch.uint8
+        width = self.num_experts + 1 if self._clamp else 256
+        layers, device = len(self.layers), self.ids.device
+        self.counts = torch.zeros((layers, width), dtype=torch.int64, device=device)
+        self._ones = torch.ones(1, dtype=torch.int64, device=device).expand(layers, self.max_tokens * self.top_k)
 
     def accumulate(self, num_tokens: int) -> None:
         """Add the expert ids of rows ``0..num_tokens-1`` to the device counters."""
-        index = self.ids[:num_tokens].to(torch.int64).clamp_(max=self.num_experts) + self._layer_base
-        self.counts.view(-1).scatter_add_(0, index.view(-1), self._one.expand(index.numel()))
+        # One kernel widens the ids and lays them out layer by layer, one adds them up.
+        index = self.ids[:num_tokens].permute(1, 0, 2).to(torch.int64, memory_format=torch.contiguous_format)
+        index = index.view(len(self.layers), -1)
+        if self._clamp:
+            index.clamp_(max=self.num_experts)
+        self.counts.scatter_add_(1, index, self._ones[:, : index.shape[1]])
 
     def ids_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
         return _row_writer(self.ids[:, slot], self.max_tokens)

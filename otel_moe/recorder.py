@@ -55,6 +55,7 @@ class StepRecorder:
         self.dropped_steps = 0
         self.dropped_tokens = 0
         self.failed_steps = 0
+        self.engine_thread_ns = 0  # time spent in begin_step and on_step (binding times them)
         self._checked_capture = False
         self._last_drop_warning = 0.0
         self._closed = False
@@ -207,6 +208,9 @@ class StepRecorder:
                     self._close_window()
             except Exception:
                 logger.exception("otel-moe: reading the last counts window failed")
+        if self.steps:
+            logger.info("otel-moe: telemetry took the engine thread %.1f us a recorded step (%d steps)",
+                        self.engine_thread_ns / self.steps / 1000, self.steps)
         exited = self.exporter.close(timeout_s)
         if not exited:
             logger.warning("otel-moe: the exporter is still flushing after %.1f s; it finishes on its own", timeout_s)

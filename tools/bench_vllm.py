@@ -212,6 +212,8 @@ def bench_vllm(args, work: Path) -> dict:
         "rounds": args.rounds, "modes": modes, "engine_start_s": {m: e.start_s for m, e in engines.items()},
         "compile_s": compile_s, "kv_cache_tokens": {m: _kv_cache_tokens(work / f"engine-{m}.log") for m in modes},
         "kv_cache_memory_bytes": engine.get("kv_cache_memory_bytes"),
+        "engine_thread_us_per_step": {m: _engine_thread_us(work / f"engine-{m}.log") for m in modes
+                                      if m in ("counts", "tokens", "paused")},
         "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
         "machine_per_round": conditions, **summary,
         "ratio_method": "median over rounds of the mode's throughput / off's in the same round",
@@ -397,6 +399,14 @@ def _kv_cache_tokens(log: Path) -> Optional[int]:
 
     found = re.findall(r"KV cache size: ([\d,]+) tokens", log.read_text(errors="replace")) if log.exists() else []
     return int(found[-1].replace(",", "")) if found else None
+
+
+def _engine_thread_us(log: Path) -> Optional[float]:
+    """What the recorder logged at close: its time on vLLM's engine thread per recorded step."""
+    import re
+
+    found = re.findall(r"telemetry took the engine thread ([\d.]+) us", log.read_text(errors="replace")) if log.exists() else []
+    return float(found[-1]) if found else None
 
 
 def _metrics_totals(folder: Path, outputs: dict[str, list], layers: int, top_k: int) -> dict:
