@@ -55,7 +55,9 @@ class StepRecorder:
         self.dropped_steps = 0
         self.dropped_tokens = 0
         self.failed_steps = 0
-        self.engine_thread_ns = 0  # time spent in begin_step and on_step (binding times them)
+        # Time spent in begin_step and on_step (binding times them), before the current step:
+        # every message carries it, the exporter turns it into a metric.
+        self.engine_thread_ns = 0
         self._checked_capture = False
         self._last_drop_warning = 0.0
         self._closed = False
@@ -120,7 +122,8 @@ class StepRecorder:
             self._drop(n, "the shared ring is full")
             return
         self._send((STEP, snapshot.offset, snapshot.arrays, step, start_ns, end_ns, self.layers, False,
-                    self.control_version, self.dropped_steps, self.dropped_tokens, *layout), snapshot, n)
+                    self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns, *layout),
+                   snapshot, n)
 
     def _count(self, step: int, n: int, start_ns: int, end_ns: int, layout: tuple) -> None:
         """Counts mode: add the step to the device counters; its layout alone goes on
@@ -129,8 +132,8 @@ class StepRecorder:
         if self._window is None:
             self._window = _Window(step, start_ns, time.monotonic())
         self._window.add(step, n, end_ns)
-        self._window.items.append((STEP, -1, [], step, start_ns, end_ns, self.layers, True,
-                                   self.control_version, self.dropped_steps, self.dropped_tokens, *layout))
+        self._window.items.append((STEP, -1, [], step, start_ns, end_ns, self.layers, True, self.control_version,
+                                   self.dropped_steps, self.dropped_tokens, self.engine_thread_ns, *layout))
         if time.monotonic() - self._window.opened >= self.counts_interval_s:
             self._close_window()
 
@@ -160,7 +163,7 @@ class StepRecorder:
         self.exporter.ring.map[snapshot.extra_offset: snapshot.extra_offset + len(items)] = items
         self._send((WINDOW, snapshot.offset, snapshot.arrays, snapshot.extra_offset, len(items), window.first,
                     window.last, window.tokens, window.start_ns, window.end_ns, self.layers, self.control_version,
-                    self.dropped_steps, self.dropped_tokens), snapshot, window.tokens, steps=steps)
+                    self.dropped_steps, self.dropped_tokens, self.engine_thread_ns), snapshot, window.tokens, steps=steps)
 
     def _send(self, message: tuple, snapshot: Optional[Any], tokens: int, steps: int = 1) -> None:
         """Hand a message on; one that cannot go gives its ring space back and is counted."""

@@ -74,6 +74,9 @@ WEIGHTS_DTYPE = "<f4"
 
 # Metrics (sinks/metrics.py): the counter the report can also read
 METRIC_EXPERT_TOKENS = "moe.expert.tokens"
+# otel-moe's own cost: its time on vLLM's engine thread, over the steps it recorded
+METRIC_ENGINE_THREAD_TIME = "otel_moe.engine_thread.time"
+METRIC_RECORDED_STEPS = "otel_moe.recorded_steps"
 
 # vLLM's own request span (vllm/tracing): latency beside routing
 VLLM_REQUEST_SPAN = "llm_request"

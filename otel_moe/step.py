@@ -48,6 +48,7 @@ class StepRecord:
     dropped_steps: int = 0  # cumulative drops of this process when the step was taken
     dropped_tokens: int = 0
     control_version: int = 0  # changes of live control applied before this step (0: none)
+    engine_thread_ns: int = 0  # time recording took vLLM's engine thread before this step, cumulative
     # Counts mode: a record covers a window of steps, step..last_step, and its
     # tokens; it names no requests (their token counts come with per-step records
     # that carry neither ids nor counts).

@@ -54,4 +54,22 @@ def test_layers_detail_has_no_per_expert_series():
     reader = InMemoryMetricReader()
     metrics = ExpertMetrics({}, "layers", reader=reader)
     metrics.add(step([[[0, 1], [2, 3]]], [0], [1], [1]))
-    assert {name for name, _ in points(reader)} == {"moe.layer.imbalance", "moe.layer.experts_unused"}
+    assert {name for name, _ in points(reader)} == {"moe.layer.imbalance", "moe.layer.experts_unused",
+                                                    "otel_moe.engine_thread.time", "otel_moe.recorded_steps"}
+
+
+def test_engine_thread_cost_follows_the_latest_record():
+    """Each record carries the recorder's time on vLLM's engine thread so far; steps
+    count from the record's index (a counts window: its last step), drops included."""
+    import dataclasses
+
+    reader = InMemoryMetricReader()
+    metrics = ExpertMetrics({}, "experts", reader=reader)
+    first = dataclasses.replace(step([[[0, 1], [2, 3]]], [0], [1], [1], dp_rank=2), step=4, engine_thread_ns=1_500_000)
+    metrics.add(first)
+    window = dataclasses.replace(first, step=5, last_step=9, window_tokens=6, ids=None, weights=None,
+                                 counts=np.ones((2, 4), np.int64), engine_thread_ns=3_000_000)
+    metrics.add(window)
+    got = points(reader)
+    assert got[("otel_moe.engine_thread.time", (("otel_moe.dp_rank", 2),))] == 0.003
+    assert got[("otel_moe.recorded_steps", (("otel_moe.dp_rank", 2),))] == 10

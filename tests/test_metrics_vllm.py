@@ -76,9 +76,11 @@ def test_prometheus_totals_equal_the_recorded_routing(models, tmp_path):
     prometheus = Prometheus(tmp_path, f"{collector.host}:{collector.prometheus_port}")
     try:
         routing = tmp_path / "routing.jsonl"
+        started = time.monotonic()
         run = run_vllm(tmp_path / "run", {"model": models["qwen2_moe"], **CHUNKED, "worker_modules": METRICS_MODULES},
                        VLLM_LOG_MOE=f"otlp,{routing}", OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint,
                        OTEL_METRIC_EXPORT_INTERVAL="500", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+        run_s = time.monotonic() - started
         # The metrics path lives in the exporter process: vLLM's worker never even imports it.
         assert run.worker_modules_loaded == [["otel_moe.recorder"]]
         records = [json.loads(line) for line in routing.read_text().splitlines()]
@@ -95,6 +97,11 @@ def test_prometheus_totals_equal_the_recorded_routing(models, tmp_path):
         phases = prometheus.query("sum by (moe_phase) (moe_expert_tokens_total)")
         by_phase = {s["metric"]["moe_phase"]: float(s["value"][1]) for s in phases}
         assert by_phase == {phase: float(sum(2 for r in records if r["phase"] == phase)) for phase in ("prefill", "decode")}
+        # otel-moe's own cost: every recorded step counted (numbered from 0, none dropped here)
+        steps = prometheus.query("otel_moe_recorded_steps_total")
+        assert [float(s["value"][1]) for s in steps] == [max(r["step"] for r in records) + 1]
+        cost = prometheus.query("otel_moe_engine_thread_time_seconds_total")
+        assert len(cost) == 1 and 0 < float(cost[0]["value"][1]) < run_s, cost
         imbalance = prometheus.query("moe_layer_imbalance")
         assert {s["metric"]["moe_layer"] for s in imbalance} <= {"0", "1", "2", "3"}
         lines = (tmp_path / "collected" / "metrics.json").read_text().splitlines()

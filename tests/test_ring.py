@@ -122,7 +122,7 @@ def test_a_step_too_large_to_send_still_frees_its_ring_space(tmp_path):
     try:
         assert link.space.reserve(1024) == 0
         huge = [f"{i:0>1000}" for i in range(5000)]  # 5 MB of distinct request ids: no socket message takes it
-        assert link.send((STEP, 0, [("|u1", [1, 1, 2])], 0, 0, 1, [0], False, 0, 0, 0, 1, huge, {}, [], [], []),
+        assert link.send((STEP, 0, [("|u1", [1, 1, 2])], 0, 0, 1, [0], False, 0, 0, 0, 0, 1, huge, {}, [], [], []),
                          _DoneEvent())
         deadline = time.monotonic() + 30
         while link.space.held and time.monotonic() < deadline:  # the acknowledgement arrives by socket

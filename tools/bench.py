@@ -384,6 +384,7 @@ def print_table(results: dict) -> None:
             print(f"exact: {r['exactness']['exact']} ({r['exactness']['records']} records); dropped steps: {r['dropped_steps_max']}; "
                   f"step spans while paused: {r['paused_step_spans']}; noise (off2/off): {r['noise']['off2_ratio']}"
                   f"{' NOISY' if r['noise']['noisy'] else ''}")
+            print(f"engine thread per recorded step (us): {r.get('engine_thread_us_per_step')}")
     for key in ("profile_cpu", "profile_gpu"):
         for tag, r in results.get(key, {}).items():
             if isinstance(r, dict):

@@ -1,7 +1,8 @@
 """The latest value of every OTLP metric series, in Prometheus' text exposition
 format, named as the OpenTelemetry Collector's ``prometheus`` exporter names
 them: dots become underscores, a monotonic sum gets ``_total``, a unit gets a
-suffix (``{...}`` annotations are dropped, ``1`` becomes ``_ratio``), data
+suffix (``{...}`` annotations are dropped, ``1`` becomes ``_ratio``, ``s`` and
+the other common UCUM units are spelled out: ``_seconds``), data
 point attributes become labels, and ``job`` / ``instance`` come from the
 resource (``service.name``, ``service.instance.id``). Cumulative sums are
 taken as they come; delta sums are added up. Histograms are not exposed.
@@ -16,6 +17,9 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
 MAX_SERIES = 200_000  # past this, new series are dropped (and counted)
 _INVALID = re.compile(r"[^a-zA-Z0-9_:]")
+# The Collector's unit words (its Prometheus translator's unit map), for the units otel-moe might use.
+_UNIT_WORDS = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds", "By": "bytes",
+               "KiBy": "kibibytes", "MiBy": "mebibytes", "%": "percent"}
 
 
 def metric_name(name: str, unit: str, counter: bool) -> str:
@@ -24,7 +28,7 @@ def metric_name(name: str, unit: str, counter: bool) -> str:
     if unit == "1":
         base += "_ratio" if not counter else ""
     elif unit:
-        base += "_" + _INVALID.sub("_", unit)
+        base += "_" + _INVALID.sub("_", _UNIT_WORDS.get(unit, unit))
     return base + ("_total" if counter else "")
 
 

@@ -53,6 +53,7 @@ class StepMessage:
     control_version: int
     dropped_steps: int
     dropped_tokens: int
+    engine_thread_ns: int  # the recorder's time on vLLM's engine thread before this step, cumulative
     total: int  # tokens the scheduler scheduled
     batch_order: list  # internal request ids, the runner's batch order
     scheduled: dict  # request id -> tokens this step (SchedulerOutput.num_scheduled_tokens)
@@ -78,6 +79,7 @@ class WindowMessage:
     control_version: int
     dropped_steps: int
     dropped_tokens: int
+    engine_thread_ns: int
 
 
 class Exporter:
@@ -167,7 +169,8 @@ class Exporter:
             start_ns=message.start_ns, end_ns=message.end_ns, layers=message.layers, top_k=self.top_k,
             num_experts=self.num_experts, request_ids=[], request_tokens=empty, positions=empty, prompt_lens=empty,
             counts=counts, dp_rank=self.dp_rank, dropped_steps=message.dropped_steps + self.layout_drops,
-            dropped_tokens=message.dropped_tokens, control_version=message.control_version))
+            dropped_tokens=message.dropped_tokens, control_version=message.control_version,
+            engine_thread_ns=message.engine_thread_ns))
 
     def _take_arrays(self, offset: int, arrays: list) -> list[np.ndarray]:
         """Copies of a message's arrays; their ring space is free again once taken."""
@@ -211,7 +214,7 @@ class Exporter:
             positions=np.repeat(first, tokens) + offsets, prompt_lens=prompt,
             ids=ids, weights=weights, dp_rank=self.dp_rank,
             dropped_steps=message.dropped_steps + self.layout_drops, dropped_tokens=message.dropped_tokens,
-            control_version=message.control_version,
+            control_version=message.control_version, engine_thread_ns=message.engine_thread_ns,
         )
 
     def close(self) -> None:

@@ -10,7 +10,10 @@ bincounts, not one ``add()`` per series.
   load since the previous export, per ``moe.layer`` and ``otel_moe.dp_rank``.
 - ``moe.layer.experts_unused`` (gauge, ``{expert}``): experts that got no token
   since the previous export, likewise.
-``VLLM_LOG_MOE_METRICS=layers`` keeps only the two gauges (few series);
+- ``otel_moe.engine_thread.time`` (counter, ``s``) and ``otel_moe.recorded_steps``
+  (counter, ``{step}``), by ``otel_moe.dp_rank``: what recording cost vLLM's engine
+  thread, over how many steps (their rates' quotient is the cost per step).
+``VLLM_LOG_MOE_METRICS=layers`` keeps only the gauges and the cost (few series);
 ``OTEL_METRICS_EXPORTER=none`` turns metrics off.
 """
 from __future__ import annotations
@@ -59,6 +62,7 @@ class ExpertMetrics:
         self._totals: dict[tuple[int, str], np.ndarray] = {}  # (dp rank, phase) -> [layer slot, expert]
         self._seen: dict[str, np.ndarray] = {}  # gauge -> the all-ranks totals at its previous read
         self._layers: list[int] = []
+        self._engine_thread = (0, 0)  # (ns, steps) so far, as the latest record says
         self._dp_rank = 0  # of this exporter's worker: gauges of several DP ranks stay apart
         run_id = resource_attributes.get("otel_moe.run_id", "")
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "vllm",
@@ -73,8 +77,15 @@ class ExpertMetrics:
                                       description="busiest expert's load over the mean, since the previous export")
         meter.create_observable_gauge("moe.layer.experts_unused", [self._observe_unused], unit="{expert}",
                                       description="experts that got no token since the previous export")
+        meter.create_observable_counter(schema.METRIC_ENGINE_THREAD_TIME, [self._observe_engine_thread_time], unit="s",
+                                        description="time recording took vLLM's engine thread")
+        meter.create_observable_counter(schema.METRIC_RECORDED_STEPS, [self._observe_recorded_steps], unit="{step}",
+                                        description="engine steps recorded (dropped ones included)")
 
     def add(self, record: StepRecord) -> None:
+        steps = (record.last_step if record.is_window else record.step) + 1  # steps are numbered from 0, drops too
+        self._engine_thread = max(self._engine_thread, (record.engine_thread_ns, steps))
+        self._dp_rank = record.dp_rank
         if record.ids is not None:
             prefill = record.is_prefill()
             for phase, rows in (("prefill", prefill), ("decode", ~prefill)):
@@ -108,6 +119,16 @@ class ExpertMetrics:
                         out.append(Observation(int(counts[slot, expert]), {
                             "moe.layer": layer, "moe.expert": int(expert), "moe.phase": phase, "otel_moe.dp_rank": dp_rank}))
             return out
+
+    def _observe_engine_thread_time(self, options):
+        from opentelemetry.metrics import Observation
+
+        return [Observation(self._engine_thread[0] / 1e9, {"otel_moe.dp_rank": self._dp_rank})]
+
+    def _observe_recorded_steps(self, options):
+        from opentelemetry.metrics import Observation
+
+        return [Observation(self._engine_thread[1], {"otel_moe.dp_rank": self._dp_rank})]
 
     def _since_last_read(self, gauge: str) -> dict[int, tuple[float, int]]:
         """Per layer: (max / mean, experts unused) over what came since this gauge's
