@@ -4,8 +4,9 @@ On CUDA the copy is queued on the current stream right after the step's
 forward (non_blocking, into the page-locked ring) and an event marks its end;
 the exporter link's thread waits on the event, never the engine. The event is
 a blocking-sync one: the waiting thread sleeps until the copy is done instead
-of spinning a CPU core of vLLM's process for the whole step (CUDA's default). On CPU the
-forward has already finished when the step returns, so a plain copy is taken.
+of spinning a CPU core of vLLM's process for the whole step (CUDA's default).
+On CPU the forward has already finished when the step returns, so a plain copy
+is taken.
 Either way the engine thread touches no per-token data in Python.
 """
 from __future__ import annotations
