@@ -50,6 +50,7 @@ DROPPED_STEPS = "otel_moe.dropped_steps"  # cumulative, this process, since star
 DROPPED_TOKENS = "otel_moe.dropped_tokens"
 FAILED_EXPORT_SPANS = "otel_moe.failed_export_spans"
 CONTROL_VERSION = "otel_moe.control.version"  # live-control changes applied before this step
+ENGINE_THREAD_NS = "otel_moe.engine_thread_ns"  # cumulative: recording's time on vLLM's engine thread before this step
 
 # moe.routing event
 LAYER = "moe.layer"

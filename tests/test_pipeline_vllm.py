@@ -71,3 +71,12 @@ def test_step_spans_carry_the_service_name_and_schema(grpc_pipeline):
     assert steps and all(s.resource["service.name"] == "otel-moe-test" for s in steps)
     assert all(s.attributes[schema.SCHEMA] == schema.SCHEMA_VERSION for s in steps)
     assert all(s.end_ns >= s.start_ns > 0 for s in steps)
+
+
+def test_step_spans_carry_the_engine_threads_growing_cost(grpc_pipeline):
+    """otel_moe.engine_thread_ns is cumulative in step order: never shrinks, and grows
+    from the first step to the last (every recorded step takes the engine thread some time)."""
+    steps = sorted((s for s in _spans(grpc_pipeline) if s.name == schema.STEP_SPAN),
+                   key=lambda s: s.attributes[schema.STEP_INDEX])
+    costs = [s.attributes[schema.ENGINE_THREAD_NS] for s in steps]
+    assert len(costs) > 2 and costs == sorted(costs) and costs[-1] > costs[0] > 0

@@ -149,6 +149,7 @@ def bench_vllm(args, work: Path) -> dict:
     conditions: dict[str, list[dict]] = {m: [] for m in modes}  # the machine while each sample ran
     engines: dict[str, Engine] = {}
     awake_rounds: list[bool] = []  # per counted round: were the CPUs kept awake (--keep-awake)
+    turns: dict[str, list[tuple[int, int]]] = {m: [] for m in modes}  # wall clock of each counted turn
 
     def spec(mode: str) -> dict:
         spec = {"mode": mode, "engine": {**engine, "enforce_eager": mode.endswith("_eager")}, "prompts": prompts,
@@ -177,11 +178,14 @@ def bench_vllm(args, work: Path) -> dict:
             with KeepAwake(awake):
                 for mode in _round_order(modes, round_index):
                     watch.start()
+                    began_ns = time.time_ns()
                     tok_s = engines[mode].ask({"run": True})["tok_s"]
+                    ended_ns = time.time_ns()
                     machine = watch.stop()
                     _wait_until_quiet(work / "collected")  # no engine is timed beside another's backlog
                     if round_index:
                         samples[mode].append(tok_s)
+                        turns[mode].append((began_ns, ended_ns))
                         conditions[mode].append({**machine, "keep_awake": awake})
                         print(f"{mode}: {tok_s:.0f} tok/s {machine}{' (kept awake)' if awake else ''}", flush=True)
         watch.close()
@@ -213,6 +217,8 @@ def bench_vllm(args, work: Path) -> dict:
         "compile_s": compile_s, "kv_cache_tokens": {m: _kv_cache_tokens(work / f"engine-{m}.log") for m in modes},
         "kv_cache_memory_bytes": engine.get("kv_cache_memory_bytes"),
         "engine_thread_us_per_step": _engine_thread_us(work / "collected"),
+        "engine_thread_us_per_step_per_round": {m: _engine_thread_us_per_turn(spans, f"bench-{m}", turns[m])
+                                                for m in modes if m in ("counts", "tokens")},
         "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
         "machine_per_round": conditions, **summary,
         "ratio_method": "median over rounds of the mode's throughput / off's in the same round",
@@ -421,6 +427,21 @@ def _engine_thread_us(folder: Path) -> dict[str, float]:
     return {mode: round(seconds / last[(mode, schema.METRIC_RECORDED_STEPS)] * 1e6, 1)
             for (mode, name), seconds in sorted(last.items())
             if name == schema.METRIC_ENGINE_THREAD_TIME and last.get((mode, schema.METRIC_RECORDED_STEPS))}
+
+
+def _engine_thread_us_per_turn(spans: list, run_id: str, turns: list[tuple[int, int]]) -> list[Optional[float]]:
+    """Per turn, from the step spans it produced: the growth of their cumulative
+    ``otel_moe.engine_thread_ns`` over the steps it covers (does the cost creep up?)."""
+    from otel_moe import schema
+
+    points = sorted((s.start_ns, s.attributes.get(schema.STEP_LAST_INDEX, s.attributes[schema.STEP_INDEX]),
+                     s.attributes.get(schema.ENGINE_THREAD_NS, 0)) for s in spans if s.resource.get(schema.RUN_ID) == run_id)
+    result = []
+    for began, ended in turns:
+        inside = [(step, ns) for start, step, ns in points if began <= start <= ended]
+        (first_step, first_ns), (last_step, last_ns) = min(inside, default=(0, 0)), max(inside, default=(0, 0))
+        result.append(round((last_ns - first_ns) / (last_step - first_step) / 1000, 1) if last_step > first_step else None)
+    return result
 
 
 def _metrics_totals(folder: Path, outputs: dict[str, list], layers: int, top_k: int) -> dict:

@@ -192,6 +192,7 @@ class OtlpSink:
             schema.DROPPED_TOKENS: record.dropped_tokens,
             schema.FAILED_EXPORT_SPANS: self.failed_export_spans,
             schema.CONTROL_VERSION: record.control_version,
+            schema.ENGINE_THREAD_NS: record.engine_thread_ns,
             **({schema.STEP_LAST_INDEX: record.last_step} if record.is_window else {}),
         }
 
