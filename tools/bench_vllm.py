@@ -99,6 +99,7 @@ class Engine:
     def quit(self) -> list:
         outputs = json.loads(Path(self.ask({"quit": True})["outputs"]).read_text())
         self.proc.wait(timeout=120)
+        self.log.close()  # its last lines (the engine's shutdown) are read after the run
         return outputs
 
 
