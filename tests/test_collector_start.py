@@ -26,6 +26,13 @@ def running(tmp_path):
     c.stop()
 
 
+def test_the_collector_runs_as_a_batch_process(running):
+    """A request that wakes it never preempts vLLM's threads on the same core."""
+    import os
+
+    assert os.sched_getscheduler(running.proc.pid) == os.SCHED_BATCH
+
+
 @pytest.mark.parametrize("which", ["grpc", "http"])
 def test_a_second_collector_on_a_taken_port_refuses_to_start(running, tmp_path, which):
     taken = running.grpc_port if which == "grpc" else running.http_port

@@ -3,6 +3,7 @@ and killing it costs vLLM nothing but the telemetry."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -50,6 +51,7 @@ def test_exporter_killed_mid_run(models, mixtral_long_off, tmp_path):
     _wait_for_routing(routing, proc)
     [exporter] = _exporters_of(proc.pid)
     assert f"(vLLM pid {exporter.ppid()}" in " ".join(exporter.cmdline())  # whom it serves
+    assert os.sched_getscheduler(exporter.pid) == os.SCHED_BATCH  # its wake-ups never preempt vLLM's thread
     exporter.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=600) == 0
     reader.join(timeout=10)

@@ -28,6 +28,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (  # no
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
     ExportTraceServiceRequest, ExportTraceServiceResponse)
 
+from otel_moe.batch_scheduling import never_preempt_on_wakeup  # noqa: E402
 from otel_moe.collector import admission  # noqa: E402
 from otel_moe.collector.admission import Busy, MemoryBudget, Reservation, TooLarge  # noqa: E402
 from otel_moe.collector.files import Closed, RotatingFile  # noqa: E402
@@ -231,6 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    never_preempt_on_wakeup()  # an export arriving must not take a core from vLLM beside us
     stopped, _wakeup = _stop_signals()
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"otel-moe collector: --out {args.out} is a file, not a folder", file=sys.stderr)

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from otel_moe import ring
+from otel_moe.batch_scheduling import never_preempt_on_wakeup
 from otel_moe.config import Config, parse_layers
 from otel_moe.ring import ACK, BEGIN, CLOSE, SKIP, STEP, WINDOW, SharedRing
 from otel_moe.sinks import Sink, open_sinks
@@ -230,6 +231,7 @@ class Exporter:
 def run(spec_json: str) -> int:
     spec = json.loads(spec_json)
     _name_process(spec)
+    never_preempt_on_wakeup()  # a step's message must not hand vLLM's core to us
     # Ctrl-C reaches the whole process group: the worker decides when to stop (it
     # closes the socket or asks), so the last steps it sends are not lost.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
