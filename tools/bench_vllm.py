@@ -217,8 +217,9 @@ def bench_vllm(args, work: Path) -> dict:
         "rounds": args.rounds, "modes": modes, "engine_start_s": {m: e.start_s for m, e in engines.items()},
         "compile_s": compile_s, "kv_cache_tokens": {m: _kv_cache_tokens(work / f"engine-{m}.log") for m in modes},
         "kv_cache_memory_bytes": engine.get("kv_cache_memory_bytes"),
-        "engine_thread_us_per_step": _engine_thread_us(work / "collected"),
-        "engine_thread_us_per_step_per_round": {m: _engine_thread_us_per_turn(spans, f"bench-{m}", turns[m])
+        "engine_thread_us_per_step": {m: _engine_thread_us(spans, f"bench-{m}", [(0, time.time_ns())])[0]
+                                      for m in modes if m in ("counts", "tokens")},
+        "engine_thread_us_per_step_per_round": {m: _engine_thread_us(spans, f"bench-{m}", turns[m])
                                                 for m in modes if m in ("counts", "tokens")},
         "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
         "machine_per_round": conditions, **summary,
@@ -407,32 +408,10 @@ def _kv_cache_tokens(log: Path) -> Optional[int]:
     return int(found[-1].replace(",", "")) if found else None
 
 
-def _engine_thread_us(folder: Path) -> dict[str, float]:
-    """Each recording engine's time on vLLM's engine thread per recorded step, from its
-    last ``otel_moe.engine_thread.time`` and ``otel_moe.recorded_steps`` (cumulative)."""
-    from otel_moe import schema
-
-    last: dict[tuple[str, str], float] = {}
-    for file in sorted(folder.glob("metrics*.json")):
-        for line in file.read_text().splitlines():
-            for resource in json.loads(line).get("resourceMetrics", []):
-                attributes = {a["key"]: a["value"] for a in resource["resource"].get("attributes", [])}
-                run = attributes.get(schema.RUN_ID, {}).get("stringValue", "")
-                for scope in resource.get("scopeMetrics", []):
-                    for metric in scope.get("metrics", []):
-                        if metric["name"] in (schema.METRIC_ENGINE_THREAD_TIME, schema.METRIC_RECORDED_STEPS):
-                            for point in metric.get("sum", {}).get("dataPoints", []):
-                                value = float(point.get("asDouble", point.get("asInt", 0)))
-                                key = (run.removeprefix("bench-"), metric["name"])
-                                last[key] = max(last.get(key, 0.0), value)
-    return {mode: round(seconds / last[(mode, schema.METRIC_RECORDED_STEPS)] * 1e6, 1)
-            for (mode, name), seconds in sorted(last.items())
-            if name == schema.METRIC_ENGINE_THREAD_TIME and last.get((mode, schema.METRIC_RECORDED_STEPS))}
-
-
-def _engine_thread_us_per_turn(spans: list, run_id: str, turns: list[tuple[int, int]]) -> list[Optional[float]]:
-    """Per turn, from the step spans it produced: the growth of their cumulative
-    ``otel_moe.engine_thread_ns`` over the steps it covers (does the cost creep up?)."""
+def _engine_thread_us(spans: list, run_id: str, turns: list[tuple[int, int]]) -> list[Optional[float]]:
+    """Recording's time on vLLM's engine thread per step, in each stretch of wall clock
+    (a turn, or the whole run), from the step spans that began in it: the growth of their
+    cumulative ``otel_moe.engine_thread_ns`` over the steps they cover."""
     from otel_moe import schema
 
     points = sorted((s.start_ns, s.attributes.get(schema.STEP_LAST_INDEX, s.attributes[schema.STEP_INDEX]),
