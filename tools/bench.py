@@ -385,6 +385,7 @@ def print_table(results: dict) -> None:
                   f"step spans while paused: {r['paused_step_spans']}; noise (off2/off): {r['noise']['off2_ratio']}"
                   f"{' NOISY' if r['noise']['noisy'] else ''}")
             print(f"engine thread per recorded step (us): {r.get('engine_thread_us_per_step')}")
+            print(f"the model's process a turn (median): {r.get('engine_process_per_turn')}")
     for key in ("profile_cpu", "profile_gpu"):
         for tag, r in results.get(key, {}).items():
             if isinstance(r, dict):

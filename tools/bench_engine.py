@@ -3,8 +3,9 @@ engine core in a child process, as `vllm serve` and a plain `LLM(...)` run it).
 
 tools/bench.py starts one per mode, with that mode's otel-moe flags in the
 environment, and drives them over stdin/stdout, one JSON line each way (``@@bench {...}`` from the engine):
-  -> {"run": true}        <- {"tok_s": float}        generate the batch once (its prompts
-                                                     made unique to the run: no prefix-cache hits)
+  -> {"run": true}        <- {"tok_s": float,        generate the batch once (its prompts
+                              "probe": {...}}        made unique to the run: no prefix-cache hits;
+                                                     probe: what the model's process spent, engine_probe.py)
   -> {"quit": true}       <- {"outputs": path}       shut down, outputs of every run written
 The first line out is {"ready": true, "start_s": float} once the engine is built.
 
@@ -34,8 +35,10 @@ def main(spec_path: str) -> None:
 
     t0 = time.monotonic()
     llm = LLM(**spec["engine"])
+    import engine_probe  # beside this script: on vLLM's processes' sys.path too (spawned from here)
+
+    llm.collective_rpc(engine_probe.install)
     if spec.get("seed_style_log"):
-        sys.path.insert(0, str(Path(__file__).parent))
         import seed_style
 
         llm.collective_rpc(seed_style.install(spec["seed_style_log"]))
@@ -47,10 +50,13 @@ def main(spec_path: str) -> None:
         if command.get("quit"):
             break
         prompts = [{"prompt_token_ids": ids} for ids in unique_prompts(spec["prompts"], run)]
+        [before] = llm.collective_rpc(engine_probe.read)[:1]
         t = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t
-        say({"tok_s": sum(len(r.outputs[0].token_ids) for r in results) / elapsed})
+        [after] = llm.collective_rpc(engine_probe.read)[:1]
+        say({"tok_s": sum(len(r.outputs[0].token_ids) for r in results) / elapsed,
+             "probe": engine_probe.spent(before, after)})
         outputs.extend({"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids),
                         "output_token_ids": list(r.outputs[0].token_ids),
                         "num_cached_tokens": r.num_cached_tokens or 0} for r in results)

@@ -61,7 +61,10 @@ def engine_env(mode: str, work: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
     recording = mode in ("counts", "tokens", "paused")
     env.update(VLLM_LOG_MOE="otlp" if recording else "", VLLM_LOG_MOE_MODE="counts" if mode == "counts" else "tokens",
-               OTEL_MOE_RUN_ID=f"bench-{mode}")
+               OTEL_MOE_RUN_ID=f"bench-{mode}",
+               # tools/engine_probe.py's functions reach the workers over collective_rpc (every
+               # engine alike; vLLM's own messages are encoded as before)
+               VLLM_ALLOW_INSECURE_SERIALIZATION="1")
     if mode == "paused":
         control = work / "control-paused.json"
         control.write_text('{"recording": false}')
@@ -151,6 +154,7 @@ def bench_vllm(args, work: Path) -> dict:
     engines: dict[str, Engine] = {}
     awake_rounds: list[bool] = []  # per counted round: were the CPUs kept awake (--keep-awake)
     turns: dict[str, list[tuple[int, int]]] = {m: [] for m in modes}  # wall clock of each counted turn
+    probes: dict[str, list[dict]] = {m: [] for m in modes}  # what the model's process spent in each (engine_probe.py)
 
     def spec(mode: str) -> dict:
         spec = {"mode": mode, "engine": {**engine, "enforce_eager": mode.endswith("_eager")}, "prompts": prompts,
@@ -180,13 +184,15 @@ def bench_vllm(args, work: Path) -> dict:
                 for mode in _round_order(modes, round_index):
                     watch.start()
                     began_ns = time.time_ns()
-                    tok_s = engines[mode].ask({"run": True})["tok_s"]
+                    reply = engines[mode].ask({"run": True})
+                    tok_s = reply["tok_s"]
                     ended_ns = time.time_ns()
                     machine = watch.stop()
                     _wait_until_quiet(work / "collected")  # no engine is timed beside another's backlog
                     if round_index:
                         samples[mode].append(tok_s)
                         turns[mode].append((began_ns, ended_ns))
+                        probes[mode].append(reply["probe"])
                         conditions[mode].append({**machine, "keep_awake": awake})
                         print(f"{mode}: {tok_s:.0f} tok/s {machine}{' (kept awake)' if awake else ''}", flush=True)
         watch.close()
@@ -221,6 +227,8 @@ def bench_vllm(args, work: Path) -> dict:
                                       for m in modes if m in ("counts", "tokens")},
         "engine_thread_us_per_step_per_round": {m: _engine_thread_us(spans, f"bench-{m}", turns[m])
                                                 for m in modes if m in ("counts", "tokens")},
+        "engine_process_per_turn": {m: _median_probe(v) for m, v in probes.items()},
+        "engine_process_per_round": probes,
         "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
         "machine_per_round": conditions, **summary,
         "ratio_method": "median over rounds of the mode's throughput / off's in the same round",
@@ -232,6 +240,10 @@ def bench_vllm(args, work: Path) -> dict:
         "dropped_steps_max": max(dropped, default=0), "collector_peak_rss_mib": round(collector_peak / 1024, 1),
         "paused_step_spans": sum(s.resource.get(schema.RUN_ID) == "bench-paused" for s in spans),  # must be 0
     }
+
+
+def _median_probe(probes: list[dict]) -> dict:
+    return {k: round(statistics.median(p[k] for p in probes), 4) for k in probes[0]} if probes else {}
 
 
 def summarize(samples: dict[str, list[float]]) -> dict:

@@ -28,7 +28,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (  # no
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
     ExportTraceServiceRequest, ExportTraceServiceResponse)
 
-from otel_moe.batch_scheduling import never_preempt_on_wakeup  # noqa: E402
+from otel_moe.scheduling import never_preempt_on_wakeup  # noqa: E402
 from otel_moe.collector import admission  # noqa: E402
 from otel_moe.collector.admission import Busy, MemoryBudget, Reservation, TooLarge  # noqa: E402
 from otel_moe.collector.files import Closed, RotatingFile  # noqa: E402

@@ -36,14 +36,15 @@ _STOP = object()
 
 class ExporterLink:
     def __init__(self, spec: dict, ring_bytes: int, queue_messages: int, events: bool) -> None:
-        """``spec``: what the exporter process needs to know (see exporter.process);
+        """Called on the engine thread (its CPUs are the ones the exporter leaves).
+        ``spec``: what the exporter process needs to know (see exporter.process);
         ``events``: messages wait for device events (CUDA), so a publishing thread sends them."""
         self.ring = SharedRing(ring_bytes)
         self.space = FifoSpace(ring_bytes)
         self.sock, theirs = ring.socket_pair()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         spec = {**spec, "socket_fd": theirs.fileno(), "ring_fd": self.ring.fd, "ring_bytes": ring_bytes,
-                "parent_pid": os.getpid()}
+                "parent_pid": os.getpid(), "engine_cpus": sorted(os.sched_getaffinity(0))}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "otel_moe", COMMAND, "--spec", json.dumps(spec)],
             pass_fds=(theirs.fileno(), self.ring.fd), stdin=subprocess.DEVNULL, close_fds=True)
@@ -61,9 +62,9 @@ class ExporterLink:
     def send(self, message: tuple, event: Optional[Any] = None) -> bool:
         """Queue a message (sent once ``event`` completes); False when it was dropped."""
         if self._thread is None:
-            return self._write(_encode(message), socket.MSG_DONTWAIT)
+            return self._write(encode_message(message), socket.MSG_DONTWAIT)
         try:
-            self._queue.put_nowait((_encode(message), event))
+            self._queue.put_nowait((encode_message(message), event))
             return True
         except queue.Full:
             self.dropped_messages += 1
@@ -148,7 +149,8 @@ class ExporterLink:
             self.sock.close()
 
 
-def _encode(message: tuple) -> bytes:
+def encode_message(message: tuple) -> bytes:
+    """A message's bytes, plain lists, ints and strings made of whatever vLLM handed us."""
     try:
         return ring.encode(message)
     except ValueError:  # a vLLM version handing us subclasses of dict/list, or numpy ints
