@@ -95,10 +95,10 @@ def test_ids_of_a_layer_never_captured_are_not_counted():
 def test_messages_with_numpy_ints_or_container_subclasses_still_go():
     from collections import OrderedDict
 
-    from otel_moe.exporter.link import _encode
+    from otel_moe.exporter.link import encode_message
 
     message = (2, np.int64(7), OrderedDict(a=np.int32(1)), ["x", np.uint8(3)], {"b": True})
-    assert decode(_encode(message)) == [2, 7, {"a": 1}, ["x", 3], {"b": True}]
+    assert decode(encode_message(message)) == [2, 7, {"a": 1}, ["x", 3], {"b": True}]
 
 
 class _DoneEvent:
