@@ -132,20 +132,22 @@ class StepRecorder:
         if self._window is None:
             self._window = _Window(step, start_ns, time.monotonic())
         self._window.add(step, n, end_ns)
-        self._window.items.append(encode_message((STEP, -1, [], step, start_ns, end_ns, self.layers, True,
-                                                  self.control_version, self.dropped_steps, self.dropped_tokens,
-                                                  self.engine_thread_ns, *layout)))
+        self._post((STEP, -1, [], step, start_ns, end_ns, self.layers, True, self.control_version,
+                    self.dropped_steps, self.dropped_tokens, self.engine_thread_ns, *layout))
         if time.monotonic() - self._window.opened >= self.counts_interval_s:
             self._close_window()
 
     def _post(self, message: tuple) -> None:
-        """Send a message, or, while a counts window is open, keep it in the window's
-        order: one hand-off per window instead of one per step."""
-        if self._window is not None:
+        """Send a message that holds no ring space. Without a publishing thread (CPU), while
+        a counts window is open, keep it in the window's order instead: the engine thread
+        then writes to the socket once per window, not once per step. A step's layout that
+        cannot go is only counted as a lost message: its tokens are on the device counters."""
+        if self._window is not None and not self.exporter.threaded:
             self._window.items.append(encode_message(message))
-            self._window.begins.append(message)
+            if message[0] == BEGIN:
+                self._window.begins.append(message)
         else:
-            self._send(message, None, 0)
+            self._send(message, None, 0, steps=0)
 
     def _close_window(self) -> None:
         """Read the device counters and hand them on with the window's messages
@@ -159,7 +161,7 @@ class StepRecorder:
         if snapshot is None:
             self._drop(window.tokens, "the shared ring is full", steps=steps)
             for begin in window.begins:  # new and finished requests still go, so requests stay whole
-                self._send(begin, None, 0)
+                self._send(begin, None, 0, steps=0)
             return
         self.exporter.ring.map[snapshot.extra_offset: snapshot.extra_offset + len(items)] = items
         self._send((WINDOW, snapshot.offset, snapshot.arrays, snapshot.extra_offset, len(items), window.first,
@@ -176,7 +178,8 @@ class StepRecorder:
         if not sent:
             if snapshot is not None:
                 self.exporter.space.unreserve_newest()
-            self._drop(tokens, "the hand-off queue is full", steps)
+            if steps:
+                self._drop(tokens, "the hand-off queue is full", steps)
 
     def _check_capture(self, n: int) -> None:
         # One host sync, on the first real step only: a layer whose rows were
