@@ -227,6 +227,8 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         num_experts=first_router.global_num_experts,
         device=runner.device,
     )
+    if control or config.mode == "counts":  # live control may switch to counts at any time
+        buffers.enable_counts()  # before the routers are bound: their writers fill its index
     for slot, layer in enumerate(selected):
         bind_router(moe_layers[layer], buffers, slot)
     for layer, module in moe_layers.items():  # recorded or not: the profiler trace shows every MoE layer

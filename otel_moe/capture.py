@@ -21,13 +21,16 @@ Invariants:
   - Ids are written before any EPLB logical->physical mapping where vLLM offers
     the ``set_capture_fn`` hook (vLLM >= 0.26).
   - Counts mode keeps per-layer expert counters on the device (``counts``, int64,
-    one row per layer; columns ``0..num_experts-1`` are read, the others take
-    what a layer never captured holds). ``accumulate(n)`` adds rows ``0..n-1`` of
-    ``ids`` into them: called from the engine thread after a real step's forward,
-    with the host's count of that step's real tokens, so padding, dummy, profile
-    and warm-up rows never count, and nothing runs inside the forward or the CUDA
-    graphs. Launching it is two small kernels (three for int16 ids) and no host
-    sync; the counters are read (and zeroed) only once per window of steps.
+    ``(num_layers, num_experts + 1)``; columns ``0..num_experts-1`` are read, the
+    last one takes what a layer never captured holds). The forward also writes
+    each layer's ids, widened, into ``index`` (int64, ``(num_layers, max_tokens *
+    top_k)``, layer-major), which is what ``scatter_add_`` wants. ``accumulate(n)``
+    adds the first ``n`` tokens of ``index`` into the counters: called from the
+    engine thread after a real step's forward, with the host's count of that step's
+    real tokens, so padding, dummy, profile and warm-up rows never count. It is one
+    kernel launched from one Python call, no host sync: on a GPU vLLM's engine
+    thread is busy nearly all of a step, so each call it makes costs throughput.
+    The counters are read (and zeroed) only once per window of steps.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+MAX_CACHED_VIEWS = 4096  # counts mode: token counts whose views are kept
 
 
 def ids_dtype(num_experts: int) -> torch.dtype:
@@ -65,28 +69,40 @@ class RoutingBuffers:
         self.ids = torch.full(shape, not_captured(dtype), dtype=dtype, device=device)
         self.weights = torch.zeros(shape, dtype=torch.float16, device=device)
         self.counts: Optional[torch.Tensor] = None  # counts mode (enable_counts)
+        self.index: Optional[torch.Tensor] = None
 
     def enable_counts(self) -> None:
-        # uint8 ids: a column for each of the 256 values an id can hold, so the fill value
-        # of a layer never captured lands in a column nobody reads, without a clamp kernel;
-        # int16 ids (more than 256 experts) are clamped into one extra column.
-        self._clamp = self.ids.dtype != torch.uint8
-        width = self.num_experts + 1 if self._clamp else 256
+        """Before the forward is traced or captured: from then on it fills ``index`` too."""
         layers, device = len(self.layers), self.ids.device
-        self.counts = torch.zeros((layers, width), dtype=torch.int64, device=device)
+        self.counts = torch.zeros((layers, self.num_experts + 1), dtype=torch.int64, device=device)
+        # A layer never captured keeps this id: it lands in the column nobody reads.
+        self.index = torch.full((layers, self.max_tokens * self.top_k), self.num_experts, dtype=torch.int64,
+                                device=device)
         self._ones = torch.ones(1, dtype=torch.int64, device=device).expand(layers, self.max_tokens * self.top_k)
+        self._first: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # tokens -> (index, ones) views
 
     def accumulate(self, num_tokens: int) -> None:
-        """Add the expert ids of rows ``0..num_tokens-1`` to the device counters."""
-        # One kernel widens the ids and lays them out layer by layer, one adds them up.
-        index = self.ids[:num_tokens].permute(1, 0, 2).to(torch.int64, memory_format=torch.contiguous_format)
-        index = index.view(len(self.layers), -1)
-        if self._clamp:
-            index.clamp_(max=self.num_experts)
-        self.counts.scatter_add_(1, index, self._ones[:, : index.shape[1]])
+        """Add the expert ids of the first ``num_tokens`` tokens to the device counters."""
+        views = self._first.get(num_tokens)
+        if views is None:  # the views of each token count are made once (a bounded few)
+            if len(self._first) >= MAX_CACHED_VIEWS:
+                self._first.clear()
+            width = num_tokens * self.top_k
+            views = self._first[num_tokens] = (self.index[:, :width], self._ones[:, :width])
+        self.counts.scatter_add_(1, *views)
 
     def ids_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
-        return _row_writer(self.ids[:, slot], self.max_tokens)
+        write_ids = _row_writer(self.ids[:, slot], self.max_tokens)
+        if self.index is None:
+            return write_ids
+        index = self.index[slot]
+
+        def write(values: torch.Tensor) -> None:
+            write_ids(values)
+            n = min(values.shape[0], self.max_tokens)
+            index[: n * self.top_k].copy_(values[:n].reshape(-1))
+
+        return write
 
     def weights_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
         return _row_writer(self.weights[:, slot], self.max_tokens)

@@ -43,8 +43,8 @@ class StepRecorder:
         self.exporter = exporter
         self.dp_rank = dp_rank
         self.control = control
-        if control or config.mode == "counts":
-            buffers.enable_counts()
+        if (control or config.mode == "counts") and buffers.counts is None:
+            raise ValueError("counts mode needs buffers.enable_counts() before the routers are bound")
         self.counts_interval_s = config.counts_interval_ms / 1000
         self._window: Optional[_Window] = None  # counts mode: the steps counted on the device since the last read
         self.snapshotter = Snapshotter(buffers, exporter.ring.tensor(), exporter.space)
@@ -108,7 +108,6 @@ class StepRecorder:
         n = scheduler_output.total_num_scheduled_tokens
         if not self._checked_capture:
             self._check_capture(n)
-        self.exporter.free_finished_steps()
         # The scheduler's own per-request structures, copied as they are by marshal (C):
         # the exporter lays them out in batch order.
         cached = scheduler_output.scheduled_cached_reqs
@@ -117,6 +116,7 @@ class StepRecorder:
         if self.counts_only:
             self._count(step, n, start_ns, end_ns, layout)
             return
+        self.exporter.free_finished_steps()  # before taking ring space (counts: once a window)
         snapshot = self.snapshotter.take_tokens(n, self._columns) if n <= self.buffers.max_tokens else None
         if snapshot is None:
             self._drop(n, "the shared ring is full")
@@ -157,6 +157,7 @@ class StepRecorder:
             return
         steps = window.last - window.first + 1
         items = encode(window.items)
+        self.exporter.free_finished_steps()
         snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items))
         if snapshot is None:
             self._drop(window.tokens, "the shared ring is full", steps=steps)

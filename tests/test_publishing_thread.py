@@ -47,6 +47,9 @@ def record(tmp_path, mode: str, threaded: bool) -> list[dict]:
     config = from_env({"VLLM_LOG_MOE": str(path), "VLLM_LOG_MOE_MODE": mode,
                        "VLLM_LOG_MOE_COUNTS_INTERVAL_MS": "3600000"})  # one counts window: deterministic
     buffers = RoutingBuffers(list(range(LAYERS)), 64, TOP_K, EXPERTS, "cpu")
+    if mode == "counts":
+        buffers.enable_counts()
+    writers = [(buffers.ids_writer(slot), buffers.weights_writer(slot)) for slot in range(LAYERS)]
     link = ExporterLink({"destinations": [str(path)], "mode": mode, "resource": {}, "top_k": TOP_K,
                          "num_experts": EXPERTS, "dp_rank": 0, "randomized_request_ids": False},
                         ring_bytes=1 << 20, queue_messages=64, events=threaded)
@@ -54,8 +57,9 @@ def record(tmp_path, mode: str, threaded: bool) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     for index, out in enumerate(scheduler_outputs()):
         n = out.total_num_scheduled_tokens
-        buffers.ids[:n] = torch.randint(0, EXPERTS, (n, LAYERS, TOP_K), generator=generator, dtype=torch.uint8)
-        buffers.weights[:n] = torch.rand(n, LAYERS, TOP_K, generator=generator).half()
+        for write_ids, write_weights in writers:  # as the routers do in the forward
+            write_ids(torch.randint(0, EXPERTS, (n, TOP_K), generator=generator))
+            write_weights(torch.rand(n, TOP_K, generator=generator))
         step = recorder.begin_step(out)
         assert step == index
         recorder.on_step(out, list(out.num_scheduled_tokens), 1000 * index, 1000 * index + 500)

@@ -63,7 +63,8 @@ def test_snapshot_lays_narrow_arrays_out_where_the_exporter_reads_them():
     assert buffers.ids.dtype == torch.uint8 and buffers.weights.dtype == torch.float16
     buffers.enable_counts()
     ids = torch.randint(0, 8, (5, 3, 2), dtype=torch.uint8)
-    buffers.ids[:5] = ids
+    for slot in range(3):  # as the routers do in the forward
+        buffers.ids_writer(slot)(ids[:, slot].to(torch.int32))
     buffers.accumulate(3)  # two steps' tokens: rows 0..2, then 0..4
     buffers.accumulate(5)
     buffers.weights[:5] = torch.rand(5, 3, 2, dtype=torch.float16)
@@ -87,9 +88,21 @@ def test_snapshot_lays_narrow_arrays_out_where_the_exporter_reads_them():
 def test_ids_of_a_layer_never_captured_are_not_counted():
     buffers = RoutingBuffers([0, 1], max_tokens=4, top_k=2, num_experts=60, device="cpu")
     buffers.enable_counts()
-    buffers.ids[:4, 0] = torch.tensor([[1, 2]] * 4, dtype=torch.uint8)  # layer 1 keeps the fill value
+    buffers.ids_writer(0)(torch.tensor([[1, 2]] * 4))  # layer 1's router never writes
     buffers.accumulate(4)
     assert buffers.counts[0, 1] == 4 and buffers.counts[0, 2] == 4 and int(buffers.counts[:, :60].sum()) == 8
+    assert int(buffers.counts[1, 60]) == 8  # its fill value: the column nobody reads
+
+
+def test_counts_of_more_than_256_experts():
+    buffers = RoutingBuffers([0], max_tokens=4, top_k=2, num_experts=300, device="cpu")
+    assert buffers.ids.dtype == torch.int16
+    buffers.enable_counts()
+    buffers.ids_writer(0)(torch.tensor([[299, 0], [299, 257], [3, 299]]))
+    buffers.accumulate(2)  # the third token is padding
+    expected = torch.zeros(300, dtype=torch.int64)
+    expected[[299, 0, 257]] = torch.tensor([2, 1, 1])
+    assert torch.equal(buffers.counts[0, :300], expected)
 
 
 def test_messages_with_numpy_ints_or_container_subclasses_still_go():

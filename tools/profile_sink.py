@@ -76,8 +76,11 @@ def synthetic_recorder(mode: str, destinations: list[str], max_tokens: int = 819
     """A recorder over random routing (12 layers, top-4 of 60) with a real exporter process."""
     config = from_env({"VLLM_LOG_MOE": ",".join(destinations), "VLLM_LOG_MOE_MODE": mode})
     buffers = RoutingBuffers(list(range(LAYERS)), max_tokens, TOP_K, EXPERTS, "cpu")
-    buffers.ids[:] = torch.randint(0, EXPERTS, (max_tokens, LAYERS, TOP_K), dtype=torch.uint8)
-    buffers.weights[:] = torch.rand(max_tokens, LAYERS, TOP_K, dtype=torch.float16)
+    if mode == "counts":
+        buffers.enable_counts()
+    for slot in range(LAYERS):  # one forward's routing, as the routers write it
+        buffers.ids_writer(slot)(torch.randint(0, EXPERTS, (max_tokens, TOP_K)))
+        buffers.weights_writer(slot)(torch.rand(max_tokens, TOP_K))
     link = ExporterLink({"destinations": list(config.destinations), "mode": mode, "resource": {}, "top_k": TOP_K,
                          "num_experts": EXPERTS, "dp_rank": 0, "randomized_request_ids": True},
                         ring_bytes=64 << 20, queue_messages=256, events=False)
