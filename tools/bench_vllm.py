@@ -194,7 +194,8 @@ def bench_vllm(args, work: Path) -> dict:
                         turns[mode].append((began_ns, ended_ns))
                         probes[mode].append(reply["probe"])
                         conditions[mode].append({**machine, "keep_awake": awake})
-                        print(f"{mode}: {tok_s:.0f} tok/s {machine}{' (kept awake)' if awake else ''}", flush=True)
+                        print(f"{mode}: {tok_s:.0f} tok/s {machine} {reply['probe']}{' (kept awake)' if awake else ''}",
+                              flush=True)  # as it goes: a run cut short still tells something
         watch.close()
         outputs = {mode: e.quit() for mode, e in engines.items()}
         collector_peak = collector.peak_rss_kib()
