@@ -197,6 +197,13 @@ def bench_vllm(args, work: Path) -> dict:
                         print(f"{mode}: {tok_s:.0f} tok/s {machine} {reply['probe']}{' (kept awake)' if awake else ''}",
                               flush=True)  # as it goes: a run cut short still tells something
         watch.close()
+        # The turns alone, before the long part (every span read back, every token checked): a
+        # run cut short there (a lent GPU's time running out) still leaves them.
+        turns_file = Path(args.out).with_suffix(".turns.json")
+        turns_file.parent.mkdir(parents=True, exist_ok=True)
+        turns_file.write_text(json.dumps(
+            {**summarize(samples), "engine_process_per_turn": {m: _median_probe(v) for m, v in probes.items()},
+             "engine_process_per_round": probes, "samples_tok_s": samples}, indent=1))
         outputs = {mode: e.quit() for mode, e in engines.items()}
         collector_peak = collector.peak_rss_kib()
     finally:
