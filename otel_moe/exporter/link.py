@@ -8,8 +8,9 @@ copy to finish (the CUDA event; the GIL is released while waiting), encodes
 the message and writes it to the socket. vLLM's engine thread is busy nearly all
 of a GPU step (measured on an H200: ~4.8 of every 5.2 s), so every microsecond
 it spends is throughput lost, while this thread's few tens of microseconds a
-step mostly run while the engine thread waits on the GPU with the GIL
-released. So the engine thread only queues the message's tuple: it holds
+step, started once the step's copy is done, can run while the engine thread
+waits on the GPU with the GIL released (the intent; not yet measured on a
+GPU). So the engine thread only queues the message's tuple: it holds
 vLLM's per-step lists until they are encoded, which vLLM builds anew each
 step and does not change afterwards. Without device copies (CPU) the engine
 thread encodes and writes to the socket itself, never waiting: the socket's
