@@ -92,15 +92,15 @@ class RoutingBuffers:
         self.counts.scatter_add_(1, *views)
 
     def ids_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
-        write_ids = _row_writer(self.ids[:, slot], self.max_tokens)
+        ids = self.ids[:, slot]
         if self.index is None:
-            return write_ids
-        index = self.index[slot]
+            return _row_writer(ids, self.max_tokens)
+        index, max_tokens, top_k = self.index[slot], self.max_tokens, self.top_k
 
         def write(values: torch.Tensor) -> None:
-            write_ids(values)
-            n = min(values.shape[0], self.max_tokens)
-            index[: n * self.top_k].copy_(values[:n].reshape(-1))
+            n = min(values.shape[0], max_tokens)
+            ids[:n].copy_(values[:n])
+            index[: n * top_k].copy_(values[:n].reshape(-1))
 
         return write
 

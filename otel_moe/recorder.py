@@ -19,7 +19,7 @@ from otel_moe.capture import RoutingBuffers, not_captured
 from otel_moe.config import Config
 from otel_moe.control import ControlState, ControlWatcher
 from otel_moe.exporter.link import ExporterLink, encode_message
-from otel_moe.ring import BEGIN, STEP, WINDOW, encode
+from otel_moe.ring import BEGIN, STEP, WINDOW
 from otel_moe.snapshot import Snapshotter
 
 logger = logging.getLogger("vllm.otel_moe")
@@ -143,9 +143,7 @@ class StepRecorder:
         then writes to the socket once per window, not once per step. A step's layout that
         cannot go is only counted as a lost message: its tokens are on the device counters."""
         if self._window is not None and not self.exporter.threaded:
-            self._window.items.append(encode_message(message))
-            if message[0] == BEGIN:
-                self._window.begins.append(message)
+            self._window.items.append(message)
         else:
             self._send(message, None, 0, steps=0)
 
@@ -156,13 +154,14 @@ class StepRecorder:
         if window is None:
             return
         steps = window.last - window.first + 1
-        items = encode(window.items)
+        items = encode_message(window.items)
         self.exporter.free_finished_steps()
         snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items))
         if snapshot is None:
             self._drop(window.tokens, "the shared ring is full", steps=steps)
-            for begin in window.begins:  # new and finished requests still go, so requests stay whole
-                self._send(begin, None, 0, steps=0)
+            for item in window.items:  # new and finished requests still go, so requests stay whole
+                if item[0] == BEGIN:
+                    self._send(item, None, 0, steps=0)
             return
         self.exporter.ring.map[snapshot.extra_offset: snapshot.extra_offset + len(items)] = items
         self._send((WINDOW, snapshot.offset, snapshot.arrays, snapshot.extra_offset, len(items), window.first,
@@ -238,11 +237,7 @@ class _Window:
         self.start_ns = self.end_ns = start_ns
         self.opened = opened
         self.tokens = 0
-        # The messages held back to go with the counters, in order, each encoded when it was
-        # made: that takes the scheduler's values of that step, and the window holds no
-        # objects for Python's garbage collector to walk (or vLLM's for longer than a step).
-        self.items: list[bytes] = []
-        self.begins: list[tuple] = []  # its BEGIN messages (new and finished requests)
+        self.items: list[tuple] = []  # messages held back to go with the counters, in order
 
     def add(self, step: int, tokens: int, end_ns: int) -> None:
         self.last, self.end_ns = step, end_ns

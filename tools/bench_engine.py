@@ -50,11 +50,11 @@ def main(spec_path: str) -> None:
         if command.get("quit"):
             break
         prompts = [{"prompt_token_ids": ids} for ids in unique_prompts(spec["prompts"], run)]
-        [before] = llm.collective_rpc(engine_probe.read)[:1]
+        before = llm.collective_rpc(engine_probe.read)[0]  # the first worker's (TP rank 0)
         t = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t
-        [after] = llm.collective_rpc(engine_probe.read)[:1]
+        after = llm.collective_rpc(engine_probe.read)[0]
         say({"tok_s": sum(len(r.outputs[0].token_ids) for r in results) / elapsed,
              "probe": engine_probe.spent(before, after)})
         outputs.extend({"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids),

@@ -28,7 +28,6 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (  # no
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
     ExportTraceServiceRequest, ExportTraceServiceResponse)
 
-from otel_moe.scheduling import never_preempt_on_wakeup  # noqa: E402
 from otel_moe.collector import admission  # noqa: E402
 from otel_moe.collector.admission import Busy, MemoryBudget, Reservation, TooLarge  # noqa: E402
 from otel_moe.collector.files import Closed, RotatingFile  # noqa: E402
@@ -36,6 +35,7 @@ from otel_moe.collector.http_receiver import (  # noqa: E402
     BoundedHTTPServer, BoundedHTTPServer6, Unavailable, make_handler, make_prometheus_handler)
 from otel_moe.collector.prometheus import PrometheusState  # noqa: E402
 from otel_moe.collector.otlp_json import BadRequest, parse_protobuf, to_json_line  # noqa: E402
+from otel_moe.scheduling import never_preempt_on_wakeup  # noqa: E402
 
 GRPC_WORKERS = 4  # concurrent gRPC exports; more get RESOURCE_EXHAUSTED from gRPC itself
 

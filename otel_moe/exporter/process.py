@@ -26,9 +26,9 @@ import time
 import numpy as np
 
 from otel_moe import ring
-from otel_moe.scheduling import leave_cpus, never_preempt_on_wakeup
 from otel_moe.config import Config, parse_layers
 from otel_moe.ring import ACK, BEGIN, CLOSE, SKIP, STEP, WINDOW, SharedRing
+from otel_moe.scheduling import leave_cpus, never_preempt_on_wakeup
 from otel_moe.sinks import Sink, open_sinks
 from otel_moe.snapshot import array_bytes
 from otel_moe.step import StepRecord, external_request_id
@@ -69,7 +69,7 @@ class WindowMessage:
 
     offset: int
     arrays: list  # one: [layers, experts] int64
-    items_offset: int  # the window's held-back messages (a marshal list of each one's marshal bytes), after the counts
+    items_offset: int  # the window's held-back messages (marshal), in the ring after the counts
     items_bytes: int
     first: int
     last: int
@@ -163,7 +163,7 @@ class Exporter:
         items = ring.decode(bytes(self.ring.map[message.items_offset: message.items_offset + message.items_bytes]))
         (counts,) = self._take_arrays(message.offset, message.arrays)
         for item in items:  # the window's steps (layouts only) and new and finished requests, in order
-            self._handle(ring.decode(item))
+            self._handle(item)
         empty = np.zeros(0, np.int64)
         self._safely(self.sink.write, StepRecord(
             step=message.first, last_step=message.last, window_tokens=message.tokens,
