@@ -140,6 +140,9 @@ def _telemetry(recorder: Any, call: Callable, *args) -> Any:
     engine loop); telemetry never fails a step."""
     started = time.perf_counter_ns()
     try:
+        if profiler_ranges.profiling():
+            with profiler_ranges.telemetry_range():
+                return call(*args)
         return call(*args)
     except Exception:
         recorder.failed_steps += 1
@@ -226,8 +229,9 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         top_k=first_router.top_k,
         num_experts=first_router.global_num_experts,
         device=runner.device,
+        tokens=bool(control) or config.mode == "tokens",  # live control may switch either way at any time
     )
-    if control or config.mode == "counts":  # live control may switch to counts at any time
+    if control or config.mode == "counts":
         buffers.enable_counts()  # before the routers are bound: their writers fill its index
     for slot, layer in enumerate(selected):
         bind_router(moe_layers[layer], buffers, slot)
@@ -249,7 +253,7 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         {"destinations": list(config.destinations), "mode": config.mode, "metrics": config.metrics, "resource": resource,
          "top_k": buffers.top_k, "num_experts": buffers.num_experts, "dp_rank": dp_rank,
          "randomized_request_ids": not _request_id_randomization_disabled()},
-        ring_bytes=config.ring_mb << 20, queue_messages=config.queue_steps, events=buffers.ids.is_cuda,
+        ring_bytes=config.ring_mb << 20, queue_messages=config.queue_steps, events=buffers.on_cuda,
     )
     recorder = StepRecorder(
         buffers,
@@ -297,7 +301,8 @@ def bind_router(moe_module: Any, buffers: RoutingBuffers, slot: int) -> None:
 
     def select_experts_and_capture(*args, **kwargs):
         topk_weights, topk_ids = select_experts(*args, **kwargs)
-        write_weights(topk_weights)
+        if write_weights is not None:
+            write_weights(topk_weights)
         if not ids_from_hook:
             write_ids(topk_ids)
         return topk_weights, topk_ids

@@ -20,6 +20,10 @@ Invariants:
     warm-up forwards are simply never read.
   - Ids are written before any EPLB logical->physical mapping where vLLM offers
     the ``set_capture_fn`` hook (vLLM >= 0.26).
+  - Each form is there only when it may be recorded (``tokens``: the engine's mode
+    is tokens, or live control may switch to it; ``enable_counts``: counts, or
+    live control), so the forward writes nothing that is never read: counts mode
+    alone writes one int64 index per layer, tokens mode alone ids and weights.
   - Counts mode keeps per-layer expert counters on the device (``counts``, int64,
     ``(num_layers, num_experts + 1)``; columns ``0..num_experts-1`` are read, the
     last one takes what a layer never captured holds). The forward also writes
@@ -59,21 +63,27 @@ class RoutingBuffers:
         top_k: int,
         num_experts: int,
         device: torch.device | str,
+        tokens: bool = True,
     ) -> None:
         self.layers = list(layers)  # decoder layer index of each slot
         self.max_tokens = max_tokens
         self.top_k = top_k
         self.num_experts = num_experts
-        shape = (max_tokens, len(self.layers), top_k)
-        dtype = ids_dtype(num_experts)
-        self.ids = torch.full(shape, not_captured(dtype), dtype=dtype, device=device)
-        self.weights = torch.zeros(shape, dtype=torch.float16, device=device)
+        self.device = torch.device(device)
+        self.on_cuda = self.device.type == "cuda"
+        self.ids: Optional[torch.Tensor] = None  # tokens mode
+        self.weights: Optional[torch.Tensor] = None
+        if tokens:
+            shape = (max_tokens, len(self.layers), top_k)
+            dtype = ids_dtype(num_experts)
+            self.ids = torch.full(shape, not_captured(dtype), dtype=dtype, device=device)
+            self.weights = torch.zeros(shape, dtype=torch.float16, device=device)
         self.counts: Optional[torch.Tensor] = None  # counts mode (enable_counts)
         self.index: Optional[torch.Tensor] = None
 
     def enable_counts(self) -> None:
         """Before the forward is traced or captured: from then on it fills ``index`` too."""
-        layers, device = len(self.layers), self.ids.device
+        layers, device = len(self.layers), self.device
         self.counts = torch.zeros((layers, self.num_experts + 1), dtype=torch.int64, device=device)
         # A layer never captured keeps this id: it lands in the column nobody reads.
         self.index = torch.full((layers, self.max_tokens * self.top_k), self.num_experts, dtype=torch.int64,
@@ -91,11 +101,27 @@ class RoutingBuffers:
             views = self._first[num_tokens] = (self.index[:, :width], self._ones[:, :width])
         self.counts.scatter_add_(1, *views)
 
+    def layers_never_written(self, num_tokens: int) -> list[int]:
+        """The layers whose first ``num_tokens`` rows still hold what they were filled
+        with (one host sync: once, after the first real step)."""
+        if self.ids is not None:
+            unwritten = (self.ids[:num_tokens] == not_captured(self.ids.dtype)).all(dim=2).all(dim=0)
+        else:
+            unwritten = (self.index[:, : num_tokens * self.top_k] == self.num_experts).all(dim=1)
+        return [layer for layer, never in zip(self.layers, unwritten.tolist()) if never]
+
     def ids_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
-        ids = self.ids[:, slot]
+        max_tokens, top_k = self.max_tokens, self.top_k
         if self.index is None:
-            return _row_writer(ids, self.max_tokens)
-        index, max_tokens, top_k = self.index[slot], self.max_tokens, self.top_k
+            return _row_writer(self.ids[:, slot], max_tokens)
+        index = self.index[slot]
+        if self.ids is None:
+            def write_index(values: torch.Tensor) -> None:
+                n = min(values.shape[0], max_tokens)
+                index[: n * top_k].copy_(values[:n].reshape(-1))
+
+            return write_index
+        ids = self.ids[:, slot]
 
         def write(values: torch.Tensor) -> None:
             n = min(values.shape[0], max_tokens)
@@ -104,8 +130,9 @@ class RoutingBuffers:
 
         return write
 
-    def weights_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
-        return _row_writer(self.weights[:, slot], self.max_tokens)
+    def weights_writer(self, slot: int) -> Optional[Callable[[torch.Tensor], None]]:
+        """``None`` when tokens are never recorded: no weights are kept."""
+        return None if self.weights is None else _row_writer(self.weights[:, slot], self.max_tokens)
 
 
 def _row_writer(target: torch.Tensor, max_tokens: int) -> Callable[[torch.Tensor], None]:

@@ -4,8 +4,9 @@ While vLLM's torch profiler runs (``--profiler-config``, ``/start_profile``,
 ``LLM.start_profile()``), every recorded step's model execution is wrapped in
 ``otel_moe.step <index> tokens=<n> requests=<r> moe_layers=<all MoE layers> dp=<rank> run=<id>`` (the same
 index as the step's ``moe.step`` span / JSONL ``step``), and every MoE layer
-whose Python runs in that step in ``otel_moe.layer <N>``. CUDA-graph replays
-run no Python, so there only the step range appears; ``otel-moe report``
+whose Python runs in that step in ``otel_moe.layer <N>``; otel-moe's own work on
+the engine thread, before and after each step, is in ``otel_moe.telemetry``.
+CUDA-graph replays run no Python, so there only the step range appears; ``otel-moe report``
 then attributes the graph's MoE kernels to layers by their order.
 
 With the profiler off this costs one C call per step and per layer.
@@ -31,6 +32,11 @@ def step_range(step: int, tokens: int, requests: int, moe_layers: list[int], dp_
     if not profiling():
         return contextlib.nullcontext()
     return _step_range(schema.step_range_name(step, tokens, requests, moe_layers, dp_rank, run_id))
+
+
+def telemetry_range() -> ContextManager:
+    """Around otel-moe's own work on the engine thread (only while profiling)."""
+    return torch.profiler.record_function(schema.TELEMETRY_RANGE)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from otel_moe.capture import RoutingBuffers, not_captured
+from otel_moe.capture import RoutingBuffers
 from otel_moe.config import Config
 from otel_moe.control import ControlState, ControlWatcher
 from otel_moe.exporter.link import ExporterLink, encode_message
@@ -45,10 +45,12 @@ class StepRecorder:
         self.control = control
         if (control or config.mode == "counts") and buffers.counts is None:
             raise ValueError("counts mode needs buffers.enable_counts() before the routers are bound")
+        if (control or config.mode == "tokens") and buffers.ids is None:
+            raise ValueError("tokens mode needs buffers made with tokens=True")
         self.counts_interval_s = config.counts_interval_ms / 1000
         self._window: Optional[_Window] = None  # counts mode: the steps counted on the device since the last read
         self.snapshotter = Snapshotter(buffers, exporter.ring.tensor(), exporter.space)
-        if buffers.ids.is_cuda and not exporter.ring.pinned:
+        if buffers.on_cuda and not exporter.ring.pinned:
             logger.warning("otel-moe: the shared ring could not be page-locked; device copies will be synchronous")
         self._apply(control.state if control else ControlState.from_config(config))
         self.steps = 0
@@ -98,7 +100,7 @@ class StepRecorder:
         self.layers = [layer for layer in self.buffers.layers if state.layers.wants(layer)]
         columns = [self.buffers.layers.index(layer) for layer in self.layers]
         everything = columns == list(range(len(self.buffers.layers)))
-        self._columns = None if everything else torch.tensor(columns, device=self.buffers.ids.device)
+        self._columns = None if everything else torch.tensor(columns, device=self.buffers.device)
         self.control_version = self.control.version if self.control else 0
 
     def on_step(self, scheduler_output: Any, batch_order: list[str], start_ns: int, end_ns: int) -> None:
@@ -138,28 +140,35 @@ class StepRecorder:
             self._close_window()
 
     def _post(self, message: tuple) -> None:
-        """Send a message that holds no ring space. Without a publishing thread (CPU), while
-        a counts window is open, keep it in the window's order instead: the engine thread
-        then writes to the socket once per window, not once per step. A step's layout that
-        cannot go is only counted as a lost message: its tokens are on the device counters."""
-        if self._window is not None and not self.exporter.threaded:
+        """Send a message that holds no ring space. While a counts window is open, keep it
+        in the window's order instead: it goes once per window, not once per step. A step's
+        layout that cannot go is only counted as a lost message: its tokens are on the
+        device counters."""
+        if self._window is not None:
             self._window.items.append(message)
         else:
             self._send(message, None, 0, steps=0)
 
     def _close_window(self) -> None:
-        """Read the device counters and hand them on with the window's messages
-        (its steps' layouts, new and finished requests), all in the ring."""
+        """Read the device counters and hand them on after the window's messages (its
+        steps' layouts, new and finished requests): with a publishing thread (CUDA) that
+        thread encodes and sends them ahead of the counters; without one the engine
+        thread encodes them once, into the ring beside the counters."""
         window, self._window = self._window, None
         if window is None:
             return
         steps = window.last - window.first + 1
-        items = encode_message(window.items)
+        items = b""
+        if self.exporter.threaded:
+            if window.items:
+                self._send(window.items, None, 0, steps=0)
+        else:
+            items = encode_message(window.items)
         self.exporter.free_finished_steps()
         snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items))
         if snapshot is None:
             self._drop(window.tokens, "the shared ring is full", steps=steps)
-            for item in window.items:  # new and finished requests still go, so requests stay whole
+            for item in window.items if items else ():  # new and finished requests still go: requests stay whole
                 if item[0] == BEGIN:
                     self._send(item, None, 0, steps=0)
             return
@@ -168,8 +177,9 @@ class StepRecorder:
                     window.last, window.tokens, window.start_ns, window.end_ns, self.layers, self.control_version,
                     self.dropped_steps, self.dropped_tokens, self.engine_thread_ns), snapshot, window.tokens, steps=steps)
 
-    def _send(self, message: tuple, snapshot: Optional[Any], tokens: int, steps: int = 1) -> None:
-        """Hand a message on; one that cannot go gives its ring space back and is counted."""
+    def _send(self, message: tuple | list, snapshot: Optional[Any], tokens: int, steps: int = 1) -> None:
+        """Hand a message (or a list of them, in order) on; one that cannot go gives its
+        ring space back and is counted."""
         try:
             sent = self.exporter.send(message, snapshot.event if snapshot else None)
         except Exception:
@@ -185,9 +195,7 @@ class StepRecorder:
         # One host sync, on the first real step only: a layer whose rows were
         # never written means its MoE kernel routes without calling the router.
         self._checked_capture = True
-        never_written = not_captured(self.buffers.ids.dtype)
-        missing = (self.buffers.ids[:n] == never_written).all(dim=2).all(dim=0).tolist()
-        lost = [layer for layer, m in zip(self.buffers.layers, missing) if m]
+        lost = self.buffers.layers_never_written(min(n, self.buffers.max_tokens))
         if lost:
             logger.error("otel-moe: no routing captured for layers %s (monolithic MoE kernel?)", lost)
 
@@ -209,7 +217,7 @@ class StepRecorder:
         self._closed = True
         if self._window is not None and self.exporter.alive:
             try:
-                if self.buffers.ids.is_cuda:
+                if self.buffers.on_cuda:
                     torch.cuda.synchronize()  # close may run on another thread than the steps
                 with torch.inference_mode():  # as the steps ran: the ring's views were made in it
                     self._close_window()

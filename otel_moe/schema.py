@@ -91,6 +91,7 @@ VLLM_COMPLETION_TOKENS = "gen_ai.usage.completion_tokens"
 # Names carry the values because Chrome-trace user annotations have no arguments.
 STEP_RANGE = "otel_moe.step"  # around a recorded step's model execution
 LAYER_RANGE = "otel_moe.layer"  # around one MoE layer, where its Python runs (not in CUDA-graph replays)
+TELEMETRY_RANGE = "otel_moe.telemetry"  # around otel-moe's own work on the engine thread
 _STEP_RANGE_PATTERN = re.compile(
     rf"^{re.escape(STEP_RANGE)} (\d+) tokens=(\d+) requests=(\d+) moe_layers=([0-9,-]+) dp=(\d+) run=(\S*)$")
 _LAYER_RANGE_PATTERN = re.compile(rf"^{re.escape(LAYER_RANGE)} (\d+)$")

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from otel_moe.capture import RoutingBuffers
+from otel_moe.capture import MAX_CACHED_VIEWS, RoutingBuffers
 from otel_moe.ring import FifoSpace
 
 ARRAY_ALIGN = 8  # every array in the ring starts on an 8-byte boundary (int64 counts)
@@ -54,15 +54,24 @@ class Snapshotter:
         self.ring = ring  # uint8, the whole shared region
         self._ring_as = {}  # dtype -> the region viewed as it (its size is a multiple of 8)
         self.space = space
-        self.on_cuda = buffers.ids.is_cuda
+        self.on_cuda = buffers.on_cuda
+        # tokens -> the ring layout of the first rows of ids and weights: on a GPU vLLM's
+        # engine thread is busy nearly all of a step, so each torch call it makes costs throughput.
+        self._first_rows: dict[int, _Layout] = {}
 
     def take_tokens(self, num_tokens: int, columns: Optional[torch.Tensor]) -> Optional[Snapshot]:
         """Ids and weights of rows 0..num_tokens-1 of ``columns`` (all when ``None``);
         ``None`` when the ring has no room (drop)."""
-        ids, weights = self.buffers.ids[:num_tokens], self.buffers.weights[:num_tokens]
+        ids, weights = self.buffers.ids, self.buffers.weights
         if columns is not None:
-            ids, weights = ids.index_select(1, columns), weights.index_select(1, columns)
-        return self._into_ring([ids, weights])
+            return self._into_ring(_Layout.of([ids[:num_tokens].index_select(1, columns),
+                                               weights[:num_tokens].index_select(1, columns)]))
+        layout = self._first_rows.get(num_tokens)
+        if layout is None:  # made once per token count (a bounded few)
+            if len(self._first_rows) >= MAX_CACHED_VIEWS:
+                self._first_rows.clear()
+            layout = self._first_rows[num_tokens] = _Layout.of([ids[:num_tokens], weights[:num_tokens]])
+        return self._into_ring(layout)
 
     def take_counts(self, columns: Optional[torch.Tensor], extra_bytes: int = 0) -> Optional[Snapshot]:
         """The device counters of ``columns`` since the last take, [L, E], with room for
@@ -71,24 +80,40 @@ class Snapshotter:
         counts = self.buffers.counts[:, : self.buffers.num_experts]
         if columns is not None:
             counts = counts.index_select(0, columns)
-        snapshot = self._into_ring([counts], extra_bytes)
+        snapshot = self._into_ring(_Layout.of([counts.contiguous()]), extra_bytes)
         self.buffers.counts.zero_()  # after the copy on the same stream: nothing is lost in between
         return snapshot
 
-    def _into_ring(self, sources: list[torch.Tensor], extra_bytes: int = 0) -> Optional[Snapshot]:
-        arrays = [(_NUMPY_DTYPE[t.dtype], list(t.shape)) for t in sources]
-        *starts, total = array_bytes(arrays)
-        offset = self.space.reserve(total + extra_bytes)
+    def _into_ring(self, layout: "_Layout", extra_bytes: int = 0) -> Optional[Snapshot]:
+        offset = self.space.reserve(layout.total + extra_bytes)
         if offset is None:
             return None
-        for start, source in zip(starts, sources):
+        for start, source in zip(layout.starts, layout.flat):
             ring = self._ring_as.get(source.dtype)
             if ring is None:
                 ring = self._ring_as[source.dtype] = self.ring.view(source.dtype)
             at = (offset + start) // source.element_size()
-            ring[at: at + source.numel()].view(source.shape).copy_(source, non_blocking=self.on_cuda)
+            ring[at: at + source.numel()].copy_(source, non_blocking=self.on_cuda)
         event = None
         if self.on_cuda:
             event = torch.cuda.Event(blocking=True)
             event.record()
-        return Snapshot(offset, arrays, event, offset + total)
+        return Snapshot(offset, layout.arrays, event, offset + layout.total)
+
+
+@dataclasses.dataclass
+class _Layout:
+    """Arrays as they lie in the ring, one after the other: their names for the exporter
+    (``arrays``), their byte starts and total, and the flat device tensors copied there."""
+
+    arrays: list
+    starts: list[int]
+    total: int
+    flat: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, sources: list[torch.Tensor]) -> "_Layout":
+        """Of contiguous tensors (views, so a cached layout follows what they hold)."""
+        arrays = [(_NUMPY_DTYPE[t.dtype], list(t.shape)) for t in sources]
+        *starts, total = array_bytes(arrays)
+        return cls(arrays, starts, total, [t.view(-1) for t in sources])

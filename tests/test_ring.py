@@ -85,6 +85,36 @@ def test_snapshot_lays_narrow_arrays_out_where_the_exporter_reads_them():
     assert int(buffers.counts.sum()) == 0  # a read starts the next window from zero
 
 
+def test_every_step_of_one_token_count_copies_what_its_forward_wrote():
+    # The layout of each token count is made once: later steps must still copy their own rows.
+    buffers = RoutingBuffers([0, 1], max_tokens=8, top_k=2, num_experts=8, device="cpu")
+    shared = SharedRing(1 << 16)
+    space = FifoSpace(1 << 16)
+    snapshotter = Snapshotter(buffers, shared.tensor(), space)
+    for n, value in ((4, 3), (6, 5), (4, 7)):
+        for slot in range(2):
+            buffers.ids_writer(slot)(torch.full((n, 2), value + slot))
+            buffers.weights_writer(slot)(torch.full((n, 2), value / 10))
+        snapshot = snapshotter.take_tokens(n, None)
+        starts = array_bytes(snapshot.arrays)
+        assert snapshot.arrays == [("|u1", [n, 2, 2]), ("<f2", [n, 2, 2])]
+        got_ids = shared.array(snapshot.offset + starts[0], np.uint8, (n, 2, 2))
+        got_weights = shared.array(snapshot.offset + starts[1], np.float16, (n, 2, 2))
+        assert np.array_equal(got_ids[:, 0], np.full((n, 2), value)) and np.array_equal(got_ids[:, 1], np.full((n, 2), value + 1))
+        assert np.array_equal(got_weights, np.full((n, 2, 2), np.float16(value / 10)))
+        space.free_oldest(1)
+
+
+def test_counts_alone_keep_no_ids_or_weights_and_still_see_a_layer_never_written():
+    buffers = RoutingBuffers([0, 1], max_tokens=4, top_k=2, num_experts=8, device="cpu", tokens=False)
+    buffers.enable_counts()
+    assert buffers.ids is None and buffers.weights is None and buffers.weights_writer(0) is None
+    buffers.ids_writer(0)(torch.tensor([[1, 2]] * 4))
+    assert buffers.layers_never_written(3) == [1]
+    buffers.accumulate(3)
+    assert buffers.counts[0, 1] == 3 and buffers.counts[0, 2] == 3 and int(buffers.counts[:, :8].sum()) == 6
+
+
 def test_ids_of_a_layer_never_captured_are_not_counted():
     buffers = RoutingBuffers([0, 1], max_tokens=4, top_k=2, num_experts=60, device="cpu")
     buffers.enable_counts()
@@ -105,13 +135,21 @@ def test_counts_of_more_than_256_experts():
     assert torch.equal(buffers.counts[0, :300], expected)
 
 
-def test_messages_with_numpy_ints_or_container_subclasses_still_go():
+def test_messages_with_numpy_ints_or_container_subclasses_arrive_as_plain_values(monkeypatch):
+    import otel_moe.exporter.link as link
     from collections import OrderedDict
 
-    from otel_moe.exporter.link import encode_message
-
+    monkeypatch.setattr(link, "_checked", 0)  # a fresh process
+    monkeypatch.setattr(link, "_convert_all", False)
+    plain = (2, [1, 2], {"a": 1}, ["x", None], [("r", 3)])
+    assert decode(link.encode_message(plain)) == plain  # as marshal writes it: tuples stay tuples
+    assert not link._convert_all
+    # numpy ints in plain lists: marshal would write them as bytes, silently
+    assert decode(link.encode_message((2, [np.int64(7), np.uint8(200)], {"a": np.int32(-1)}))) == [2, [7, 200], {"a": -1}]
+    assert link._convert_all  # from then on every message of this process is converted
+    monkeypatch.setattr(link, "_convert_all", False)
     message = (2, np.int64(7), OrderedDict(a=np.int32(1)), ["x", np.uint8(3)], {"b": True})
-    assert decode(encode_message(message)) == [2, 7, {"a": 1}, ["x", 3], {"b": True}]
+    assert decode(link.encode_message(message)) == [2, 7, {"a": 1}, ["x", 3], {"b": True}]
 
 
 class _DoneEvent:

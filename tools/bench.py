@@ -303,6 +303,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--keep-awake", choices=["no", "yes", "alternate"], default="no",
                         help="spin every CPU at SCHED_IDLE priority during rounds (alternate: every other round)")
+    parser.add_argument("--profile-prompts", type=int, default=None,
+                        help="after the rounds, one turn of this many prompts per engine under the torch profiler "
+                             "(0: none; default 256 on a GPU, 0 on CPU)")
+    parser.add_argument("--profile-gen-len", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--collector-steps", type=int, default=60)
@@ -316,6 +320,7 @@ def main() -> int:
     # a preempted request is computed, and recorded, twice).
     big_gpu = gpu and _gpu_memory_gib() > 100
     args.layers = args.layers or (12 if big_gpu else 6 if gpu else 8)
+    args.profile_prompts = (256 if gpu else 0) if args.profile_prompts is None else args.profile_prompts
     args.prompts = args.prompts or (1024 if gpu else 256)  # CPU: 256 at once, vLLM's default max_num_seqs
     args.prompt_len = args.prompt_len or (128 if gpu else 64)
     args.gen_len = args.gen_len or (128 if gpu else 64)

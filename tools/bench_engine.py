@@ -6,6 +6,8 @@ environment, and drives them over stdin/stdout, one JSON line each way (``@@benc
   -> {"run": true}        <- {"tok_s": float,        generate the batch once (its prompts
                               "probe": {...}}        made unique to the run: no prefix-cache hits;
                                                      probe: what the model's process spent, engine_probe.py)
+  -> {"profile": {"prompts": n, "gen_len": m}}       a short turn of the batch's first n prompts
+                          <- {"profile": {...}}      under the torch profiler (GPU; engine_probe.py)
   -> {"quit": true}       <- {"outputs": path}       shut down, outputs of every run written
 The first line out is {"ready": true, "start_s": float} once the engine is built.
 
@@ -49,6 +51,11 @@ def main(spec_path: str) -> None:
         command = json.loads(line)
         if command.get("quit"):
             break
+        if command.get("profile"):
+            summary, results = profiled_turn(llm, spec["prompts"], command["profile"], run)
+            say({"profile": summary})
+            outputs.extend(map(_output, results))  # recorded as any other turn's
+            continue
         prompts = [{"prompt_token_ids": ids} for ids in unique_prompts(spec["prompts"], run)]
         before = llm.collective_rpc(engine_probe.read)[0]  # the first worker's (TP rank 0)
         t = time.perf_counter()
@@ -57,12 +64,28 @@ def main(spec_path: str) -> None:
         after = llm.collective_rpc(engine_probe.read)[0]
         say({"tok_s": sum(len(r.outputs[0].token_ids) for r in results) / elapsed,
              "probe": engine_probe.spent(before, after)})
-        outputs.extend({"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids),
-                        "output_token_ids": list(r.outputs[0].token_ids),
-                        "num_cached_tokens": r.num_cached_tokens or 0} for r in results)
+        outputs.extend(map(_output, results))
     llm.llm_engine.engine_core.shutdown()  # the workers' shutdown flushes otel-moe's exporters
     Path(spec["outputs"]).write_text(json.dumps(outputs))
     say({"outputs": spec["outputs"]})
+
+
+def profiled_turn(llm, prompts: list[list[int]], turn: dict, run: int):
+    """The first ``turn["prompts"]`` prompts (made unique, as a run's), ``turn["gen_len"]``
+    tokens each, under the torch profiler in the model's process: (its summary, the outputs)."""
+    import engine_probe
+    from vllm import SamplingParams
+
+    batch = [{"prompt_token_ids": ids} for ids in unique_prompts(prompts[: turn["prompts"]], 10_000 + run)]
+    params = SamplingParams(max_tokens=turn["gen_len"], ignore_eos=True, temperature=0.0, detokenize=False)
+    llm.collective_rpc(engine_probe.profile_start)
+    results = llm.generate(batch, params, use_tqdm=False)
+    return llm.collective_rpc(engine_probe.profile_stop)[0], results
+
+
+def _output(result) -> dict:
+    return {"request_id": result.request_id, "prompt_token_ids": list(result.prompt_token_ids),
+            "output_token_ids": list(result.outputs[0].token_ids), "num_cached_tokens": result.num_cached_tokens or 0}
 
 
 def unique_prompts(prompts: list[list[int]], run: int) -> list[list[int]]:

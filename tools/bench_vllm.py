@@ -164,6 +164,7 @@ def bench_vllm(args, work: Path) -> dict:
         return spec
 
     compile_s = None
+    profiles = None
     try:
         if args.device == "cuda":
             # torch.compile's first engine compiles, the others load its cache: a throwaway
@@ -201,9 +202,16 @@ def bench_vllm(args, work: Path) -> dict:
         # run cut short there (a lent GPU's time running out) still leaves them.
         turns_file = Path(args.out).with_suffix(".turns.json")
         turns_file.parent.mkdir(parents=True, exist_ok=True)
-        turns_file.write_text(json.dumps(
-            {**summarize(samples), "engine_process_per_turn": {m: _median_probe(v) for m, v in probes.items()},
-             "engine_process_per_round": probes, "samples_tok_s": samples}, indent=1))
+        early = {**summarize(samples), "engine_process_per_turn": {m: _median_probe(v) for m, v in probes.items()},
+                 "engine_process_per_round": probes, "samples_tok_s": samples}
+        turns_file.write_text(json.dumps(early, indent=1))
+        if args.profile_prompts:
+            # After the timed rounds (the profiler slows what it watches): one short turn each.
+            turn = {"prompts": args.profile_prompts, "gen_len": args.profile_gen_len}
+            profiles = {mode: e.ask({"profile": turn})["profile"] for mode, e in engines.items()}
+            profiles["turn"] = turn
+            turns_file.write_text(json.dumps({**early, "profile": profiles}, indent=1))
+            print(f"profiled: {json.dumps(profiles)}", flush=True)
         outputs = {mode: e.quit() for mode, e in engines.items()}
         collector_peak = collector.peak_rss_kib()
     finally:
@@ -246,6 +254,7 @@ def bench_vllm(args, work: Path) -> dict:
         "sink": "otlp (gRPC) to the embedded collector on the same machine",
         "exactness": {"records": len(records), "problems": problems[:10], "exact": not problems if "tokens" in modes else None},
         "dropped_steps_max": max(dropped, default=0), "collector_peak_rss_mib": round(collector_peak / 1024, 1),
+        "profile": profiles,
         "paused_step_spans": sum(s.resource.get(schema.RUN_ID) == "bench-paused" for s in spans),  # must be 0
     }
 

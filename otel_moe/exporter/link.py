@@ -12,7 +12,9 @@ step, started once the step's copy is done, can run while the engine thread
 waits on the GPU with the GIL released (the intent; not yet measured on a
 GPU). So the engine thread only queues the message's tuple: it holds
 vLLM's per-step lists until they are encoded, which vLLM builds anew each
-step and does not change afterwards. Without device copies (CPU) the engine
+step and does not change afterwards. A counts window's messages (its steps'
+layouts, new and finished requests) are queued once, as one list, when it
+closes: one hand-off a window, not one a step. Without device copies (CPU) the engine
 thread encodes and writes to the socket itself, never waiting: the socket's
 buffer is the queue.
 
@@ -67,8 +69,9 @@ class ExporterLink:
             self._thread.start()
 
     # ---- engine thread -----------------------------------------------------
-    def send(self, message: tuple, event: Optional[Any] = None) -> bool:
-        """Queue a message (sent once ``event`` completes); False when it was dropped."""
+    def send(self, message: tuple | list, event: Optional[Any] = None) -> bool:
+        """Queue a message (sent once ``event`` completes), or a list of messages that
+        hold no ring space (publishing thread only); False when it was dropped."""
         if self._thread is None:
             return self._write(encode_message(message), socket.MSG_DONTWAIT)
         try:
@@ -115,17 +118,26 @@ class ExporterLink:
             if item is _STOP:
                 return
             message, event = item
+            if isinstance(message, list):  # messages that hold no ring space (a counts window's)
+                for each in message:
+                    data = self._encoded(each)
+                    if data:
+                        self._write(data)
+                continue
             if self.alive and event is not None:
                 event.synchronize()  # first: the engine thread is then likely waiting on the GPU too
-            try:
-                data = encode_message(message)
-            except Exception:  # what no vLLM has handed us yet: lose the message, not the thread
-                data = b""
-                self.dropped_messages += 1
+            data = self._encoded(message)
             if not (data and self._write(data)) and event is not None:
                 # It held ring space (it came with a copy): have the exporter acknowledge that
                 # space in its place, so the FIFO frees each reservation in order.
                 self._write(ring.encode((SKIP,)))
+
+    def _encoded(self, message: tuple) -> bytes:
+        try:
+            return encode_message(message)
+        except Exception:  # what no vLLM has handed us yet: lose the message, not the thread
+            self.dropped_messages += 1
+            return b""
 
     def _died(self) -> None:
         self.alive = False
@@ -162,12 +174,43 @@ class ExporterLink:
             self.sock.close()
 
 
+CHECKED_MESSAGES = 64  # the first messages of a process are checked to decode as they were
+_checked = 0
+_convert_all = False  # vLLM's types do not change within a process: once one needs it, all are converted
+
+
 def encode_message(message: tuple) -> bytes:
-    """A message's bytes, plain lists, ints and strings made of whatever vLLM handed us."""
-    try:
-        return ring.encode(message)
-    except ValueError:  # a vLLM version handing us subclasses of dict/list, or numpy ints
+    """A message's bytes, plain lists, ints and strings made of whatever vLLM handed us.
+    marshal refuses subclasses of dict or list, and writes anything with a buffer (a
+    numpy int, say) as bytes, silently: the first messages are decoded again to see that."""
+    global _checked
+    if _convert_all:
         return ring.encode(_plain(message))
+    try:
+        data = ring.encode(message)
+    except ValueError:
+        return _convert(message)
+    if _checked < CHECKED_MESSAGES:
+        _checked += 1
+        if ring.decode(data) != message:
+            return _convert(message)
+    return data
+
+
+def _convert(message: tuple) -> bytes:
+    global _convert_all
+    _convert_all = True
+    fields = [f"#{i} {type(value).__name__}" for i, value in enumerate(message) if not _plain_already(value)]
+    logger.info("otel-moe: vLLM's step numbers are not all plain Python (fields %s); every message is converted, "
+                "at some cost a step", ", ".join(fields))
+    return ring.encode(_plain(message))
+
+
+def _plain_already(value: Any) -> bool:
+    try:
+        return ring.decode(ring.encode(value)) == value
+    except ValueError:
+        return False
 
 
 def _plain(value: Any) -> Any:

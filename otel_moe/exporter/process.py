@@ -69,8 +69,8 @@ class WindowMessage:
 
     offset: int
     arrays: list  # one: [layers, experts] int64
-    items_offset: int  # the window's held-back messages (marshal), in the ring after the counts
-    items_bytes: int
+    items_offset: int  # the window's held-back messages (marshal), in the ring after the counts ...
+    items_bytes: int  # ... or 0: they came as messages of their own before this one
     first: int
     last: int
     tokens: int
@@ -160,7 +160,8 @@ class Exporter:
             self._safely(self.sink.write, record)
 
     def _window(self, message: WindowMessage) -> None:
-        items = ring.decode(bytes(self.ring.map[message.items_offset: message.items_offset + message.items_bytes]))
+        items = ring.decode(bytes(self.ring.map[message.items_offset: message.items_offset + message.items_bytes])) \
+            if message.items_bytes else []  # none, or they came before it (a publishing thread's)
         (counts,) = self._take_arrays(message.offset, message.arrays)
         for item in items:  # the window's steps (layouts only) and new and finished requests, in order
             self._handle(item)
