@@ -129,7 +129,8 @@ def _wrap_execute_model(original: Callable) -> Callable:
         with profiler_ranges.step_range(step, tokens, requests, recorder.model_moe_layers, recorder.dp_rank, recorder.run_id):
             result = original(self, scheduler_output, *args, **kwargs)
         end_ns = time.time_ns()
-        _telemetry(recorder, recorder.on_step, scheduler_output, batch_order(self), start_ns, end_ns)
+        order = None if recorder.counts_only else batch_order(self)  # counts need no row order
+        _telemetry(recorder, recorder.on_step, scheduler_output, order, start_ns, end_ns)
         return result
 
     return execute_model

@@ -103,8 +103,10 @@ class StepRecorder:
         self._columns = None if everything else torch.tensor(columns, device=self.buffers.device)
         self.control_version = self.control.version if self.control else 0
 
-    def on_step(self, scheduler_output: Any, batch_order: list[str], start_ns: int, end_ns: int) -> None:
-        """Called after the forward of each step ``begin_step`` gave an index."""
+    def on_step(self, scheduler_output: Any, batch_order: Optional[list[str]], start_ns: int, end_ns: int) -> None:
+        """Called after the forward of each step ``begin_step`` gave an index, with the
+        request ids in the order the batch laid out its rows (tokens mode; ``None`` in
+        counts mode, whose records need no row order)."""
         step = self.steps  # every recorded step gets an index, so drops leave visible gaps
         self.steps += 1
         n = scheduler_output.total_num_scheduled_tokens

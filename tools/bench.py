@@ -149,7 +149,7 @@ def bench_exporter_soak(args, work: Path) -> dict:
         out, order = steps.step()
         index = recorder.begin_step(out)
         if index is not None:
-            recorder.on_step(out, order, time.time_ns(), time.time_ns())
+            recorder.on_step(out, None if recorder.counts_only else order, time.time_ns(), time.time_ns())
         count, tokens = count + 1, tokens + out.total_num_scheduled_tokens
         next_step += 1.0 / args.exporter_soak_rate
         time.sleep(max(0.0, next_step - time.monotonic()))  # a steady step rate, as an engine gives

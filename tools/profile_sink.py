@@ -96,7 +96,7 @@ def engine_thread_us(mode: str, profiler=None) -> tuple[float, int]:
     t0 = time.perf_counter()
     for out in outputs:  # what the engine thread does per step (the forward aside)
         step = recorder.begin_step(out)
-        recorder.on_step(out, ids, step, step + 1)
+        recorder.on_step(out, None if recorder.counts_only else ids, step, step + 1)
     elapsed = time.perf_counter() - t0
     if profiler:
         profiler.disable()

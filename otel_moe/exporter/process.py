@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class StepMessage:
     dropped_tokens: int
     engine_thread_ns: int  # the recorder's time on vLLM's engine thread before this step, cumulative
     total: int  # tokens the scheduler scheduled
-    batch_order: list  # internal request ids, the runner's batch order
+    batch_order: Optional[list]  # internal request ids, the runner's batch order (None: counts mode, any order)
     scheduled: dict  # request id -> tokens this step (SchedulerOutput.num_scheduled_tokens)
     cached_ids: list  # running requests (scheduled_cached_reqs.req_ids) ...
     cached_computed: list  # ... and their tokens computed before this step
@@ -195,7 +196,8 @@ class Exporter:
         starts = dict(zip(message.cached_ids, message.cached_computed))
         starts.update(message.new)
         tokens_of = message.scheduled
-        scheduled = [(r, tokens_of[r], starts.get(r)) for r in message.batch_order if tokens_of.get(r)]
+        order = tokens_of if message.batch_order is None else message.batch_order
+        scheduled = [(r, tokens_of[r], starts.get(r)) for r in order if tokens_of.get(r)]
         tokens = np.fromiter((t for _, t, _ in scheduled), dtype=np.int64, count=len(scheduled))
         if int(tokens.sum()) != message.total or any(f is None for _, _, f in scheduled):
             self.layout_drops += 1
