@@ -24,6 +24,9 @@ from otel_moe.snapshot import Snapshotter
 
 logger = logging.getLogger("vllm.otel_moe")
 DROP_WARNING_INTERVAL_S = 60.0
+# Steps between reads of the exporter's acknowledgements (one small message a step or window):
+# the exporter's socket buffer holds a few hundred, so it never waits on an unread one.
+READ_ACKS_EVERY = 64
 
 
 class StepRecorder:
@@ -49,7 +52,12 @@ class StepRecorder:
             raise ValueError("tokens mode needs buffers made with tokens=True")
         self.counts_interval_s = config.counts_interval_ms / 1000
         self._window: Optional[_Window] = None  # counts mode: the steps counted on the device since the last read
-        self.snapshotter = Snapshotter(buffers, exporter.ring.tensor(), exporter.space)
+        # Ring space comes back when the exporter's acknowledgements are read: every
+        # READ_ACKS_EVERY steps, and whenever a reservation does not fit. Each read is a
+        # syscall that releases the GIL, and on a GPU the engine thread then often waits to
+        # get it back (vLLM's own threads take it), so not every step.
+        self.snapshotter = Snapshotter(buffers, exporter.ring.tensor(), exporter.space,
+                                       on_full=exporter.free_finished_steps)
         if buffers.on_cuda and not exporter.ring.pinned:
             logger.warning("otel-moe: the shared ring could not be page-locked; device copies will be synchronous")
         self._apply(control.state if control else ControlState.from_config(config))
@@ -109,6 +117,8 @@ class StepRecorder:
         counts mode, whose records need no row order)."""
         step = self.steps  # every recorded step gets an index, so drops leave visible gaps
         self.steps += 1
+        if step % READ_ACKS_EVERY == 0:
+            self.exporter.free_finished_steps()
         n = scheduler_output.total_num_scheduled_tokens
         if not self._checked_capture:
             self._check_capture(n)
@@ -120,7 +130,6 @@ class StepRecorder:
         if self.counts_only:
             self._count(step, n, start_ns, end_ns, layout)
             return
-        self.exporter.free_finished_steps()  # before taking ring space (counts: once a window)
         snapshot = self.snapshotter.take_tokens(n, self._columns) if n <= self.buffers.max_tokens else None
         if snapshot is None:
             self._drop(n, "the shared ring is full")
@@ -166,7 +175,6 @@ class StepRecorder:
                 self._send(window.items, None, 0, steps=0)
         else:
             items = encode_message(window.items)
-        self.exporter.free_finished_steps()
         snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items))
         if snapshot is None:
             self._drop(window.tokens, "the shared ring is full", steps=steps)

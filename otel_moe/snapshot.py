@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -49,11 +49,15 @@ class Snapshotter:
     as counts (a window of steps), into space reserved in the ring. Which columns
     and which form can change from step to step (live control)."""
 
-    def __init__(self, buffers: RoutingBuffers, ring: torch.Tensor, space: FifoSpace) -> None:
+    def __init__(self, buffers: RoutingBuffers, ring: torch.Tensor, space: FifoSpace,
+                 on_full: Optional[Callable[[], None]] = None) -> None:
+        """``on_full``: called when a reservation does not fit, to free what can be freed
+        (the exporter's acknowledgements), before it is tried once more."""
         self.buffers = buffers
         self.ring = ring  # uint8, the whole shared region
         self._ring_as = {}  # dtype -> the region viewed as it (its size is a multiple of 8)
         self.space = space
+        self.on_full = on_full
         self.on_cuda = buffers.on_cuda
         # tokens -> the ring layout of the first rows of ids and weights: on a GPU vLLM's
         # engine thread is busy nearly all of a step, so each torch call it makes costs throughput.
@@ -86,6 +90,9 @@ class Snapshotter:
 
     def _into_ring(self, layout: "_Layout", extra_bytes: int = 0) -> Optional[Snapshot]:
         offset = self.space.reserve(layout.total + extra_bytes)
+        if offset is None and self.on_full is not None:
+            self.on_full()
+            offset = self.space.reserve(layout.total + extra_bytes)
         if offset is None:
             return None
         for start, source in zip(layout.starts, layout.flat):

@@ -105,6 +105,22 @@ def test_every_step_of_one_token_count_copies_what_its_forward_wrote():
         space.free_oldest(1)
 
 
+def test_a_full_ring_reads_the_acknowledgements_before_it_drops_a_step():
+    buffers = RoutingBuffers([0], max_tokens=4, top_k=2, num_experts=8, device="cpu")
+    space = FifoSpace(ALIGN)  # one step of 4 tokens (8 + 16 bytes) at a time
+    calls = []
+
+    def read_acknowledgements():  # the exporter finished the oldest step
+        calls.append("read")
+        space.free_oldest(1)
+
+    snapshotter = Snapshotter(buffers, SharedRing(ALIGN).tensor(), space, on_full=read_acknowledgements)
+    assert snapshotter.take_tokens(4, None) is not None and calls == []  # room: nothing read
+    assert snapshotter.take_tokens(4, None) is not None and calls == ["read"]
+    snapshotter.on_full = lambda: calls.append("nothing finished")
+    assert snapshotter.take_tokens(4, None) is None and calls == ["read", "nothing finished"]  # dropped
+
+
 def test_counts_alone_keep_no_ids_or_weights_and_still_see_a_layer_never_written():
     buffers = RoutingBuffers([0, 1], max_tokens=4, top_k=2, num_experts=8, device="cpu", tokens=False)
     buffers.enable_counts()

@@ -2,8 +2,8 @@
 
 The engine thread calls ``send`` (never blocks: a full hand-off queue drops the
 message) and ``free_finished_steps`` (non-blocking reads of the exporter's
-acknowledgements). With device copies that finish later (CUDA), one small
-thread, ``otel-moe-publish``, takes messages in order, waits for a step's
+acknowledgements, every so many steps and when the ring is full). With device
+copies that finish later (CUDA), one small thread, ``otel-moe-publish``, takes messages in order, waits for a step's
 copy to finish (the CUDA event; the GIL is released while waiting), encodes
 the message and writes it to the socket. vLLM's engine thread is busy nearly all
 of a GPU step (measured on an H200: ~4.8 of every 5.2 s), so every microsecond
