@@ -84,7 +84,7 @@ class Snapshotter:
         counts = self.buffers.counts[:, : self.buffers.num_experts]
         if columns is not None:
             counts = counts.index_select(0, columns)
-        snapshot = self._into_ring(_Layout.of([counts.contiguous()]), extra_bytes)
+        snapshot = self._into_ring(_Layout.of([counts]), extra_bytes)
         self.buffers.counts.zero_()  # after the copy on the same stream: nothing is lost in between
         return snapshot
 
@@ -95,12 +95,13 @@ class Snapshotter:
             offset = self.space.reserve(layout.total + extra_bytes)
         if offset is None:
             return None
-        for start, source in zip(layout.starts, layout.flat):
+        for start, itemsize, numel, source, shape in layout.copies:
             ring = self._ring_as.get(source.dtype)
             if ring is None:
                 ring = self._ring_as[source.dtype] = self.ring.view(source.dtype)
-            at = (offset + start) // source.element_size()
-            ring[at: at + source.numel()].copy_(source, non_blocking=self.on_cuda)
+            at = (offset + start) // itemsize
+            into = ring[at: at + numel]
+            (into if shape is None else into.view(shape)).copy_(source, non_blocking=self.on_cuda)
         event = None
         if self.on_cuda:
             event = torch.cuda.Event(blocking=True)
@@ -111,16 +112,19 @@ class Snapshotter:
 @dataclasses.dataclass
 class _Layout:
     """Arrays as they lie in the ring, one after the other: their names for the exporter
-    (``arrays``), their byte starts and total, and the flat device tensors copied there."""
+    (``arrays``), their total bytes, and per array what one copy needs (``copies``: byte
+    start, item size, elements, the device tensor, and the shape to copy it into when it
+    is strided, else ``None``: it is copied flat)."""
 
     arrays: list
-    starts: list[int]
     total: int
-    flat: list[torch.Tensor]
+    copies: list[tuple]
 
     @classmethod
     def of(cls, sources: list[torch.Tensor]) -> "_Layout":
-        """Of contiguous tensors (views, so a cached layout follows what they hold)."""
+        """Of device tensors (views, so a cached layout follows what they hold)."""
         arrays = [(_NUMPY_DTYPE[t.dtype], list(t.shape)) for t in sources]
         *starts, total = array_bytes(arrays)
-        return cls(arrays, starts, total, [t.view(-1) for t in sources])
+        copies = [(start, t.element_size(), t.numel(), t.view(-1), None) if t.is_contiguous()
+                  else (start, t.element_size(), t.numel(), t, t.shape) for start, t in zip(starts, sources)]
+        return cls(arrays, total, copies)

@@ -198,3 +198,35 @@ def test_a_step_too_large_to_send_still_frees_its_ring_space(tmp_path):
         assert not link.space.held and link.dropped_messages == 1 and link.alive
     finally:
         assert link.close(10)
+
+
+class _HeldCopy:
+    """A device copy still in flight until the test lets it finish."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.waited_on, self.done = threading.Event(), threading.Event()
+
+    def synchronize(self) -> None:
+        self.waited_on.set()
+        self.done.wait()
+
+
+def test_a_full_hand_off_queue_drops_and_counts_instead_of_waiting(tmp_path):
+    from otel_moe.exporter.link import ExporterLink
+    from otel_moe.ring import BEGIN
+
+    link = ExporterLink({"destinations": [str(tmp_path / "r.jsonl")], "mode": "tokens", "resource": {}, "top_k": 2,
+                         "num_experts": 8, "dp_rank": 0, "randomized_request_ids": True},
+                        ring_bytes=1 << 16, queue_messages=2, events=True)
+    held = _HeldCopy()
+    try:
+        assert link.send((BEGIN, [], [], [("a", 3)]), held)
+        assert held.waited_on.wait(30)  # the publishing thread holds it: the queue is empty again
+        assert link.send((BEGIN, [], [], [("b", 3)])) and link.send((BEGIN, [], [], [("c", 3)]))
+        assert not link.send((BEGIN, [], [], [("d", 3)]))  # two wait already: dropped at once
+        assert link.dropped_messages == 1
+    finally:
+        held.done.set()
+        assert link.close(10)
