@@ -3,20 +3,20 @@
 The engine thread calls ``send`` (never blocks: a full hand-off queue drops the
 message) and ``free_finished_steps`` (non-blocking reads of the exporter's
 acknowledgements, every so many steps and when the ring is full). With device
-copies that finish later (CUDA), one small thread, ``otel-moe-publish``, takes messages in order, waits for a step's
-copy to finish (the CUDA event; the GIL is released while waiting), encodes
-the message and writes it to the socket. vLLM's engine thread is busy nearly all
-of a GPU step (measured on an H200: ~4.8 of every 5.2 s), so every microsecond
-it spends is throughput lost, while this thread's few tens of microseconds a
-step, started once the step's copy is done, can run while the engine thread
-waits on the GPU with the GIL released (the intent; not yet measured on a
-GPU). So the engine thread only queues the message's tuple: it holds
-vLLM's per-step lists until they are encoded, which vLLM builds anew each
-step and does not change afterwards. A counts window's messages (its steps'
-layouts, new and finished requests) are queued once, as one list, when it
-closes: one hand-off a window, not one a step. Without device copies (CPU) the engine
-thread encodes and writes to the socket itself, never waiting: the socket's
-buffer is the queue.
+copies that finish later (CUDA), one small thread, ``otel-moe-publish``, takes
+messages in order, waits for a step's copy to finish (the CUDA event; the GIL
+is released while waiting), encodes the message and writes it to the socket.
+vLLM's engine thread is busy nearly all of a GPU step (measured on an H200:
+~4.8 of every 5.2 s), so every microsecond it spends is throughput lost; this
+thread's work, started once the step's copy is done, takes the GIL too, but
+only while the engine thread lets it go (a tokens engine's thread was measured
+waiting for it hardly at all, tools/engine_thread_split.py). So the engine
+thread only queues the message's tuple: it holds vLLM's per-step lists until
+they are encoded, which vLLM builds anew each step and does not change
+afterwards. A counts window's messages (its steps' layouts, new and finished
+requests) are queued once, as one list, when it closes: one hand-off a window,
+not one a step. Without device copies (CPU) the engine thread encodes and writes
+to the socket itself, never waiting: the socket's buffer is the queue.
 
 If the exporter dies (killed, crashed), one line says so, and recording stops:
 the engine keeps serving with nothing changed but the missing telemetry.
