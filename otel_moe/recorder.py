@@ -178,9 +178,10 @@ class StepRecorder:
         snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items))
         if snapshot is None:
             self._drop(window.tokens, "the shared ring is full", steps=steps)
-            for item in window.items if items else ():  # new and finished requests still go: requests stay whole
-                if item[0] == BEGIN:
-                    self._send(item, None, 0, steps=0)
+            if not self.exporter.threaded:  # (the publishing thread has them all already)
+                for item in window.items:  # new and finished requests still go: requests stay whole
+                    if item[0] == BEGIN:
+                        self._send(item, None, 0, steps=0)
             return
         self.exporter.ring.map[snapshot.extra_offset: snapshot.extra_offset + len(items)] = items
         self._send((WINDOW, snapshot.offset, snapshot.arrays, snapshot.extra_offset, len(items), window.first,

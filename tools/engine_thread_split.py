@@ -76,6 +76,7 @@ def main(device: str, model: str) -> None:
     from vllm import LLM, SamplingParams
 
     import engine_thread_split  # this module as the engine's processes import it
+    from bench_engine import unique_prompts
 
     engine = dict(model=model, max_model_len=300, seed=0, max_num_seqs=256)
     if device == "cuda":
@@ -87,9 +88,9 @@ def main(device: str, model: str) -> None:
     llm = LLM(**engine)
     llm.collective_rpc(engine_thread_split.install)
     params = SamplingParams(max_tokens=gen_len, ignore_eos=True, temperature=0.0, detokenize=False)
+    base = [[(7 * i + 3 * j) % 500 + 1 for j in range(prompt_len)] for i in range(prompts)]  # the bench's batch
     for turn, profile in enumerate((False, False, True)):
-        batch = [{"prompt_token_ids": [(turn * prompts + i) // 500 % 500 + 1, (turn * prompts + i) % 500 + 1]
-                  + [(7 * i + 3 * j) % 500 + 1 for j in range(prompt_len - 2)]} for i in range(prompts)]
+        batch = [{"prompt_token_ids": ids} for ids in unique_prompts(base, turn)]
         llm.collective_rpc(engine_thread_split.reset, args=(profile,))
         started = time.perf_counter()
         llm.generate(batch, params, use_tqdm=False)
