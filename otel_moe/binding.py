@@ -5,9 +5,11 @@ to 0.33; Model Runner V1, V2 and the CPU runner):
   - ``load_model``: after the model is built (and before torch.compile traces
     it or CUDA graphs are captured) find the MoE layers, allocate the capture
     buffers and bind every selected router to them.
-  - ``execute_model``: after a real step's forward (a scheduler output with
-    tokens; never a profile, warm-up, dummy or capture run) hand the step to
-    the recorder.
+  - ``execute_model``: before a real step's forward (a scheduler output with
+    tokens; never a profile, warm-up, dummy or capture run) tell the recorder
+    (counts mode: how many of its rows count), after it hand the step on.
+  - ``_dummy_run`` (and ``execute_model`` of a dummy or warm-up run): tell the
+    recorder that the forward's rows do not count.
   - ``shutdown``: flush the recorder while the engine goes down.
 And one on the workers: ``compile_or_warm_up_model`` marks the warm-up, whose
 made-up requests go through the real execute_model in Model Runner V2.
@@ -54,7 +56,7 @@ def install() -> int:
     environment of its own creation.
     """
     runner_methods = (("load_model", _wrap_load_model), ("execute_model", _wrap_execute_model),
-                      ("shutdown", _wrap_shutdown))
+                      ("_dummy_run", _wrap_dummy_run), ("shutdown", _wrap_shutdown))
     runners, workers = RUNNER_CLASSES, WORKER_CLASSES
     if _on_cpu():
         runners, workers = runners + CPU_RUNNER_CLASSES, workers + CPU_WORKER_CLASSES
@@ -119,7 +121,10 @@ def _wrap_load_model(original: Callable) -> Callable:
 def _wrap_execute_model(original: Callable) -> Callable:
     def execute_model(self, scheduler_output, *args, **kwargs):
         recorder = getattr(self, _RECORDER, None)
-        if not recorder or kwargs.get("dummy_run") or scheduler_output is None or getattr(self, _WARMING, False):
+        if not recorder:
+            return original(self, scheduler_output, *args, **kwargs)
+        if kwargs.get("dummy_run") or scheduler_output is None or getattr(self, _WARMING, False):
+            _telemetry(recorder, recorder.before_other_forward)
             return original(self, scheduler_output, *args, **kwargs)
         step = _telemetry(recorder, recorder.begin_step, scheduler_output)
         if step is None:  # no tokens, or recording is off
@@ -134,6 +139,16 @@ def _wrap_execute_model(original: Callable) -> Callable:
         return result
 
     return execute_model
+
+
+def _wrap_dummy_run(original: Callable) -> Callable:
+    def _dummy_run(self, *args, **kwargs):
+        recorder = getattr(self, _RECORDER, None)
+        if recorder:  # a data-parallel rank's idle step, say: its made-up tokens must not count
+            _telemetry(recorder, recorder.before_other_forward)
+        return original(self, *args, **kwargs)
+
+    return _dummy_run
 
 
 def _telemetry(recorder: Any, call: Callable, *args) -> Any:
@@ -233,7 +248,7 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         tokens=bool(control) or config.mode == "tokens",  # live control may switch either way at any time
     )
     if control or config.mode == "counts":
-        buffers.enable_counts()  # before the routers are bound: their writers fill its index
+        buffers.enable_counts()  # before the routers are bound: their writers add to its counters
     for slot, layer in enumerate(selected):
         bind_router(moe_layers[layer], buffers, slot)
     for layer, module in moe_layers.items():  # recorded or not: the profiler trace shows every MoE layer

@@ -11,9 +11,10 @@ Invariants:
     the forward narrows them, and every later copy moves a quarter (ids) and a
     half (weights) of the bytes. Row ``t`` is the ``t``-th token of the
     forward's batch, so ``ids[:n]`` is contiguous and one copy takes a whole step.
-  - The forward only ever does ``buffer[:n, slot].copy_(x[:n])``: a tensor write,
-    no host sync, no Python side effect, so it is traced by Dynamo and recorded
-    into CUDA graphs, and graph replays keep writing the same addresses.
+  - The forward only ever does ``buffer[:n, slot].copy_(x[:n])`` and the masked
+    add into the counters below: tensor writes, no host sync, no Python side
+    effect, so they are traced by Dynamo and recorded into CUDA graphs, and graph
+    replays keep writing the same addresses.
   - Every forward overwrites rows ``0..n-1`` of each captured layer, padding rows
     included. Which rows are real tokens is decided on the host, once per engine
     step, from the scheduler's output (see ``step.py``); dummy, profile and
@@ -23,26 +24,25 @@ Invariants:
   - Each form is there only when it may be recorded (``tokens``: the engine's mode
     is tokens, or live control may switch to it; ``enable_counts``: counts, or
     live control), so the forward writes nothing that is never read: counts mode
-    alone writes one int64 index per layer, tokens mode alone ids and weights.
+    alone only adds to its counters, tokens mode alone writes ids and weights.
   - Counts mode keeps per-layer expert counters on the device (``counts``, int64,
     ``(num_layers, num_experts + 1)``; columns ``0..num_experts-1`` are read, the
-    last one takes what a layer never captured holds). The forward also writes
-    each layer's ids, widened, into ``index`` (int64, ``(num_layers, max_tokens *
-    top_k)``, layer-major), which is what ``scatter_add_`` wants. ``accumulate(n)``
-    adds the first ``n`` tokens of ``index`` into the counters: called from the
-    engine thread after a real step's forward, with the host's count of that step's
-    real tokens, so padding, dummy, profile and warm-up rows never count. It is one
-    kernel launched from one Python call, no host sync: on a GPU vLLM's engine
-    thread is busy nearly all of a step, so each call it makes costs throughput.
-    The counters are read (and zeroed) only once per window of steps.
+    last one takes every row that must not count). The forward adds each layer's
+    ids into them itself (``index_add_``, which CUDA graphs replay), masked by
+    ``real_tokens``, a device scalar: rows at or past it (CUDA-graph padding) go to
+    the last column. The engine thread sets it before each recorded step's forward,
+    with a call only when the step's token count differs from the last one it set
+    (none in a run of full decode steps: on a GPU vLLM's engine thread is busy
+    nearly all of a step, so each call it makes costs throughput), and to 0 before
+    any forward that is not a real step (dummy, profile, warm-up, capture runs), so
+    those add nothing. The counters are zeroed when a window of steps opens and
+    read once when it closes.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
 import torch
-
-MAX_CACHED_VIEWS = 4096  # counts mode: token counts whose views are kept
 
 
 def ids_dtype(num_experts: int) -> torch.dtype:
@@ -79,56 +79,60 @@ class RoutingBuffers:
             self.ids = torch.full(shape, not_captured(dtype), dtype=dtype, device=device)
             self.weights = torch.zeros(shape, dtype=torch.float16, device=device)
         self.counts: Optional[torch.Tensor] = None  # counts mode (enable_counts)
-        self.index: Optional[torch.Tensor] = None
+        self.real_tokens: Optional[torch.Tensor] = None
+        self._real_tokens_set = 0  # the value real_tokens was last given (host side: no read)
 
     def enable_counts(self) -> None:
-        """Before the forward is traced or captured: from then on it fills ``index`` too."""
+        """Before the forward is traced or captured: from then on it adds to ``counts``."""
         layers, device = len(self.layers), self.device
         self.counts = torch.zeros((layers, self.num_experts + 1), dtype=torch.int64, device=device)
-        # A layer never captured keeps this id: it lands in the column nobody reads.
-        self.index = torch.full((layers, self.max_tokens * self.top_k), self.num_experts, dtype=torch.int64,
-                                device=device)
-        self._ones = torch.ones(1, dtype=torch.int64, device=device).expand(layers, self.max_tokens * self.top_k)
-        self._first: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # tokens -> (index, ones) views
+        self.real_tokens = torch.zeros(1, dtype=torch.int64, device=device)  # 0: nothing counts
+        self._rows = torch.arange(self.max_tokens, dtype=torch.int64, device=device).unsqueeze(1)
+        self._ones = torch.ones(self.max_tokens * self.top_k, dtype=torch.int64, device=device)
 
-    def accumulate(self, num_tokens: int) -> None:
-        """Add the expert ids of the first ``num_tokens`` tokens to the device counters."""
-        views = self._first.get(num_tokens)
-        if views is None:  # the views of each token count are made once (a bounded few)
-            if len(self._first) >= MAX_CACHED_VIEWS:
-                self._first.clear()
-            width = num_tokens * self.top_k
-            views = self._first[num_tokens] = (self.index[:, :width], self._ones[:, :width])
-        self.counts.scatter_add_(1, *views)
+    def set_real_tokens(self, num_tokens: int) -> None:
+        """The next forwards count their first ``num_tokens`` rows (0: none)."""
+        if num_tokens != self._real_tokens_set:
+            self.real_tokens.fill_(num_tokens)
+            self._real_tokens_set = num_tokens
+
+    def restart_counts(self) -> None:
+        self.counts.zero_()
 
     def layers_never_written(self, num_tokens: int) -> list[int]:
         """The layers whose first ``num_tokens`` rows still hold what they were filled
-        with (one host sync: once, after the first real step)."""
+        with (one host sync: once, after the first real step's forward; counts alone
+        can tell only from counters the step has added to)."""
         if self.ids is not None:
             unwritten = (self.ids[:num_tokens] == not_captured(self.ids.dtype)).all(dim=2).all(dim=0)
         else:
-            unwritten = (self.index[:, : num_tokens * self.top_k] == self.num_experts).all(dim=1)
+            unwritten = self.counts[:, : self.num_experts].sum(dim=1) == 0
         return [layer for layer, never in zip(self.layers, unwritten.tolist()) if never]
 
     def ids_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
-        max_tokens, top_k = self.max_tokens, self.top_k
-        if self.index is None:
-            return _row_writer(self.ids[:, slot], max_tokens)
-        index = self.index[slot]
-        if self.ids is None:
-            def write_index(values: torch.Tensor) -> None:
-                n = min(values.shape[0], max_tokens)
-                index[: n * top_k].copy_(values[:n].reshape(-1))
-
-            return write_index
-        ids = self.ids[:, slot]
+        write_ids = None if self.ids is None else _row_writer(self.ids[:, slot], self.max_tokens)
+        if self.counts is None:
+            return write_ids
+        count = self._counter(slot)
+        if write_ids is None:
+            return count
 
         def write(values: torch.Tensor) -> None:
-            n = min(values.shape[0], max_tokens)
-            ids[:n].copy_(values[:n])
-            index[: n * top_k].copy_(values[:n].reshape(-1))
+            write_ids(values)
+            count(values)
 
         return write
+
+    def _counter(self, slot: int) -> Callable[[torch.Tensor], None]:
+        counts, real_tokens, rows, ones = self.counts[slot], self.real_tokens, self._rows, self._ones
+        max_tokens, top_k, spare = self.max_tokens, self.top_k, self.num_experts
+
+        def count(values: torch.Tensor) -> None:
+            n = min(values.shape[0], max_tokens)
+            counted = torch.where(rows[:n] < real_tokens, values[:n], spare)  # padding -> the spare column
+            counts.index_add_(0, counted.reshape(-1), ones[: n * top_k])
+
+        return count
 
     def weights_writer(self, slot: int) -> Optional[Callable[[torch.Tensor], None]]:
         """``None`` when tokens are never recorded: no weights are kept."""

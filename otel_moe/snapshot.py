@@ -18,9 +18,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from otel_moe.capture import MAX_CACHED_VIEWS, RoutingBuffers
+from otel_moe.capture import RoutingBuffers
 from otel_moe.ring import FifoSpace
 
+MAX_CACHED_LAYOUTS = 4096  # token counts whose ring layouts are kept
 ARRAY_ALIGN = 8  # every array in the ring starts on an 8-byte boundary (int64 counts)
 _NUMPY_DTYPE = {torch.uint8: "|u1", torch.int16: "<i2", torch.float16: "<f2", torch.int64: "<i8",
                 torch.int32: "<i4", torch.float32: "<f4"}
@@ -50,9 +51,10 @@ class Snapshotter:
     and which form can change from step to step (live control)."""
 
     def __init__(self, buffers: RoutingBuffers, ring: torch.Tensor, space: FifoSpace,
-                 on_full: Optional[Callable[[], None]] = None) -> None:
+                 on_full: Optional[Callable[[], None]] = None, in_flight: int = 256) -> None:
         """``on_full``: called when a reservation does not fit, to free what can be freed
-        (the exporter's acknowledgements), before it is tried once more."""
+        (the exporter's acknowledgements), before it is tried once more. ``in_flight``:
+        the most snapshots handed on and not yet waited for (the hand-off queue's bound)."""
         self.buffers = buffers
         self.ring = ring  # uint8, the whole shared region
         self._ring_as = {}  # dtype -> the region viewed as it (its size is a multiple of 8)
@@ -62,6 +64,7 @@ class Snapshotter:
         # tokens -> the ring layout of the first rows of ids and weights: on a GPU vLLM's
         # engine thread is busy nearly all of a step, so each torch call it makes costs throughput.
         self._first_rows: dict[int, _Layout] = {}
+        self._events = _StepEvents(buffers.device, in_flight + 2) if self.on_cuda else None
 
     def take_tokens(self, num_tokens: int, columns: Optional[torch.Tensor]) -> Optional[Snapshot]:
         """Ids and weights of rows 0..num_tokens-1 of ``columns`` (all when ``None``);
@@ -72,21 +75,18 @@ class Snapshotter:
                                                weights[:num_tokens].index_select(1, columns)]))
         layout = self._first_rows.get(num_tokens)
         if layout is None:  # made once per token count (a bounded few)
-            if len(self._first_rows) >= MAX_CACHED_VIEWS:
+            if len(self._first_rows) >= MAX_CACHED_LAYOUTS:
                 self._first_rows.clear()
             layout = self._first_rows[num_tokens] = _Layout.of([ids[:num_tokens], weights[:num_tokens]])
         return self._into_ring(layout)
 
     def take_counts(self, columns: Optional[torch.Tensor], extra_bytes: int = 0) -> Optional[Snapshot]:
-        """The device counters of ``columns`` since the last take, [L, E], with room for
-        ``extra_bytes`` more after them; the counters restart from zero either way (a
-        window that finds no room is dropped)."""
+        """The device counters of ``columns``, [L, E], with room for ``extra_bytes`` more
+        after them (the recorder zeroes them when the next window opens)."""
         counts = self.buffers.counts[:, : self.buffers.num_experts]
         if columns is not None:
             counts = counts.index_select(0, columns)
-        snapshot = self._into_ring(_Layout.of([counts]), extra_bytes)
-        self.buffers.counts.zero_()  # after the copy on the same stream: nothing is lost in between
-        return snapshot
+        return self._into_ring(_Layout.of([counts]), extra_bytes)
 
     def _into_ring(self, layout: "_Layout", extra_bytes: int = 0) -> Optional[Snapshot]:
         offset = self.space.reserve(layout.total + extra_bytes)
@@ -102,11 +102,35 @@ class Snapshotter:
             at = (offset + start) // itemsize
             into = ring[at: at + numel]
             (into if shape is None else into.view(shape)).copy_(source, non_blocking=self.on_cuda)
-        event = None
-        if self.on_cuda:
-            event = torch.cuda.Event(blocking=True)
-            event.record()
+        event = self._events.record() if self._events is not None else None
         return Snapshot(offset, layout.arrays, event, offset + layout.total)
+
+
+class _StepEvents:
+    """CUDA: the events that mark each snapshot's copy done, recorded on the current stream.
+
+    ``torch.cuda.Event.record()`` finds the current stream in Python (device index
+    lookups, environment reads: ~45 us a step of vLLM's engine thread on an H200), and
+    a new event is created and destroyed for every step. Here the stream is kept and
+    checked with one C call, and the events come round from a pool one larger than
+    what can be waiting: an event is recorded again only after the publishing thread
+    has waited for the copy it marked (and were it not, waiting on a later record on
+    the same stream still covers it)."""
+
+    def __init__(self, device: torch.device, size: int) -> None:
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        self.pool = [torch.cuda.Event(blocking=True) for _ in range(size)]  # blocking: the waiter sleeps
+        self.next = 0
+        self.stream = torch.cuda.current_stream(self.index)
+        self._current_stream_id = getattr(torch._C, "_cuda_getCurrentStream", None)  # (id, device, type)
+
+    def record(self) -> torch.cuda.Event:
+        if self._current_stream_id is None or self._current_stream_id(self.index)[0] != self.stream.stream_id:
+            self.stream = torch.cuda.current_stream(self.index)
+        event = self.pool[self.next]
+        self.next = (self.next + 1) % len(self.pool)
+        event.record(self.stream)
+        return event
 
 
 @dataclasses.dataclass

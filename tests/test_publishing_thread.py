@@ -57,11 +57,11 @@ def record(tmp_path, mode: str, threaded: bool) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     for index, out in enumerate(scheduler_outputs()):
         n = out.total_num_scheduled_tokens
-        for write_ids, write_weights in writers:  # as the routers do in the forward
-            write_ids(torch.randint(0, EXPERTS, (n, TOP_K), generator=generator))
-            write_weights(torch.rand(n, TOP_K, generator=generator))
         step = recorder.begin_step(out)
         assert step == index
+        for write_ids, write_weights in writers:  # as the routers do in the forward, padded by 2 rows
+            write_ids(torch.randint(0, EXPERTS, (n + 2, TOP_K), generator=generator))
+            write_weights(torch.rand(n + 2, TOP_K, generator=generator))
         order = None if recorder.counts_only else list(out.num_scheduled_tokens)  # as the binding hands it
         recorder.on_step(out, order, 1000 * index, 1000 * index + 500)
     recorder.close(30)

@@ -63,10 +63,10 @@ def test_snapshot_lays_narrow_arrays_out_where_the_exporter_reads_them():
     assert buffers.ids.dtype == torch.uint8 and buffers.weights.dtype == torch.float16
     buffers.enable_counts()
     ids = torch.randint(0, 8, (5, 3, 2), dtype=torch.uint8)
-    for slot in range(3):  # as the routers do in the forward
-        buffers.ids_writer(slot)(ids[:, slot].to(torch.int32))
-    buffers.accumulate(3)  # two steps' tokens: rows 0..2, then 0..4
-    buffers.accumulate(5)
+    for real_tokens in (3, 5):  # two steps' forwards of 5 rows: 3 of them real, then all 5
+        buffers.set_real_tokens(real_tokens)
+        for slot in range(3):  # as the routers do in the forward
+            buffers.ids_writer(slot)(ids[:, slot].to(torch.int32))
     buffers.weights[:5] = torch.rand(5, 3, 2, dtype=torch.float16)
     shared = SharedRing(1 << 16)
     snapshotter = Snapshotter(buffers, shared.tensor(), FifoSpace(1 << 16))
@@ -82,7 +82,6 @@ def test_snapshot_lays_narrow_arrays_out_where_the_exporter_reads_them():
     expected = np.stack([np.bincount(np.concatenate([ids[:3, c].ravel(), ids[:, c].ravel()]), minlength=8)
                          for c in range(3)])
     assert np.array_equal(got_counts, expected) and got_counts.sum() == (3 + 5) * 3 * 2
-    assert int(buffers.counts.sum()) == 0  # a read starts the next window from zero
 
 
 def test_every_step_of_one_token_count_copies_what_its_forward_wrote():
@@ -125,27 +124,36 @@ def test_counts_alone_keep_no_ids_or_weights_and_still_see_a_layer_never_written
     buffers = RoutingBuffers([0, 1], max_tokens=4, top_k=2, num_experts=8, device="cpu", tokens=False)
     buffers.enable_counts()
     assert buffers.ids is None and buffers.weights is None and buffers.weights_writer(0) is None
-    buffers.ids_writer(0)(torch.tensor([[1, 2]] * 4))
+    buffers.set_real_tokens(3)
+    buffers.ids_writer(0)(torch.tensor([[1, 2]] * 4))  # layer 1's router never writes
     assert buffers.layers_never_written(3) == [1]
-    buffers.accumulate(3)
     assert buffers.counts[0, 1] == 3 and buffers.counts[0, 2] == 3 and int(buffers.counts[:, :8].sum()) == 6
 
 
-def test_ids_of_a_layer_never_captured_are_not_counted():
-    buffers = RoutingBuffers([0, 1], max_tokens=4, top_k=2, num_experts=60, device="cpu")
+def test_only_the_real_rows_of_real_steps_count():
+    buffers = RoutingBuffers([0], max_tokens=4, top_k=2, num_experts=60, device="cpu", tokens=False)
     buffers.enable_counts()
-    buffers.ids_writer(0)(torch.tensor([[1, 2]] * 4))  # layer 1's router never writes
-    buffers.accumulate(4)
-    assert buffers.counts[0, 1] == 4 and buffers.counts[0, 2] == 4 and int(buffers.counts[:, :60].sum()) == 8
-    assert int(buffers.counts[1, 60]) == 8  # its fill value: the column nobody reads
+    count = buffers.ids_writer(0)
+    count(torch.tensor([[5, 6]] * 4))  # before any real step (profile, warm-up): nothing counts
+    buffers.set_real_tokens(2)
+    count(torch.tensor([[1, 2]] * 4))  # a step of 2 real tokens, padded to 4 rows
+    count(torch.tensor([[1, 3]] * 3))  # the next step of 2, padded to 3
+    buffers.set_real_tokens(0)
+    count(torch.tensor([[7, 8]] * 4))  # a dummy run between steps
+    expected = torch.zeros(61, dtype=torch.int64)
+    expected[[1, 2, 3]] = torch.tensor([4, 2, 2])
+    expected[60] = (4 + 2 + 1 + 4) * 2  # every row that does not count lands in the column nobody reads
+    assert torch.equal(buffers.counts[0], expected)
+    buffers.restart_counts()
+    assert int(buffers.counts.sum()) == 0
 
 
 def test_counts_of_more_than_256_experts():
     buffers = RoutingBuffers([0], max_tokens=4, top_k=2, num_experts=300, device="cpu")
     assert buffers.ids.dtype == torch.int16
     buffers.enable_counts()
+    buffers.set_real_tokens(2)  # the third token is padding
     buffers.ids_writer(0)(torch.tensor([[299, 0], [299, 257], [3, 299]]))
-    buffers.accumulate(2)  # the third token is padding
     expected = torch.zeros(300, dtype=torch.int64)
     expected[[299, 0, 257]] = torch.tensor([2, 1, 1])
     assert torch.equal(buffers.counts[0, :300], expected)
