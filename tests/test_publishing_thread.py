@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from otel_moe import binding
 from otel_moe.capture import RoutingBuffers
 from otel_moe.config import from_env
 from otel_moe.exporter.link import ExporterLink
@@ -42,8 +43,26 @@ def scheduler_outputs() -> list:
     return outputs
 
 
-def record(tmp_path, mode: str, threaded: bool) -> list[dict]:
-    path = tmp_path / f"{mode}-{threaded}.jsonl"
+def forward(writers: list, rows: int, generator=None) -> None:
+    for write_ids, write_weights in writers:  # as the routers do
+        write_ids(torch.randint(0, EXPERTS, (rows, TOP_K), generator=generator))
+        if write_weights is not None:
+            write_weights(torch.rand(rows, TOP_K, generator=generator))
+
+
+class Runner:
+    """What the binding wraps of vLLM's model runner: a dummy run is a forward of made-up rows."""
+
+    def __init__(self, writers: list) -> None:
+        self.writers = writers
+
+    @binding._wrap_dummy_run
+    def _dummy_run(self, num_tokens: int) -> None:
+        forward(self.writers, num_tokens)
+
+
+def record(tmp_path, mode: str, threaded: bool, dummy_runs: bool = False) -> list[dict]:
+    path = tmp_path / f"{mode}-{threaded}-{dummy_runs}.jsonl"
     config = from_env({"VLLM_LOG_MOE": str(path), "VLLM_LOG_MOE_MODE": mode,
                        "VLLM_LOG_MOE_COUNTS_INTERVAL_MS": "3600000"})  # one counts window: deterministic
     buffers = RoutingBuffers(list(range(LAYERS)), 64, TOP_K, EXPERTS, "cpu")
@@ -54,14 +73,16 @@ def record(tmp_path, mode: str, threaded: bool) -> list[dict]:
                          "num_experts": EXPERTS, "dp_rank": 0, "randomized_request_ids": False},
                         ring_bytes=1 << 20, queue_messages=64, events=threaded)
     recorder = StepRecorder(buffers, config, link)
+    runner = Runner(writers)
+    setattr(runner, binding._RECORDER, recorder)
     generator = torch.Generator().manual_seed(0)
     for index, out in enumerate(scheduler_outputs()):
         n = out.total_num_scheduled_tokens
+        if dummy_runs:  # a data-parallel rank with nothing scheduled runs one between steps
+            runner._dummy_run(16)
         step = recorder.begin_step(out)
         assert step == index
-        for write_ids, write_weights in writers:  # as the routers do in the forward, padded by 2 rows
-            write_ids(torch.randint(0, EXPERTS, (n + 2, TOP_K), generator=generator))
-            write_weights(torch.rand(n + 2, TOP_K, generator=generator))
+        forward(writers, n + 2, generator)  # the step's forward, padded by 2 rows
         order = None if recorder.counts_only else list(out.num_scheduled_tokens)  # as the binding hands it
         recorder.on_step(out, order, 1000 * index, 1000 * index + 500)
     recorder.close(30)
@@ -79,3 +100,8 @@ def test_the_publishing_thread_hands_on_the_same_records(tmp_path, mode):
     else:  # one window a layer
         assert [(r["layer"], r["num_tokens"], sum(r["counts"])) for r in direct] == [
             (layer, tokens, tokens * TOP_K) for layer in range(LAYERS)]
+
+
+def test_dummy_runs_between_steps_count_nothing(tmp_path):
+    plain = record(tmp_path, "counts", threaded=False)
+    assert record(tmp_path, "counts", threaded=False, dummy_runs=True) == plain

@@ -1,11 +1,14 @@
-"""Serving benchmark: two `vllm serve` processes on one GPU, `off` and otel-moe `tokens`
-(OTLP to the embedded collector), measured by vLLM's own `vllm bench serve` (random
-dataset, a request rate near saturation) in alternating rounds.
+"""Serving benchmark: `vllm serve` processes on one GPU, `off`, otel-moe `tokens` (OTLP to
+the embedded collector) and a second `off` as noise control, measured by vLLM's own
+`vllm bench serve` (random dataset, a request rate near saturation) in rounds whose
+order turns.
 
-    python tools/bench_serve.py --out bench/gpu_serve_results.json [--rounds 3]
+    python tools/bench_serve.py --out bench/gpu_serve_results.json [--rounds 3] [--servers off,tokens,off2]
 
 Writes, per server, the median over rounds of request throughput and TTFT / TPOT
-p50 / p99, the ratio of `tokens` to `off` for each, and every round's numbers.
+p50 / p99, each server's ratio to `off` for each, and every round's numbers. When
+`off2` strays from `off` by more than 3% in request throughput or TPOT p50 the run
+says it is noisy: servers in separate processes differ by themselves.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_vllm import engine_env, make_model  # noqa: E402
+from bench_vllm import NOISE_TOLERANCE, engine_env, make_model  # noqa: E402
 from otel_moe.collector.process import CollectorProcess  # noqa: E402
 
 METRICS = ("request_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms")
@@ -55,15 +58,24 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, limit_s: float = 
 def write_results(args: argparse.Namespace, info: dict, results: dict[str, list[dict]]) -> None:
     medians = {mode: {NAMES[k]: round(statistics.median(r[k] for r in rounds), 3) for k in METRICS}
                for mode, rounds in results.items()}
+    ratios = {mode: {k: round(medians[mode][k] / medians["off"][k], 3) for k in medians["off"]}
+              for mode in medians if mode != "off"}
+    noise = None
+    if "off2" in ratios:
+        strays = {k: abs(ratios["off2"][k] - 1) for k in ("request_throughput", "tpot_ms_p50")}
+        noise = {"off2_to_off": ratios["off2"], "tolerance": NOISE_TOLERANCE,
+                 "noisy": any(v > NOISE_TOLERANCE for v in strays.values())}
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": info["name"],
-           "servers": medians, "ratio_tokens_to_off": {k: round(medians["tokens"][k] / medians["off"][k], 3)
-                                                      for k in medians["off"]},
+           "servers": medians, "ratio_tokens_to_off": ratios.get("tokens"), "ratio_to_off": ratios, "noise": noise,
            "rounds": results, "setup": {"num_prompts": args.num_prompts, "request_rate": args.request_rate,
                                         "input_len": args.input_len, "output_len": args.output_len,
-                                        "dataset": "random", "tool": "vllm bench serve", "max_num_seqs": 256}}
+                                        "dataset": "random", "tool": "vllm bench serve", "max_num_seqs": 256,
+                                        "gpu_memory_utilization": args.gpu_memory_utilization}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: out[k] for k in ("servers", "ratio_tokens_to_off")}, indent=1), flush=True)
+    print(json.dumps({k: out[k] for k in ("servers", "ratio_to_off", "noise")}, indent=1), flush=True)
+    if noise and noise["noisy"]:
+        print(f"NOISY RUN: two identical off servers differ by more than {NOISE_TOLERANCE:.0%}", flush=True)
 
 
 def main() -> int:
@@ -75,14 +87,18 @@ def main() -> int:
     parser.add_argument("--request-rate", type=float, default=60.0)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.42)
+    parser.add_argument("--servers", default="off,tokens,off2", help="off first; off2: a second off, the noise control")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.28, help="each server's share")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="otel-moe-serve-"))
     model, info = make_model(work, "cuda", args.layers)
     collector = CollectorProcess(work / "collected")
     os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
     servers: dict[str, tuple[subprocess.Popen, int]] = {}
-    results: dict[str, list[dict]] = {"off": [], "tokens": []}
+    modes = args.servers.split(",")
+    if modes[0] != "off":
+        parser.error("--servers: the first server is off (every ratio is to it)")
+    results: dict[str, list[dict]] = {mode: [] for mode in modes}
     try:
         for mode in results:  # one after the other: each sizes its memory with the other loaded
             port, log = free_port(), work / f"serve-{mode}.log"
@@ -95,7 +111,8 @@ def main() -> int:
             wait_healthy(port, proc, log)
             print(f"server {mode} ready on {port}", flush=True)
         for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
-            for mode in list(results) if round_index % 2 else list(reversed(results)):
+            turn = round_index % len(modes)
+            for mode in modes[turn:] + modes[:turn]:  # each server takes each place in the order in turn
                 name = f"{mode}-{round_index}.json"
                 subprocess.run(
                     [*VLLM, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{servers[mode][1]}",
