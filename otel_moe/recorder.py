@@ -179,20 +179,18 @@ class StepRecorder:
         window, self._window = self._window, None
         if window is None:
             return
-        if not window.tokens:  # opened before a forward that never came back: only its requests go
-            for item in [window.items] if self.exporter.threaded and window.items else window.items:
-                self._send(item, None, 0, steps=0)
-            return
         steps = window.last - window.first + 1
         items = b""
         if self.exporter.threaded:
             if window.items:
                 self._send(window.items, None, 0, steps=0)
-        else:
+        elif window.tokens:
             items = encode_message(window.items)
-        snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items))
+        # No tokens: the window opened before a forward that never came back; nothing was counted.
+        snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items)) if window.tokens else None
         if snapshot is None:
-            self._drop(window.tokens, "the shared ring is full", steps=steps)
+            if window.tokens:
+                self._drop(window.tokens, "the shared ring is full", steps=steps)
             if not self.exporter.threaded:  # (the publishing thread has them all already)
                 for item in window.items:  # new and finished requests still go: requests stay whole
                     if item[0] == BEGIN:
