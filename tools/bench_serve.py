@@ -6,7 +6,8 @@ order turns.
     python tools/bench_serve.py --out bench/gpu_serve_results.json [--rounds 3] [--servers off,tokens,off2]
 
 Writes, per server, the median over rounds of request throughput and TTFT / TPOT
-p50 / p99, each server's ratio to `off` for each, and every round's numbers. When
+p50 / p99, each server's ratio to `off` for each, every round's numbers, and each
+recording server's engine-thread time a step in every round (from its step spans). When
 `off2` strays from `off` by more than 3% in request throughput or TPOT p50 the run
 says it is noisy: servers in separate processes differ by themselves.
 """
@@ -23,11 +24,13 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_vllm import NOISE_TOLERANCE, engine_env, make_model  # noqa: E402
+from bench_vllm import NOISE_TOLERANCE, engine_thread_us_per_step, engine_env, make_model  # noqa: E402
+from otel_moe import read, schema  # noqa: E402
 from otel_moe.collector.process import CollectorProcess  # noqa: E402
 
 METRICS = ("request_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms")
@@ -55,7 +58,8 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, limit_s: float = 
     raise RuntimeError("server did not become healthy")
 
 
-def write_results(args: argparse.Namespace, info: dict, results: dict[str, list[dict]]) -> None:
+def write_results(args: argparse.Namespace, info: dict, results: dict[str, list[dict]],
+                  engine_thread: Optional[dict] = None) -> None:
     medians = {mode: {NAMES[k]: round(statistics.median(r[k] for r in rounds), 3) for k in METRICS}
                for mode, rounds in results.items()}
     ratios = {mode: {k: round(medians[mode][k] / medians["off"][k], 3) for k in medians["off"]}
@@ -67,6 +71,8 @@ def write_results(args: argparse.Namespace, info: dict, results: dict[str, list[
                  "noisy": any(v > NOISE_TOLERANCE for v in strays.values())}
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": info["name"],
            "servers": medians, "ratio_tokens_to_off": ratios.get("tokens"), "ratio_to_off": ratios, "noise": noise,
+           # otel-moe's time on each recording server's engine thread a step, per counted round
+           "engine_thread_us_per_step_per_round": engine_thread,
            "rounds": results, "setup": {"num_prompts": args.num_prompts, "request_rate": args.request_rate,
                                         "input_len": args.input_len, "output_len": args.output_len,
                                         "dataset": "random", "tool": "vllm bench serve", "max_num_seqs": 256,
@@ -99,6 +105,7 @@ def main() -> int:
     if modes[0] != "off":
         parser.error("--servers: the first server is off (every ratio is to it)")
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
+    rounds_wall_ns: dict[str, list[tuple[int, int]]] = {mode: [] for mode in modes}
     try:
         for mode in results:  # one after the other: each sizes its memory with the other loaded
             port, log = free_port(), work / f"serve-{mode}.log"
@@ -114,6 +121,7 @@ def main() -> int:
             turn = round_index % len(modes)
             for mode in modes[turn:] + modes[:turn]:  # each server takes each place in the order in turn
                 name = f"{mode}-{round_index}.json"
+                began_ns = time.time_ns()
                 subprocess.run(
                     [*VLLM, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{servers[mode][1]}",
                      "--model", model, "--dataset-name", "random", "--random-input-len", str(args.input_len),
@@ -124,6 +132,7 @@ def main() -> int:
                     check=True, stdout=subprocess.DEVNULL, stderr=open(work / "bench-serve.log", "a"))
                 result = json.loads((work / name).read_text())
                 if round_index:
+                    rounds_wall_ns[mode].append((began_ns, time.time_ns()))
                     results[mode].append({k: result[k] for k in METRICS})
                     print(mode, {NAMES[k]: round(result[k], 2) for k in METRICS}, flush=True)
                     if all(results.values()):  # a run cut short still leaves its finished rounds
@@ -134,6 +143,11 @@ def main() -> int:
         for proc, _ in servers.values():
             proc.wait(timeout=120)
         collector.stop()
+    if all(results.values()):
+        spans = [s for s in read.iter_collector_spans([str(work / "collected")]) if s.name == schema.STEP_SPAN]
+        recording = [mode for mode in modes if mode in ("tokens", "counts")]
+        write_results(args, info, results, {mode: engine_thread_us_per_step(spans, f"bench-{mode}", rounds_wall_ns[mode])
+                                            for mode in recording})
     return 0
 
 

@@ -239,9 +239,9 @@ def bench_vllm(args, work: Path) -> dict:
         "rounds": args.rounds, "modes": modes, "engine_start_s": {m: e.start_s for m, e in engines.items()},
         "compile_s": compile_s, "kv_cache_tokens": {m: _kv_cache_tokens(work / f"engine-{m}.log") for m in modes},
         "kv_cache_memory_bytes": engine.get("kv_cache_memory_bytes"),
-        "engine_thread_us_per_step": {m: _engine_thread_us(spans, f"bench-{m}", [(0, time.time_ns())])[0]
+        "engine_thread_us_per_step": {m: engine_thread_us_per_step(spans, f"bench-{m}", [(0, time.time_ns())])[0]
                                       for m in modes if m in ("counts", "tokens")},
-        "engine_thread_us_per_step_per_round": {m: _engine_thread_us(spans, f"bench-{m}", turns[m])
+        "engine_thread_us_per_step_per_round": {m: engine_thread_us_per_step(spans, f"bench-{m}", turns[m])
                                                 for m in modes if m in ("counts", "tokens")},
         "engine_process_per_turn": {m: _median_probe(v) for m, v in probes.items()},
         "engine_process_per_round": probes,
@@ -437,7 +437,7 @@ def _kv_cache_tokens(log: Path) -> Optional[int]:
     return int(found[-1].replace(",", "")) if found else None
 
 
-def _engine_thread_us(spans: list, run_id: str, turns: list[tuple[int, int]]) -> list[Optional[float]]:
+def engine_thread_us_per_step(spans: list, run_id: str, turns: list[tuple[int, int]]) -> list[Optional[float]]:
     """Recording's time on vLLM's engine thread per step, in each stretch of wall clock
     (a turn, or the whole run), from the step spans that began in it: the growth of their
     cumulative ``otel_moe.engine_thread_ns`` over the steps they cover."""
