@@ -269,7 +269,7 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         {"destinations": list(config.destinations), "mode": config.mode, "metrics": config.metrics, "resource": resource,
          "top_k": buffers.top_k, "num_experts": buffers.num_experts, "dp_rank": dp_rank,
          "randomized_request_ids": not _request_id_randomization_disabled()},
-        ring_bytes=config.ring_mb << 20, queue_messages=config.queue_steps, events=buffers.on_cuda,
+        ring_bytes=config.ring_mb << 20, backlog_messages=config.queue_steps,
     )
     recorder = StepRecorder(
         buffers,

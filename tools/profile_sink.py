@@ -83,7 +83,7 @@ def synthetic_recorder(mode: str, destinations: list[str], max_tokens: int = 819
         buffers.weights_writer(slot)(torch.rand(max_tokens, TOP_K))
     link = ExporterLink({"destinations": list(config.destinations), "mode": mode, "resource": {}, "top_k": TOP_K,
                          "num_experts": EXPERTS, "dp_rank": 0, "randomized_request_ids": True},
-                        ring_bytes=64 << 20, queue_messages=256, events=False)
+                        ring_bytes=64 << 20, backlog_messages=256)
     return StepRecorder(buffers, config, link)
 
 

@@ -1,37 +1,33 @@
 """The worker's side of its exporter process: start it, hand it messages, hear it die.
 
-The engine thread calls ``send`` (never blocks: a full hand-off queue drops the
-message) and ``free_finished_steps`` (non-blocking reads of the exporter's
-acknowledgements, every so many steps and when the ring is full). With device
-copies that finish later (CUDA), one small thread, ``otel-moe-publish``, takes
-messages in order, waits for a step's copy to finish (the CUDA event; the GIL
-is released while waiting), encodes the message and writes it to the socket.
-vLLM's engine thread is busy nearly all of a GPU step (measured on an H200:
-~4.8 of every 5.2 s), so every microsecond it spends is throughput lost; this
-thread's work, started once the step's copy is done, takes the GIL too, but
-only while the engine thread lets it go (a tokens engine's thread was measured
-waiting for it hardly at all, tools/engine_thread_split.py). So the engine
-thread only queues the message's tuple: it holds vLLM's per-step lists until
-they are encoded, which vLLM builds anew each step and does not change
-afterwards. A counts window's messages (its steps' layouts, new and finished
-requests) are queued once, as one list, when it closes: one hand-off a window,
-not one a step. Without device copies (CPU) the engine thread encodes and writes
-to the socket itself, never waiting: the socket's buffer is the queue.
+Everything here runs on vLLM's engine thread, and nothing waits. ``send`` encodes a
+message and writes it to the socket; when the socket's buffer is full (the exporter
+is behind) the bytes wait in a bounded backlog that goes first at the next send,
+and past that the message is dropped and counted. ``free_finished_steps`` reads
+the exporter's acknowledgements (non-blocking, every so many steps and when the
+ring is full).
+
+There is no thread of otel-moe's in vLLM's process. One that published messages
+(waiting on each step's CUDA event, then encoding and sending) held the GIL that
+vLLM's engine thread wants nearly all of a GPU step, several times a step: a
+Python thread taking the GIL back from a busy one costs that one more than doing
+the work itself (on the 2-core CPU machine, a 256-request step message: +77-180 us
+a step through a thread, +24-40 us encoded and sent by the engine thread). On
+CUDA a step's message goes before its device copy has landed; the exporter waits
+for the copy's mark in the ring (otel_moe.ring).
 
 If the exporter dies (killed, crashed), one line says so, and recording stops:
 the engine keeps serving with nothing changed but the missing telemetry.
 """
 from __future__ import annotations
 
-import errno
+import collections
 import json
 import logging
 import os
-import queue
 import socket
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Optional
 
@@ -40,18 +36,20 @@ from otel_moe.ring import ACK, CLOSE, SKIP, FifoSpace, SharedRing
 
 logger = logging.getLogger("vllm.otel_moe")
 COMMAND = "exporter"  # ``python -m otel_moe exporter ...``: what `ps` shows
-_STOP = object()
 
 
 class ExporterLink:
-    def __init__(self, spec: dict, ring_bytes: int, queue_messages: int, events: bool) -> None:
+    def __init__(self, spec: dict, ring_bytes: int, backlog_messages: int) -> None:
         """Called on the engine thread (its CPUs are the ones the exporter leaves).
         ``spec``: what the exporter process needs to know (see exporter.process);
-        ``events``: messages wait for device events (CUDA), so a publishing thread sends them."""
+        ``backlog_messages``: how many messages may wait for room in the socket."""
         self.ring = SharedRing(ring_bytes)
         self.space = FifoSpace(ring_bytes)
         self.sock, theirs = ring.socket_pair()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        # Larger messages are dropped: half the socket's buffer (the kernel refuses a little
+        # under all of it, and net.core.wmem_max may have cut it), and what the exporter reads whole.
+        self.max_message = min(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2, ring.MAX_MESSAGE)
         spec = {**spec, "socket_fd": theirs.fileno(), "ring_fd": self.ring.fd, "ring_bytes": ring_bytes,
                 "parent_pid": os.getpid(), "engine_cpus": sorted(os.sched_getaffinity(0))}
         self.proc = subprocess.Popen(
@@ -60,43 +58,55 @@ class ExporterLink:
         theirs.close()
         self.alive = True
         self.dropped_messages = 0
-        # queue.SimpleQueue: a put is one C call (queue.Queue's takes a lock and a condition
-        # in Python, ~10 us a step of vLLM's engine thread measured on a GPU); bounded by hand.
-        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._queue_limit = queue_messages
+        self._backlog: "collections.deque[bytes]" = collections.deque()  # oldest first
+        self._backlog_limit = backlog_messages
         self._said_dead = False
-        self._thread: Optional[threading.Thread] = None
-        self.threaded = events  # messages go through the publishing thread
-        if events:
-            self._thread = threading.Thread(target=self._publish, name="otel-moe-publish", daemon=True)
-            self._thread.start()
 
-    # ---- engine thread -----------------------------------------------------
-    def send(self, message: tuple | list, event: Optional[Any] = None) -> bool:
-        """Queue a message (sent once ``event`` completes), or a list of messages that
-        hold no ring space (publishing thread only); False when it was dropped."""
-        if self._thread is None:
-            return self._write(encode_message(message), socket.MSG_DONTWAIT)
-        if self._queue.qsize() >= self._queue_limit:
+    def has_room(self) -> bool:
+        """Would a message go now (or wait in the backlog)? Asked before a step's copy
+        into the ring, so that copies are only made for messages that can go."""
+        return self.alive and len(self._backlog) < self._backlog_limit
+
+    def send(self, message: tuple) -> bool:
+        """Encode and hand on a message, never waiting; False when it was dropped
+        (no room, or a layout too large for one message)."""
+        data = _encoded(message)
+        if not data or len(data) > self.max_message or not self.has_room():
             self.dropped_messages += 1
             return False
-        self._queue.put((message, event))
-        return True
+        return self._write(data)
 
-    def _write(self, data: bytes, flags: int = 0) -> bool:
-        if not self.alive:
-            return False
-        try:
-            self.sock.send(data, flags)
-            return True
-        except (BlockingIOError, TimeoutError):  # the exporter is behind: its socket buffer is full
-            self.dropped_messages += 1
-        except OSError as err:
-            if err.errno == errno.EMSGSIZE:  # one step's layout too large for a message
-                self.dropped_messages += 1
-            else:
+    def skip(self) -> None:
+        """In place of a message that held ring space and could not go: the exporter
+        acknowledges that space, so the FIFO frees each reservation in order. It goes
+        even past the backlog's bound (it is tiny, and follows a message that did not go)."""
+        if self.alive:
+            self._write(ring.encode((SKIP,)))
+
+    def _write(self, data: bytes) -> bool:
+        """Send, or keep in the backlog behind what waits already (the exporter is
+        behind: its socket's buffer is full); False when the exporter is gone."""
+        self._backlog.append(data)
+        return self._write_backlog()
+
+    def _write_backlog(self, deadline: Optional[float] = None) -> bool:
+        """Send what waits, oldest first, until the socket is full (or, with a
+        ``deadline``, waiting for room until then); False when the exporter is gone."""
+        while self._backlog:
+            try:
+                if deadline is None:
+                    self.sock.send(self._backlog[0], socket.MSG_DONTWAIT)
+                else:
+                    self.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    self.sock.send(self._backlog[0])
+            except (BlockingIOError, TimeoutError):
+                return True
+            except OSError:
                 self._died()
-        return False
+                self._backlog.clear()
+                return False
+            self._backlog.popleft()
+        return True
 
     def free_finished_steps(self) -> None:
         """Free the ring space of every step the exporter is done with."""
@@ -113,34 +123,6 @@ class ExporterLink:
             for (count,) in ACK.iter_unpack(data[: len(data) - len(data) % ACK.size]):
                 self.space.free_oldest(count)
 
-    # ---- the publishing thread ---------------------------------------------
-    def _publish(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            message, event = item
-            if isinstance(message, list):  # messages that hold no ring space (a counts window's)
-                for each in message:
-                    data = self._encoded(each)
-                    if data:
-                        self._write(data)
-                continue
-            if self.alive and event is not None:
-                event.synchronize()  # first: the engine thread is then likely waiting on the GPU too
-            data = self._encoded(message)
-            if not (data and self._write(data)) and event is not None:
-                # It held ring space (it came with a copy): have the exporter acknowledge that
-                # space in its place, so the FIFO frees each reservation in order.
-                self._write(ring.encode((SKIP,)))
-
-    def _encoded(self, message: tuple) -> bytes:
-        try:
-            return encode_message(message)
-        except Exception:  # what no vLLM has handed us yet: lose the message, not the thread
-            self.dropped_messages += 1
-            return b""
-
     def _died(self) -> None:
         self.alive = False
         if self._said_dead:
@@ -154,15 +136,12 @@ class ExporterLink:
 
     # ---- shutdown ----------------------------------------------------------
     def close(self, timeout_s: float) -> bool:
-        """Ask the exporter to flush and exit; wait at most ``timeout_s``. True when it exited."""
+        """Hand on what waits, ask the exporter to flush and exit; wait at most
+        ``timeout_s`` in all. True when it exited."""
         deadline = time.monotonic() + timeout_s
-        if self._thread is None:
-            self.sock.settimeout(timeout_s)
-            self._write(ring.encode((CLOSE,)))
-        else:
-            self._queue.put(((CLOSE,), None))  # past the bound: these two always go
-            self._queue.put(_STOP)
-            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self.alive:
+            self._backlog.append(ring.encode((CLOSE,)))
+            self._write_backlog(deadline)
         try:
             self.proc.wait(max(0.0, deadline - time.monotonic()))
             return True
@@ -171,6 +150,13 @@ class ExporterLink:
             return False
         finally:
             self.sock.close()
+
+
+def _encoded(message: tuple) -> bytes:
+    try:
+        return encode_message(message)
+    except Exception:  # what no vLLM has handed us yet: lose the message, not the step
+        return b""
 
 
 CHECKED_MESSAGES = 64  # the first messages of a process are checked to decode as they were

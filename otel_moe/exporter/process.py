@@ -38,7 +38,11 @@ logger = logging.getLogger("vllm.otel_moe")
 IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
 PARENT_CHECK_S = 1.0
 CLOSE_TIMEOUT_S = 10.0  # the final flush, when the worker is gone or asks to close
-MAX_MESSAGE = 1 << 21
+COPY_POLL_FIRST_S, COPY_POLL_MAX_S = 50e-6, 2e-3  # waiting for a step's device copy
+
+
+class WorkerGone(Exception):
+    """The worker exited while a step's device copy was awaited."""
 
 
 @dataclasses.dataclass
@@ -47,6 +51,7 @@ class StepMessage:
 
     offset: int  # ring bytes of the step's ids and weights; -1: none (counts mode)
     arrays: list  # [(numpy dtype string, shape)] laid out from offset
+    mark: int  # the ring's copy mark once they have landed (CUDA); ring.NO_MARK: they have
     step: int
     start_ns: int
     end_ns: int
@@ -70,8 +75,9 @@ class WindowMessage:
 
     offset: int
     arrays: list  # one: [layers, experts] int64
-    items_offset: int  # the window's held-back messages (marshal), in the ring after the counts ...
-    items_bytes: int  # ... or 0: they came as messages of their own before this one
+    mark: int  # as StepMessage's
+    items_offset: int  # the window's held-back messages (marshal), in the ring after the counts
+    items_bytes: int
     first: int
     last: int
     tokens: int
@@ -96,18 +102,21 @@ class Exporter:
         self.prompt_lens: dict[str, int] = {}  # internal id -> prompt length, while live
         self.external_ids: dict[str, str] = {}
         self.steps = self.layout_drops = self.failed_steps = 0
+        self.unacknowledged = 0  # steps done whose acknowledgement the worker's socket had no room for
 
     def run(self) -> None:
         last_step = time.monotonic()
         while True:
             readable, _, _ = select.select([self.sock], [], [], min(IDLE_FLUSH_S, PARENT_CHECK_S))
+            if self.unacknowledged:
+                self._acknowledge(0)
             if not readable:
                 if os.getppid() != self.parent_pid:  # the worker is gone, though another process holds its socket
                     return
                 if time.monotonic() - last_step >= IDLE_FLUSH_S:
                     self._safely(self.sink.idle)
                 continue
-            data = self.sock.recv(MAX_MESSAGE)
+            data = self.sock.recv(ring.MAX_MESSAGE)
             if not data:
                 return  # the worker is gone
             message = ring.decode(data)
@@ -154,16 +163,15 @@ class Exporter:
         return external
 
     def _step(self, message: StepMessage) -> None:
-        arrays = self._take_arrays(message.offset, message.arrays)
+        arrays = self._take_arrays(message.offset, message.arrays, message.mark)
         self.steps += 1
         record = self._record(message, arrays)
         if record is not None:
             self._safely(self.sink.write, record)
 
     def _window(self, message: WindowMessage) -> None:
-        items = ring.decode(bytes(self.ring.map[message.items_offset: message.items_offset + message.items_bytes])) \
-            if message.items_bytes else []  # none, or they came before it (a publishing thread's)
-        (counts,) = self._take_arrays(message.offset, message.arrays)
+        items = ring.decode(bytes(self.ring.map[message.items_offset: message.items_offset + message.items_bytes]))
+        (counts,) = self._take_arrays(message.offset, message.arrays, message.mark)
         for item in items:  # the window's steps (layouts only) and new and finished requests, in order
             self._handle(item)
         empty = np.zeros(0, np.int64)
@@ -175,10 +183,12 @@ class Exporter:
             dropped_tokens=message.dropped_tokens, control_version=message.control_version,
             engine_thread_ns=message.engine_thread_ns))
 
-    def _take_arrays(self, offset: int, arrays: list) -> list[np.ndarray]:
-        """Copies of a message's arrays; their ring space is free again once taken."""
+    def _take_arrays(self, offset: int, arrays: list, mark: int) -> list[np.ndarray]:
+        """Copies of a message's arrays, once their device copy has landed; their ring
+        space is free again once taken."""
         if offset < 0:
             return []
+        self._wait_for_copy(mark)
         try:
             starts = array_bytes(arrays)
             return [np.array(self.ring.array(offset + start, np.dtype(dtype), tuple(shape)))
@@ -186,9 +196,25 @@ class Exporter:
         finally:
             self._acknowledge()
 
-    def _acknowledge(self) -> None:
+    def _wait_for_copy(self, mark: int) -> None:
+        """The engine thread sends a step's message as soon as its copy is queued: the
+        GPU is usually a step behind. Short sleeps, longer ones while it is not there."""
+        pause = COPY_POLL_FIRST_S
+        while not self.ring.landed(mark):
+            time.sleep(pause)
+            pause = min(2 * pause, COPY_POLL_MAX_S)
+            if pause == COPY_POLL_MAX_S and os.getppid() != self.parent_pid:
+                raise WorkerGone  # its device copies will never land
+
+    def _acknowledge(self, steps: int = 1) -> None:
+        """Never waits: the worker reads acknowledgements only every so many steps (and
+        not at all while it closes), so when they do not fit they add up and go later."""
+        self.unacknowledged += steps
         try:
-            self.sock.send(ACK.pack(1))
+            self.sock.send(ACK.pack(self.unacknowledged), socket.MSG_DONTWAIT)
+            self.unacknowledged = 0
+        except BlockingIOError:
+            pass
         except OSError:
             pass  # the worker is gone: the next read says so
 
@@ -250,6 +276,8 @@ def run(spec_json: str) -> int:
     exporter = Exporter(spec, open_sinks(config, spec["resource"]))
     try:
         exporter.run()
+    except WorkerGone:
+        pass
     finally:
         exporter.close()
     return 0
