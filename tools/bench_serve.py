@@ -59,7 +59,7 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, limit_s: float = 
 
 
 def write_results(args: argparse.Namespace, info: dict, results: dict[str, list[dict]],
-                  engine_thread: Optional[dict] = None) -> None:
+                  engine_thread: Optional[dict] = None, dropped_steps: Optional[dict] = None) -> None:
     medians = {mode: {NAMES[k]: round(statistics.median(r[k] for r in rounds), 3) for k in METRICS}
                for mode, rounds in results.items()}
     ratios = {mode: {k: round(medians[mode][k] / medians["off"][k], 3) for k in medians["off"]}
@@ -73,6 +73,7 @@ def write_results(args: argparse.Namespace, info: dict, results: dict[str, list[
            "servers": medians, "ratio_tokens_to_off": ratios.get("tokens"), "ratio_to_off": ratios, "noise": noise,
            # otel-moe's time on each recording server's engine thread a step, per counted round
            "engine_thread_us_per_step_per_round": engine_thread,
+           "dropped_steps_max": dropped_steps,  # per recording server, from its step spans
            "rounds": results, "setup": {"num_prompts": args.num_prompts, "request_rate": args.request_rate,
                                         "input_len": args.input_len, "output_len": args.output_len,
                                         "dataset": "random", "tool": "vllm bench serve", "max_num_seqs": 256,
@@ -143,11 +144,17 @@ def main() -> int:
         for proc, _ in servers.values():
             proc.wait(timeout=120)
         collector.stop()
+        for mode in servers:  # otel-moe's lines and the end of each server's log, beside the results
+            lines = (work / f"serve-{mode}.log").read_text(errors="replace").splitlines()
+            keep = [line for line in lines if "otel-moe" in line] + lines[-40:]
+            Path(args.out).with_name(f"serve-{mode}.log").write_text("\n".join(keep) + "\n")
     if all(results.values()):
         spans = [s for s in read.iter_collector_spans([str(work / "collected")]) if s.name == schema.STEP_SPAN]
         recording = [mode for mode in modes if mode in ("tokens", "counts")]
-        write_results(args, info, results, {mode: engine_thread_us_per_step(spans, f"bench-{mode}", rounds_wall_ns[mode])
-                                            for mode in recording})
+        write_results(args, info, results,
+                      {mode: engine_thread_us_per_step(spans, f"bench-{mode}", rounds_wall_ns[mode]) for mode in recording},
+                      {mode: max((int(s.attributes.get(schema.DROPPED_STEPS, 0)) for s in spans
+                                  if s.resource.get(schema.RUN_ID) == f"bench-{mode}"), default=0) for mode in recording})
     return 0
 
 

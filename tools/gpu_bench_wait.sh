@@ -8,5 +8,5 @@ end=$((SECONDS + limit))
 while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
 kill -0 "$pid" 2>/dev/null && echo "bench still running" || echo "bench finished"
 grep -v -e WARNING -e '^\s*$' /tmp/gpu-bench/bench.log | tail -n 60
-[ -n "${OUT:-}" ] && cp /tmp/gpu-bench/*.json /tmp/gpu-bench/*.txt /tmp/gpu-bench/bench.log "$OUT"/ 2>/dev/null
+[ -n "${OUT:-}" ] && cp /tmp/gpu-bench/*.json /tmp/gpu-bench/*.txt /tmp/gpu-bench/*.log "$OUT"/ 2>/dev/null
 exit 0
