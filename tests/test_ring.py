@@ -1,10 +1,12 @@
 """The shared ring's FIFO space: what is reserved never overlaps what is still held,
-and steps freed in order give their bytes back."""
+and steps freed in order give their bytes back; snapshots lay their arrays out where the
+exporter reads them, and (CUDA) their copy mark lands after them."""
 from __future__ import annotations
 
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from otel_moe.ring import ALIGN, MARKS, MAX_HELD, NO_MARK, FifoSpace, SharedRing, decode, encode, socket_pair
@@ -194,3 +196,27 @@ def test_messages_with_numpy_ints_or_container_subclasses_arrive_as_plain_values
     assert decode(link.encode_message(message)) == [2, 7, {"a": 1}, ["x", 3], {"b": True}]
 
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_cuda_a_snapshot_s_mark_lands_after_its_copies_on_any_stream():
+    buffers = RoutingBuffers([0, 1], max_tokens=64, top_k=2, num_experts=8, device="cuda")
+    shared, space = SharedRing(1 << 16), FifoSpace(1 << 16)
+    snapshotter = Snapshotter(buffers, shared, space)
+    assert shared.pinned
+    side = torch.cuda.Stream()
+    for step in range(6):
+        ids = torch.randint(0, 8, (64, 2), device="cuda")
+        for slot in range(2):  # as the routers do in the forward
+            buffers.ids_writer(slot)(ids + slot)
+            buffers.weights_writer(slot)(torch.full((64, 2), step / 8, device="cuda"))
+        with torch.cuda.stream(side if step % 2 else torch.cuda.current_stream()):  # the stream changes
+            snapshot = snapshotter.take_tokens(64, None)
+        assert snapshot.mark == step and not shared.landed(step + 1)
+        torch.cuda.synchronize()
+        assert shared.landed(step)
+        starts = array_bytes(snapshot.arrays)
+        got_ids = shared.array(snapshot.offset + starts[0], np.uint8, (64, 2, 2))
+        got_weights = shared.array(snapshot.offset + starts[1], np.float16, (64, 2, 2))
+        assert np.array_equal(got_ids[:, 1], (ids + 1).cpu().numpy()) and np.all(got_weights == np.float16(step / 8))
+        space.free_oldest(1)
