@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -58,6 +59,19 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, limit_s: float = 
     raise RuntimeError("server did not become healthy")
 
 
+def start_py_spy(pid: int, args: argparse.Namespace, mode: str) -> Optional[subprocess.Popen]:
+    """py-spy on a server and its children (the engine core, otel-moe's exporter), not
+    pausing them; ``None`` when asked not to or py-spy is not there."""
+    py_spy = shutil.which("py-spy") or next((str(p / "bin" / "py-spy") for p in map(Path, sys.path)
+                                            if (p / "bin" / "py-spy").exists()), None)
+    if not args.py_spy or py_spy is None:
+        return None
+    out = Path(args.out).with_name(f"py-spy-{mode}.txt")
+    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--idle",
+                             "--threads", "--duration", str(int(args.py_spy)), "--rate", "200", "--format", "raw",
+                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=open(f"{out}.log", "w"))
+
+
 def write_results(args: argparse.Namespace, info: dict, results: dict[str, list[dict]],
                   engine_thread: Optional[dict] = None, dropped_steps: Optional[dict] = None) -> None:
     medians = {mode: {NAMES[k]: round(statistics.median(r[k] for r in rounds), 3) for k in METRICS}
@@ -96,6 +110,9 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--servers", default="off,tokens,off2", help="off first; off2: a second off, the noise control")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.28, help="each server's share")
+    parser.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
+                        help="after the counted rounds, one more in which py-spy samples every server's processes "
+                             "for this long (collapsed stacks beside --out: where the engine-core threads spend their time)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="otel-moe-serve-"))
     model, info = make_model(work, "cuda", args.layers)
@@ -118,10 +135,12 @@ def main() -> int:
             servers[mode] = (proc, port)
             wait_healthy(port, proc, log)
             print(f"server {mode} ready on {port}", flush=True)
-        for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
+        profiled = args.rounds + 1 if args.py_spy else None  # a last round, not counted either
+        for round_index in range(args.rounds + 1 + bool(args.py_spy)):  # round 0 warms up and is not counted
             turn = round_index % len(modes)
             for mode in modes[turn:] + modes[:turn]:  # each server takes each place in the order in turn
                 name = f"{mode}-{round_index}.json"
+                sampler = start_py_spy(servers[mode][0].pid, args, mode) if round_index == profiled else None
                 began_ns = time.time_ns()
                 subprocess.run(
                     [*VLLM, "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{servers[mode][1]}",
@@ -132,7 +151,9 @@ def main() -> int:
                      "--save-result", "--result-dir", str(work), "--result-filename", name],
                     check=True, stdout=subprocess.DEVNULL, stderr=open(work / "bench-serve.log", "a"))
                 result = json.loads((work / name).read_text())
-                if round_index:
+                if sampler is not None:
+                    sampler.wait(timeout=args.py_spy + 60)
+                if 0 < round_index <= args.rounds:
                     rounds_wall_ns[mode].append((began_ns, time.time_ns()))
                     results[mode].append({k: result[k] for k in METRICS})
                     print(mode, {NAMES[k]: round(result[k], 2) for k in METRICS}, flush=True)
