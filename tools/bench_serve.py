@@ -61,13 +61,15 @@ def wait_healthy(port: int, proc: subprocess.Popen, log: Path, limit_s: float = 
 
 def start_py_spy(pid: int, args: argparse.Namespace, mode: str) -> Optional[subprocess.Popen]:
     """py-spy on a server and its children (the engine core, otel-moe's exporter), not
-    pausing them; ``None`` when asked not to or py-spy is not there."""
+    pausing them, from the start of the round's `vllm bench serve` (which takes a while to
+    send its first request): on-CPU samples only, so the wait adds none. ``None`` when asked
+    not to or py-spy is not there."""
     py_spy = shutil.which("py-spy") or next((str(p / "bin" / "py-spy") for p in map(Path, sys.path)
                                             if (p / "bin" / "py-spy").exists()), None)
     if not args.py_spy or py_spy is None:
         return None
     out = Path(args.out).with_name(f"py-spy-{mode}.txt")
-    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--idle",
+    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking",
                              "--threads", "--duration", str(int(args.py_spy)), "--rate", "200", "--format", "raw",
                              "--output", str(out)], stdout=subprocess.DEVNULL, stderr=open(f"{out}.log", "w"))
 
@@ -112,7 +114,8 @@ def main() -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.28, help="each server's share")
     parser.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
                         help="after the counted rounds, one more in which py-spy samples every server's processes "
-                             "for this long (collapsed stacks beside --out: where the engine-core threads spend their time)")
+                             "for this long, from the start of its `vllm bench serve` (cover the whole run, ~30 s; "
+                             "collapsed stacks beside --out: where the engine-core threads spend their time)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="otel-moe-serve-"))
     model, info = make_model(work, "cuda", args.layers)

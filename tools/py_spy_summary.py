@@ -1,6 +1,6 @@
 """Where each thread of each process spent its samples, from py-spy's raw output
-(``py-spy record --format raw --threads --subprocesses --idle``, as
-``tools/bench_serve.py --py-spy`` writes it): per process and thread, the samples, the
+(``py-spy record --format raw --threads --subprocesses``, as
+``tools/bench_serve.py --py-spy`` writes it: on-CPU samples): per process and thread, the samples, the
 share in otel-moe's own code (its innermost frame below every vLLM frame), and the most frequent innermost frames.
 
     python tools/py_spy_summary.py bench/py-spy-off.txt bench/py-spy-tokens.txt [--top 8]
