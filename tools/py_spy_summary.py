@@ -41,7 +41,7 @@ def summarize(path: str) -> dict:
 def _in_otel_moe(frames: list[str]) -> bool:
     """otel-moe's own time: below its innermost frame no vLLM frame follows (its wrapper of
     vLLM's execute_model is on the stack for the whole forward; that is vLLM's time)."""
-    ours = max((i for i, f in enumerate(frames) if "otel_moe" in f), default=-1)
+    ours = max((i for i, f in enumerate(frames) if "otel_moe/" in f), default=-1)
     theirs = max((i for i, f in enumerate(frames) if "vllm/" in f), default=-1)
     return ours > theirs
 
