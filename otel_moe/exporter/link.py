@@ -71,8 +71,8 @@ class ExporterLink:
     def send(self, message: tuple) -> bool:
         """Encode and hand on a message, never waiting; False when it was dropped
         (no room, or a layout too large for one message)."""
-        data = _encoded(message)
-        if not data or len(data) > self.max_message or not self.has_room():
+        data = _encoded(message) if self.has_room() else b""  # no encoding for a message that cannot go
+        if not data or len(data) > self.max_message:
             self.dropped_messages += 1
             return False
         return self._write(data)
