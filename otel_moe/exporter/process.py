@@ -33,6 +33,7 @@ from otel_moe.scheduling import leave_cpus, never_preempt_on_wakeup
 from otel_moe.sinks import Sink, open_sinks
 from otel_moe.snapshot import array_bytes
 from otel_moe.step import StepRecord, external_request_id
+from otel_moe.step_layout import LayoutDecoder
 
 logger = logging.getLogger("vllm.otel_moe")
 IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
@@ -62,6 +63,7 @@ class StepMessage:
     dropped_tokens: int
     engine_thread_ns: int  # the recorder's time on vLLM's engine thread before this step, cumulative
     total: int  # tokens the scheduler scheduled
+    # The layout (otel_moe.step_layout: in tokens mode, what the previous step's said already is left out)
     batch_order: Optional[list]  # internal request ids, the runner's batch order (None: counts mode, any order)
     scheduled: dict  # request id -> tokens this step (SchedulerOutput.num_scheduled_tokens)
     cached_ids: list  # running requests (scheduled_cached_reqs.req_ids) ...
@@ -103,6 +105,7 @@ class Exporter:
         self.external_ids: dict[str, str] = {}
         self.steps = self.layout_drops = self.failed_steps = 0
         self.unacknowledged = 0  # steps done whose acknowledgement the worker's socket had no room for
+        self.layouts = LayoutDecoder()
 
     def run(self) -> None:
         last_step = time.monotonic()
@@ -165,6 +168,12 @@ class Exporter:
     def _step(self, message: StepMessage) -> None:
         arrays = self._take_arrays(message.offset, message.arrays, message.mark)
         self.steps += 1
+        try:
+            message.batch_order, message.scheduled, message.cached_ids = self.layouts.decode(
+                message.batch_order, message.scheduled, message.cached_ids)
+        except ValueError as error:
+            self._drop_layout(message.step, str(error))
+            return
         record = self._record(message, arrays)
         if record is not None:
             self._safely(self.sink.write, record)
@@ -226,10 +235,8 @@ class Exporter:
         scheduled = [(r, tokens_of[r], starts.get(r)) for r in order if tokens_of.get(r)]
         tokens = np.fromiter((t for _, t, _ in scheduled), dtype=np.int64, count=len(scheduled))
         if int(tokens.sum()) != message.total or any(f is None for _, _, f in scheduled):
-            self.layout_drops += 1
-            if self.layout_drops == 1:
-                logger.warning("otel-moe: step %d: the batch covers %d tokens, the scheduler scheduled %d; "
-                               "such steps are dropped and counted", message.step, int(tokens.sum()), message.total)
+            self._drop_layout(message.step, f"the batch covers {int(tokens.sum())} tokens, the scheduler "
+                                            f"scheduled {message.total}")
             return None
         first = np.fromiter((f for _, _, f in scheduled), dtype=np.int64, count=len(scheduled))
         offsets = np.arange(message.total, dtype=np.int64) - np.repeat(np.cumsum(tokens) - tokens, tokens)
@@ -246,6 +253,11 @@ class Exporter:
             dropped_steps=message.dropped_steps + self.layout_drops, dropped_tokens=message.dropped_tokens,
             control_version=message.control_version, engine_thread_ns=message.engine_thread_ns,
         )
+
+    def _drop_layout(self, step: int, why: str) -> None:
+        self.layout_drops += 1
+        if self.layout_drops == 1:
+            logger.warning("otel-moe: step %d: %s; such steps are dropped and counted", step, why)
 
     def close(self) -> None:
         try:
