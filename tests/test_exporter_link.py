@@ -208,6 +208,22 @@ def test_a_stopped_exporter_never_makes_the_engine_thread_wait(tmp_path):
     assert [r["request_id"] for r in map(json.loads, path.read_text().splitlines())] == [f"r{s}{padding}" for s in sent]
 
 
+def test_sending_to_a_killed_exporter_says_it_is_gone_and_never_raises(tmp_path, caplog):
+    """One line says so; later messages are dropped at once."""
+    link = link_to(tmp_path / "r.jsonl")
+    assert link.send((BEGIN, [], [], [("a", 1)]))
+    link.proc.kill()
+    link.proc.wait(30)
+    with caplog.at_level("ERROR", logger="vllm.otel_moe"):
+        assert not link.send((BEGIN, [], [], [("b", 1)]))
+        assert not link.send((BEGIN, [], [], [("c", 1)]))
+    assert not link.alive and not link.has_room()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"otel-moe: the exporter process (pid {link.proc.pid}) exited with code -9; routing is no longer recorded, "
+        "vLLM keeps serving"]
+    link.close(5)
+
+
 def test_a_step_too_large_to_send_is_counted_and_still_frees_its_ring_space(tmp_path):
     link = link_to(tmp_path / "r.jsonl")
     try:
