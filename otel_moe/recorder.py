@@ -137,13 +137,8 @@ class StepRecorder:
         n = scheduler_output.total_num_scheduled_tokens
         if not self._checked_capture:
             self._check_capture(n)
-        # The scheduler's own per-request structures, copied as they are by marshal (C),
-        # less what the previous step's said already: the exporter lays them out in batch order.
-        cached = scheduler_output.scheduled_cached_reqs
-        new = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
         if self.counts_only:
-            layout = (n, None, scheduler_output.num_scheduled_tokens, cached.req_ids, cached.num_computed_tokens, new)
-            self._count(step, n, start_ns, end_ns, layout)
+            self._count(step, n, start_ns, end_ns, self._layout(scheduler_output, None))
             return
         if not self.exporter.has_room():
             self._drop(n, "the exporter is behind (the link's backlog is full)")
@@ -152,12 +147,19 @@ class StepRecorder:
         if snapshot is None:
             self._drop(n, "the shared ring is full")
             return
-        layout = self.layouts.encode(n, batch_order, scheduler_output.num_scheduled_tokens, cached.req_ids,
-                                     cached.num_computed_tokens, new)
         if not self._send((STEP, snapshot.offset, snapshot.arrays, snapshot.mark, step, start_ns, end_ns, self.layers,
                            False, self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns,
-                           *layout), n, holds_space=True):
+                           *self._layout(scheduler_output, batch_order)), n, holds_space=True):
             self.layouts.forget()
+
+    def _layout(self, scheduler_output: Any, batch_order: Optional[list[str]]) -> tuple:
+        """The scheduler's own per-request structures, copied as they are by marshal (C),
+        less what the previous step's said already (tokens mode; counts mode, no batch
+        order: whole): the exporter lays them out in batch order."""
+        cached = scheduler_output.scheduled_cached_reqs
+        return self.layouts.encode(scheduler_output.total_num_scheduled_tokens, batch_order,
+                                   scheduler_output.num_scheduled_tokens, cached.req_ids, cached.num_computed_tokens,
+                                   [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs])
 
     def _count(self, step: int, n: int, start_ns: int, end_ns: int, layout: tuple) -> None:
         """Counts mode: the forward added the step to the device counters; its layout

@@ -36,7 +36,7 @@ class LayoutEncoder:
 
     def encode(self, tokens: int, order: Optional[list], scheduled: dict, cached_ids: list,
                cached_computed: list, new: list) -> tuple:
-        if order is None:  # counts mode: goes once per window, whole
+        if order is None:  # counts mode: goes whole, once per window, and leaves "previous" alone
             return tokens, None, scheduled, cached_ids, cached_computed, new
         cached_ids = list(cached_ids)  # kept for the next step: a copy, should vLLM reuse its list
         same_order, same_cached = order == self._order, cached_ids == self._cached

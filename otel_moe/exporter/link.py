@@ -13,9 +13,8 @@ vLLM's engine thread wants nearly all of a GPU step, several times a step: a
 Python thread taking the GIL back from a busy one costs that one more than doing
 the work itself (tools/gil_handoff.py, on the 2-core CPU machine, a 256-request
 step message: +366-462 us a step through a thread, +118-167 us encoded and sent by
-the loop itself). On
-CUDA a step's message goes before its device copy has landed; the exporter waits
-for the copy's mark in the ring (otel_moe.ring).
+the loop itself). On CUDA a step's message goes before its device copy has landed;
+the exporter waits for the copy's mark in the ring (otel_moe.ring).
 
 If the exporter dies (killed, crashed), one line says so, and recording stops:
 the engine keeps serving with nothing changed but the missing telemetry.
