@@ -23,6 +23,9 @@ METRICS = "VLLM_LOG_MOE_METRICS"  # OTLP metrics detail: "experts" (per expert a
 METRICS_DETAILS = ("experts", "layers")
 
 OTLP = "otlp"
+# Routing captured and handed to the exporter, whose records go nowhere: what otel-moe
+# costs vLLM's process without any sink's work (no spans, metrics, files or collector).
+DISCARD = "discard"
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 OTLP_PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 MODES = ("tokens", "counts")
@@ -112,7 +115,7 @@ def parse_layers(text: str, source: str = LOG_LAYER) -> LayerSelection:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    destinations: tuple[str, ...]  # JSONL paths and/or OTLP
+    destinations: tuple[str, ...]  # JSONL paths and/or OTLP, or DISCARD alone
     layers: LayerSelection
     mode: str  # "tokens" | "counts"
     expected_moe_layers: Optional[int]  # VLLM_NUM_MOE_LAYERS, only checked
@@ -124,7 +127,7 @@ class Config:
 
     @property
     def jsonl_paths(self) -> list[str]:
-        return [d for d in self.destinations if d != OTLP]
+        return [d for d in self.destinations if d not in (OTLP, DISCARD)]
 
 
 def _positive_int(var: str, text: str) -> int:
@@ -158,9 +161,14 @@ def from_env(env: Mapping[str, str] = os.environ) -> Optional[Config]:
         if destination.lower() == OTLP:
             destination = OTLP
             otlp_protocol(env)
+        elif destination.lower() == DISCARD:
+            destination = DISCARD
         elif not destination or os.path.isdir(destination) or destination.endswith(os.sep):
-            raise _refuse(LOG_MOE, text, f"a file path for JSONL output, '{OTLP}', or both separated by a comma")
+            raise _refuse(LOG_MOE, text, f"a file path for JSONL output, '{OTLP}', or both separated by a comma; "
+                                         f"or '{DISCARD}' alone")
         destinations.append(destination)
+    if DISCARD in destinations and len(set(destinations)) > 1:
+        raise _refuse(LOG_MOE, text, f"'{DISCARD}' alone (it records nothing), or file paths and '{OTLP}'")
     mode = env.get(LOG_MODE, "tokens").strip().lower() or "tokens"
     if mode not in MODES:
         raise _refuse(LOG_MODE, env[LOG_MODE], " or ".join(MODES))

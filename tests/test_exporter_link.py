@@ -78,6 +78,7 @@ class Runner:
 
 
 def link_to(path, mode: str = "tokens", backlog: int = 64, ring_bytes: int = 1 << 20) -> ExporterLink:
+    """``path``: a JSONL file, or ``"discard"``."""
     return ExporterLink({"destinations": [str(path)], "mode": mode, "resource": {}, "top_k": TOP_K,
                          "num_experts": EXPERTS, "dp_rank": 0, "randomized_request_ids": False},
                         ring_bytes=ring_bytes, backlog_messages=backlog)
@@ -164,6 +165,25 @@ def write_step(link: ExporterLink, offset: int, experts: list[int]) -> None:
 
 def acknowledged(link: ExporterLink, within_s: float) -> bool:
     return bool(select.select([link.sock], [], [], within_s)[0]) and len(link.sock.recv(64)) == ACK.size
+
+
+def test_a_discarding_exporter_reads_and_frees_every_step_and_writes_nothing(tmp_path, monkeypatch):
+    """VLLM_LOG_MOE=discard: 240 steps through a ring that holds ~30 at once, none dropped."""
+    monkeypatch.chdir(tmp_path)  # before the exporter starts: a sink that wrote a file would write it here
+    config = from_env({"VLLM_LOG_MOE": "discard"})
+    buffers = RoutingBuffers(list(range(LAYERS)), 64, TOP_K, EXPERTS, "cpu")
+    link = link_to("discard", ring_bytes=4096)
+    recorder = StepRecorder(buffers, config, link)
+    steps = scheduler_outputs() * 40
+    for out in steps:
+        recorder.begin_step(out)
+        recorder.on_step(out, list(out.num_scheduled_tokens), 0, 1)
+        while link.space.held:  # the exporter acknowledges the step: its space is free again
+            assert select.select([link.sock], [], [], 30)[0]
+            link.free_finished_steps()
+    recorder.close(30)
+    assert recorder.steps == len(steps) and recorder.dropped_steps == 0 and link.dropped_messages == 0
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_exporter_reads_a_step_only_once_its_device_copy_has_landed(tmp_path):

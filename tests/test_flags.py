@@ -21,6 +21,8 @@ def test_defaults():
     assert (cfg.destinations, cfg.mode, cfg.layers.layers, cfg.expected_moe_layers) == (("/tmp/x.jsonl",), "tokens", None, None)
     assert from_env({"VLLM_LOG_MOE": "OTLP"}).destinations == ("otlp",)
     assert from_env({"VLLM_LOG_MOE": "otlp, /tmp/x.jsonl"}).destinations == ("otlp", "/tmp/x.jsonl")
+    discard = from_env({"VLLM_LOG_MOE": " Discard "})
+    assert (discard.destinations, discard.jsonl_paths) == (("discard",), [])
 
 
 @pytest.mark.parametrize("text, layers", [
@@ -49,6 +51,7 @@ def test_layer_syntax(text, layers):
     ({"VLLM_NUM_MOE_LAYERS": "twenty"}, "VLLM_NUM_MOE_LAYERS"),
     ({"VLLM_LOG_MOE_QUEUE_STEPS": "-4"}, "VLLM_LOG_MOE_QUEUE_STEPS"),
     ({"VLLM_LOG_MOE": "otlp,", }, "VLLM_LOG_MOE"),
+    ({"VLLM_LOG_MOE": "discard,otlp", }, "VLLM_LOG_MOE"),  # it records nothing: with a sink it is a mistake
     ({"VLLM_LOG_MOE": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
     ({"VLLM_LOG_MOE": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "udp"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
 ])

@@ -59,8 +59,11 @@ def make_model(work: Path, device: str, layers: int) -> tuple[str, dict]:
 def engine_env(mode: str, work: Path) -> dict:
     """The environment an engine of this mode runs in: its otel-moe flags, all else as ours."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
-    recording = mode in ("counts", "tokens", "paused")
-    env.update(VLLM_LOG_MOE="otlp" if recording else "", VLLM_LOG_MOE_MODE="counts" if mode == "counts" else "tokens",
+    recording = mode in ("counts", "tokens", "paused", "tokens_discard")
+    # tokens_discard (on request): tokens mode, every step read by the exporter and no record
+    # made or sent: otel-moe's cost in vLLM's process, apart from its sinks' and collector's CPU.
+    env.update(VLLM_LOG_MOE=("discard" if mode == "tokens_discard" else "otlp") if recording else "",
+               VLLM_LOG_MOE_MODE="counts" if mode == "counts" else "tokens",
                OTEL_MOE_RUN_ID=f"bench-{mode}",
                # tools/engine_probe.py's functions reach the workers over collective_rpc (every
                # engine alike; vLLM's own messages are encoded as before)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from otel_moe.config import OTLP, Config
+from otel_moe.config import DISCARD, OTLP, Config
 from otel_moe.step import StepRecord
 
 
@@ -29,11 +29,31 @@ def open_sinks(config: Config, resource_attributes: dict) -> Sink:
             from otel_moe.sinks.otlp import OtlpSink
 
             sinks.append(OtlpSink(config, resource_attributes))
+        elif destination == DISCARD:
+            sinks.append(Discard())
         else:
             from otel_moe.sinks.jsonl import JsonlSink
 
             sinks.append(JsonlSink(destination))
     return sinks[0] if len(sinks) == 1 else Tee(sinks)
+
+
+class Discard:
+    """VLLM_LOG_MOE=discard: every step is read from the ring, laid out and acknowledged
+    as usual, and its record goes nowhere (what otel-moe costs vLLM's process without
+    any sink's work: no spans, metrics, files or collector)."""
+
+    def write(self, record: StepRecord) -> None:
+        pass
+
+    def finish(self, request_ids: list[str], partial: set[str] = frozenset()) -> None:
+        pass
+
+    def idle(self) -> None:
+        pass
+
+    def close(self, timeout_s: float) -> None:
+        pass
 
 
 class Tee:
