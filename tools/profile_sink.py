@@ -1,13 +1,19 @@
 """Host cost of recording one engine step in vLLM's process, without vLLM: synthetic decode
 steps of 256 requests x 12 layers x top-4 of 60 experts through the engine-thread part
 (begin_step, on_step: the ring copy and the hand-off), with a real exporter process
-behind it writing JSONL to /dev/null. What the exporter does costs vLLM's process nothing.
+behind it (by default VLLM_LOG_MOE=discard: it reads every step and keeps the cores
+free of any sink's work; --sink PATH writes JSONL). The scheduler's request ids are fresh each step, as a worker unpickles
+them; the batch order's are kept, as the runner keeps them. The rest of each --step-ms
+spins, as a forward keeps the engine thread busy (a sleeping thread's core goes cold).
+Runs on any host in seconds, no GPU needed.
 
-    python tools/profile_sink.py [--profile] [--mode tokens|counts]
+    python tools/profile_sink.py [--profile] [--mode tokens|counts] [--step-ms 10] [--sink discard|PATH]
 """
+import argparse
 import cProfile
+import pickle
 import pstats
-import sys
+import statistics
 import time
 
 import torch
@@ -17,7 +23,7 @@ from otel_moe.config import from_env
 from otel_moe.exporter.link import ExporterLink
 from otel_moe.recorder import StepRecorder
 
-REQUESTS, LAYERS, TOP_K, EXPERTS, STEPS = 256, 12, 4, 60, 2000
+REQUESTS, LAYERS, TOP_K, EXPERTS, STEPS = 256, 12, 4, 60, 300
 
 
 class _New:
@@ -87,29 +93,47 @@ def synthetic_recorder(mode: str, destinations: list[str], max_tokens: int = 819
     return StepRecorder(buffers, config, link)
 
 
-def engine_thread_us(mode: str, profiler=None) -> tuple[float, int]:
-    recorder = synthetic_recorder(mode, ["/dev/null"])
+def engine_thread_us(mode: str, step_ms: float, rounds: int, sink: str = "discard",
+                     profiler=None) -> tuple[list[float], int]:
+    """us a step in the recorder's calls, per round of STEPS steps (a first round warms up)."""
+    recorder = synthetic_recorder(mode, [sink])
     ids = [f"{i}-abcdef12" for i in range(REQUESTS)]
-    outputs = [SchedulerOutput(s, ids) for s in range(STEPS)]
-    if profiler:
-        profiler.enable()
-    t0 = time.perf_counter()
-    for out in outputs:  # what the engine thread does per step (the forward aside)
-        step = recorder.begin_step(out)
-        recorder.on_step(out, None if recorder.counts_only else ids, step, step + 1)
-    elapsed = time.perf_counter() - t0
-    if profiler:
-        profiler.disable()
+    outputs = [SchedulerOutput(s, pickle.loads(pickle.dumps(ids))) for s in range(STEPS)]
+    step_ns = int(step_ms * 1e6)
+    per_round = []
+    for round_index in range(rounds + 1):
+        if profiler and round_index == rounds:
+            profiler.enable()
+        spent = 0
+        for out in outputs if round_index else outputs[:STEPS // 10]:
+            started = time.perf_counter_ns()
+            step = recorder.begin_step(out)  # what the engine thread does per step, the forward aside
+            recorder.on_step(out, None if recorder.counts_only else ids, step, step + 1)
+            spent += time.perf_counter_ns() - started
+            while time.perf_counter_ns() < started + step_ns:  # the forward's part of the step
+                pass
+        if profiler:
+            profiler.disable()
+        if round_index:
+            per_round.append(spent / STEPS / 1000)
     recorder.close(30)
-    return elapsed / STEPS * 1e6, recorder.dropped_steps
+    return per_round, recorder.dropped_steps
 
 
 def main() -> None:
-    mode = sys.argv[sys.argv.index("--mode") + 1] if "--mode" in sys.argv else "tokens"
-    profiler = cProfile.Profile() if "--profile" in sys.argv else None
-    us, dropped = engine_thread_us(mode, profiler)
-    print(f"{mode}: engine thread {us:.0f} us/step over {STEPS} steps of {REQUESTS} requests "
-          f"({dropped} dropped: the exporter shares this machine's cores){' (profiled)' if profiler else ''}")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", choices=("tokens", "counts"), default="tokens")
+    parser.add_argument("--step-ms", type=float, default=10.0, help="a step's length; what the calls leave spins")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sink", default="discard",
+                        help="VLLM_LOG_MOE for the exporter: discard, or a JSONL path (its work beside the engine thread's)")
+    parser.add_argument("--profile", action="store_true", help="the last round under cProfile (it inflates calls)")
+    args = parser.parse_args()
+    profiler = cProfile.Profile() if args.profile else None
+    rounds, dropped = engine_thread_us(args.mode, args.step_ms, args.rounds, args.sink, profiler)
+    print(f"{args.mode}: engine thread {statistics.median(rounds):.0f} us/step over {STEPS} steps of {REQUESTS} "
+          f"requests (rounds {', '.join(f'{r:.0f}' for r in rounds)}; {dropped} dropped)"
+          f"{' (last round profiled)' if profiler else ''}")
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
 
