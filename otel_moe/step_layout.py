@@ -14,17 +14,22 @@ otel-moe's time there. So:
     runner's batch holds every scheduled request).
 The running requests' computed tokens always go (ints, cheap); so do new requests.
 
+Counts mode has no batch order: there the running requests' ids go as ``SAME``, and
+the tokens per request as ``ONE_EACH`` when no request is new and each running one
+has one token. A counts window's layouts go (or are lost) together, in one message:
+each window has an encoder of its own, and the exporter a decoder of its own for it.
+
 Invariant: both sides' "previous" is the same layout. The engine thread's is the
 last one that reached the link (sent, or in its ordered backlog); one that did
 not go is ``forget``-ten, so the next goes whole. The exporter's is the last it
-read. Counts-mode layouts (no batch order) go whole and leave "previous" alone.
+read. An encoder and its decoder serve one kind: tokens steps, or one counts window.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 SAME = -1  # in place of a list: the previous layout's
-ONE_EACH = -2  # in place of the tokens per request: one for every request in the batch order
+ONE_EACH = -2  # in place of the tokens per request: one for each request of the batch order (counts: running)
 
 
 class LayoutEncoder:
@@ -36,12 +41,13 @@ class LayoutEncoder:
 
     def encode(self, tokens: int, order: Optional[list], scheduled: dict, cached_ids: list,
                cached_computed: list, new: list) -> tuple:
-        if order is None:  # counts mode: goes whole, once per window, and leaves "previous" alone
-            return tokens, None, scheduled, cached_ids, cached_computed, new
+        """``order``: the batch order (tokens mode), ``None`` in a counts window."""
         cached_ids = list(cached_ids)  # kept for the next step: a copy, should vLLM reuse its list
-        same_order, same_cached = order == self._order, cached_ids == self._cached
+        same_order = order is not None and order == self._order
+        same_cached = cached_ids == self._cached
         self._order, self._cached = order, cached_ids
-        one_each = tokens == len(scheduled) == len(order)
+        # one token each for every request of the batch order (counts: every running one, none new)
+        one_each = tokens == len(scheduled) == len(cached_ids if order is None else order) and (order is not None or not new)
         return (tokens, SAME if same_order else order, ONE_EACH if one_each else scheduled,
                 SAME if same_cached else cached_ids, cached_computed, new)
 
@@ -58,16 +64,16 @@ class LayoutDecoder:
         self._cached: Optional[list] = None
 
     def decode(self, order: Any, scheduled: Any, cached_ids: Any) -> tuple[Optional[list], dict, list]:
-        """(batch order, tokens per request, running requests' ids) in full."""
-        if order is None:
-            return None, scheduled, cached_ids
+        """(batch order or ``None``, tokens per request, running requests' ids) in full."""
         if order == SAME:
             order = self._order
+            if order is None:
+                raise ValueError("the step's layout refers to a previous one the exporter never read")
         if cached_ids == SAME:
             cached_ids = self._cached
-        if order is None or cached_ids is None:
-            raise ValueError("the step's layout refers to a previous one the exporter never read")
+            if cached_ids is None:
+                raise ValueError("the step's layout refers to a previous one the exporter never read")
         self._order, self._cached = order, cached_ids
         if scheduled == ONE_EACH:
-            scheduled = dict.fromkeys(order, 1)
+            scheduled = dict.fromkeys(cached_ids if order is None else order, 1)
         return order, scheduled, cached_ids

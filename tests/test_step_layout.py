@@ -62,15 +62,30 @@ def test_a_run_of_decode_steps_sends_only_the_running_requests_computed_tokens()
     assert second == (256, SAME, ONE_EACH, SAME, list(range(1, 257)), [])
 
 
-def test_counts_mode_layouts_go_whole_and_leave_the_previous_one_alone():
-    encoder, decoder = LayoutEncoder(), LayoutDecoder()
-    order = ["a", "b"]
-    decoder.decode(*_fields(encoder.encode(2, order, {"a": 1, "b": 1}, order, [3, 4], [])))
-    counts = encoder.encode(2, None, {"a": 1, "b": 1}, order, [4, 5], [])
-    assert counts == (2, None, {"a": 1, "b": 1}, order, [4, 5], [])
-    assert decoder.decode(*_fields(counts)) == (None, {"a": 1, "b": 1}, order)
-    again = encoder.encode(2, list(order), {"a": 1, "b": 1}, list(order), [5, 6], [])
-    assert decoder.decode(*_fields(again)) == (order, {"a": 1, "b": 1}, order)
+@pytest.mark.parametrize("seed", range(3))
+def test_a_counts_window_s_layouts_come_back_whole_with_the_window_s_own_decoder(seed):
+    """No batch order; a window's layouts go together, so none is lost alone. A fresh
+    encoder and decoder each window: the first layout of each goes whole."""
+    steps = layouts(300, seed)
+    for window in (steps[i:i + 10] for i in range(0, len(steps), 10)):
+        encoder, decoder = LayoutEncoder(), LayoutDecoder()
+        sent = [ring.decode(ring.encode(encoder.encode(tokens, None, scheduled, running, computed, new)))
+                for tokens, _, scheduled, running, computed, new in window]
+        assert sent[0][3] != SAME
+        for (tokens, _, scheduled, running, computed, new), layout in zip(window, sent):
+            assert decoder.decode(*_fields(layout)) == (None, scheduled, running)
+            assert (layout[0], layout[4], layout[5]) == (tokens, computed, new)
+
+
+def test_a_counts_window_of_decode_steps_sends_only_the_running_requests_computed_tokens():
+    encoder, running = LayoutEncoder(), [f"r{i}" for i in range(256)]
+    first = encoder.encode(256, None, dict.fromkeys(running, 1), running, list(range(256)), [])
+    second = encoder.encode(256, None, dict.fromkeys(running, 1), list(running), list(range(1, 257)), [])
+    assert first[1:4] == (None, ONE_EACH, running)
+    assert second == (256, None, ONE_EACH, SAME, list(range(1, 257)), [])
+    # a new request's prompt: its tokens go as they are
+    third = encoder.encode(259, None, {**dict.fromkeys(running, 1), "n": 3}, list(running), list(range(2, 258)), [("n", 0)])
+    assert third[2] == {**dict.fromkeys(running, 1), "n": 3} and third[3] == SAME
 
 
 def test_a_layout_referring_to_one_never_read_is_refused():

@@ -165,11 +165,12 @@ class Exporter:
             external = self.external_ids[internal_id] = external_request_id(internal_id, self.randomized_request_ids)
         return external
 
-    def _step(self, message: StepMessage) -> None:
+    def _step(self, message: StepMessage, layouts: Optional[LayoutDecoder] = None) -> None:
+        """``layouts``: a counts window's own decoder (its steps' layouts refer to one another only)."""
         arrays = self._take_arrays(message.offset, message.arrays, message.mark)
         self.steps += 1
         try:
-            message.batch_order, message.scheduled, message.cached_ids = self.layouts.decode(
+            message.batch_order, message.scheduled, message.cached_ids = (layouts or self.layouts).decode(
                 message.batch_order, message.scheduled, message.cached_ids)
         except ValueError as error:
             self._drop_layout(message.step, str(error))
@@ -181,8 +182,12 @@ class Exporter:
     def _window(self, message: WindowMessage) -> None:
         items = ring.decode(bytes(self.ring.map[message.items_offset: message.items_offset + message.items_bytes]))
         (counts,) = self._take_arrays(message.offset, message.arrays, message.mark)
+        layouts = LayoutDecoder()
         for item in items:  # the window's steps (layouts only) and new and finished requests, in order
-            self._handle(item)
+            if item[0] == STEP:
+                self._step(StepMessage(*item[1:]), layouts)
+            else:
+                self._handle(item)
         empty = np.zeros(0, np.int64)
         self._safely(self.sink.write, StepRecord(
             step=message.first, last_step=message.last, window_tokens=message.tokens,
