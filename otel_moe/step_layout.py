@@ -47,7 +47,8 @@ class LayoutEncoder:
         same_cached = cached_ids == self._cached
         self._order, self._cached = order, cached_ids
         # one token each for every request of the batch order (counts: every running one, none new)
-        one_each = tokens == len(scheduled) == len(cached_ids if order is None else order) and (order is not None or not new)
+        rows = cached_ids if order is None else order
+        one_each = tokens == len(scheduled) == len(rows) and (order is not None or not new)
         return (tokens, SAME if same_order else order, ONE_EACH if one_each else scheduled,
                 SAME if same_cached else cached_ids, cached_computed, new)
 
