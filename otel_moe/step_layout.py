@@ -42,7 +42,10 @@ class LayoutEncoder:
     def encode(self, tokens: int, order: Optional[list], scheduled: dict, cached_ids: list,
                cached_computed: list, new: list) -> tuple:
         """``order``: the batch order (tokens mode), ``None`` in a counts window."""
-        cached_ids = list(cached_ids)  # kept for the next step: a copy, should vLLM reuse its list
+        # Kept for the next step: a copy, should vLLM reuse its list. A counts window holds
+        # vLLM's lists until it closes anyway, so there the copy would buy nothing.
+        if order is not None:
+            cached_ids = list(cached_ids)
         same_order = order is not None and order == self._order
         same_cached = cached_ids == self._cached
         self._order, self._cached = order, cached_ids

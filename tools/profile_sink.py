@@ -2,8 +2,9 @@
 steps of 256 requests x 12 layers x top-4 of 60 experts through the engine-thread part
 (begin_step, on_step: the ring copy and the hand-off), with a real exporter process
 behind it (by default VLLM_LOG_MOE=discard: it reads every step and keeps the cores
-free of any sink's work; --sink PATH writes JSONL). The scheduler's request ids are fresh each step, as a worker unpickles
-them; the batch order's are kept, as the runner keeps them. The rest of each --step-ms
+free of any sink's work; --sink PATH writes JSONL). The scheduler's request ids are
+fresh each step, as a worker unpickles them; the batch order's are kept, as the runner
+keeps them. The rest of each --step-ms
 spins, as a forward keeps the engine thread busy (a sleeping thread's core goes cold).
 Runs on any host in seconds, no GPU needed.
 
