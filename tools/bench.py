@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_vllm import MODES_CPU, MODES_GPU, bench_vllm, engine_env, make_model  # noqa: E402
+from bench_vllm import MODES_CPU, MODES_GPU, bench_vllm, engine_env, engine_of, make_model  # noqa: E402
 from otel_moe import synthetic  # noqa: E402
 from otel_moe.collector.process import CollectorProcess  # noqa: E402
 
@@ -314,7 +314,7 @@ def main() -> int:
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.modes = args.modes or ",".join(MODES_GPU if gpu else MODES_CPU)
-    engines = len(args.modes.split(","))
+    engines = len({engine_of(m) for m in args.modes.split(",")})  # processes: two switched modes share one
     # GPU: Qwen1.5-MoE-A2.7B shapes, 12 layers (~15 GB of weights an engine) where every
     # engine fits (an H200), else 6; a KV cache for every running sequence (no preemption:
     # a preempted request is computed, and recorded, twice).
@@ -390,6 +390,10 @@ def print_table(results: dict) -> None:
                   f"step spans while paused: {r['paused_step_spans']}; noise (off2/off): {r['noise']['off2_ratio']}"
                   f"{' NOISY' if r['noise']['noisy'] else ''}")
             print(f"engine thread per recorded step (us): {r.get('engine_thread_us_per_step')}")
+            if r.get("within_process"):
+                w = r["within_process"]
+                print(f"within one process (switched, recording / paused): {w['ratio']} by round {w['ratio_per_round']}; "
+                      f"exact: {r['switched_exactness']['exact']} ({r['switched_exactness']['records']} records)")
             print(f"the model's process a turn (median): {r.get('engine_process_per_turn')}")
     for key in ("profile_cpu", "profile_gpu"):
         for tag, r in results.get(key, {}).items():

@@ -28,6 +28,22 @@ ROOT = Path(__file__).resolve().parent.parent
 MODES_CPU = ["off", "off2", "paused", "counts", "tokens"]
 MODES_GPU = ["off", "off2", "counts", "tokens"]
 NOISE_TOLERANCE = 0.03  # off2 further than this from off: the run says it is noisy
+# On request: two modes served by one engine process (`switched`: tokens mode, live control
+# on) whose control file the bench rewrites before each of its turns: recording and paused
+# compared inside one process, free of the noise between processes (up to 17% on a GPU
+# host), which more rounds never average out.
+SWITCHED = {"switched_tokens": {"recording": True}, "switched_paused": {"recording": False}}
+SWITCHED_ENGINE = "switched"
+
+
+def engine_of(mode: str) -> str:
+    """The engine process that serves a mode."""
+    return SWITCHED_ENGINE if mode in SWITCHED else mode
+
+
+def run_id(mode: str) -> str:
+    """The otel_moe.run_id its spans carry."""
+    return f"bench-{engine_of(mode)}"
 
 
 def qwen15_moe_a27b_config(layers: int) -> dict:
@@ -59,7 +75,7 @@ def make_model(work: Path, device: str, layers: int) -> tuple[str, dict]:
 def engine_env(mode: str, work: Path) -> dict:
     """The environment an engine of this mode runs in: its otel-moe flags, all else as ours."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
-    recording = mode in ("counts", "tokens", "paused", "tokens_discard")
+    recording = mode in ("counts", "tokens", "paused", "tokens_discard", SWITCHED_ENGINE)
     # tokens_discard (on request): tokens mode, every step read by the exporter and no record
     # made or sent: otel-moe's cost in vLLM's process, apart from its sinks' and collector's CPU.
     env.update(VLLM_LOG_MOE=("discard" if mode == "tokens_discard" else "otlp") if recording else "",
@@ -68,11 +84,21 @@ def engine_env(mode: str, work: Path) -> dict:
                # tools/engine_probe.py's functions reach the workers over collective_rpc (every
                # engine alike; vLLM's own messages are encoded as before)
                VLLM_ALLOW_INSECURE_SERIALIZATION="1")
-    if mode == "paused":
-        control = work / "control-paused.json"
+    if mode in ("paused", SWITCHED_ENGINE):
+        control = work / f"control-{mode}.json"
         control.write_text('{"recording": false}')
         env["VLLM_LOG_MOE_CONTROL"] = str(control)
     return env
+
+
+def switch(work: Path, mode: str) -> None:
+    """Before a turn of a switched mode: its engine's control file asks for it (applied
+    at the turn's first step; the previous turn's requests have all finished)."""
+    from otel_moe.config import parse_layers
+    from otel_moe.control import ControlFile, ControlState
+
+    ControlFile(str(work / f"control-{SWITCHED_ENGINE}.json")).update(
+        SWITCHED[mode], ControlState(True, parse_layers(""), "tokens"))
 
 
 class Engine:
@@ -138,6 +164,7 @@ def bench_vllm(args, work: Path) -> dict:
     from otel_moe.verify import exactness_problems
 
     modes = args.modes.split(",")
+    processes = list(dict.fromkeys(engine_of(m) for m in modes))  # engine processes, in the modes' order
     model, model_info = make_model(work, args.device, args.layers)
     collector = CollectorProcess(work / "collected")
     os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
@@ -158,6 +185,7 @@ def bench_vllm(args, work: Path) -> dict:
     awake_rounds: list[bool] = []  # per counted round: were the CPUs kept awake (--keep-awake)
     turns: dict[str, list[tuple[int, int]]] = {m: [] for m in modes}  # wall clock of each counted turn
     probes: dict[str, list[dict]] = {m: [] for m in modes}  # what the model's process spent in each (engine_probe.py)
+    switched_turns: list[tuple[str, int]] = []  # the switched engine's turns in order: (mode, prompts)
 
     def spec(mode: str) -> dict:
         spec = {"mode": mode, "engine": {**engine, "enforce_eager": mode.endswith("_eager")}, "prompts": prompts,
@@ -176,9 +204,9 @@ def bench_vllm(args, work: Path) -> dict:
             compile_s = first.start_s
             first.quit()
             print(f"compile cache warmed in {compile_s} s", flush=True)
-        for mode in modes:  # built one after another: each sizes its memory with the others loaded
-            engines[mode] = Engine(mode, spec(mode), work)
-            print(f"engine {mode}: started in {engines[mode].start_s} s", flush=True)
+        for name in processes:  # built one after another: each sizes its memory with the others loaded
+            engines[name] = Engine(name, spec(name), work)
+            print(f"engine {name}: started in {engines[name].start_s} s", flush=True)
         watch = MachineWatch(args.device == "cuda")
         for round_index in range(args.rounds + 1):  # round 0 warms up and is not counted
             awake = _keeps_awake(args.keep_awake, round_index)
@@ -186,9 +214,12 @@ def bench_vllm(args, work: Path) -> dict:
                 awake_rounds.append(awake)
             with KeepAwake(awake):
                 for mode in _round_order(modes, round_index):
+                    if mode in SWITCHED:
+                        switch(work, mode)
+                        switched_turns.append((mode, args.prompts))
                     watch.start()
                     began_ns = time.time_ns()
-                    reply = engines[mode].ask({"run": True})
+                    reply = engines[engine_of(mode)].ask({"run": True})
                     tok_s = reply["tok_s"]
                     ended_ns = time.time_ns()
                     machine = watch.stop()
@@ -211,7 +242,10 @@ def bench_vllm(args, work: Path) -> dict:
         if args.profile_prompts:
             # After the timed rounds (the profiler slows what it watches): one short turn each.
             turn = {"prompts": args.profile_prompts, "gen_len": args.profile_gen_len}
-            profiles = {mode: e.ask({"profile": turn})["profile"] for mode, e in engines.items()}
+            if SWITCHED_ENGINE in engines:  # profiled recording, as tokens
+                switch(work, "switched_tokens")
+                switched_turns.append(("switched_tokens", args.profile_prompts))
+            profiles = {name: e.ask({"profile": turn})["profile"] for name, e in engines.items()}
             profiles["turn"] = turn
             turns_file.write_text(json.dumps({**early, "profile": profiles}, indent=1))
             print(f"profiled: {json.dumps(profiles)}", flush=True)
@@ -226,6 +260,7 @@ def bench_vllm(args, work: Path) -> dict:
     spans = [s for s in read.iter_collector_spans([str(work / "collected")]) if s.name == schema.STEP_SPAN]
     records = [row for s in spans if s.resource.get(schema.RUN_ID) == "bench-tokens" for row in read.decode_step(s).token_rows()]
     problems = exactness_problems(records, outputs["tokens"], list(range(args.layers))) if "tokens" in modes else []
+    switched = switched_exactness(spans, outputs.get(SWITCHED_ENGINE), switched_turns, args.layers)
     dropped = [int(s.attributes.get(schema.DROPPED_STEPS, 0)) for s in spans]
     summary = summarize(samples)
     if summary["noise"]["noisy"]:
@@ -240,12 +275,13 @@ def bench_vllm(args, work: Path) -> dict:
         "schedule": "engines side by side, one process each, rounds interleaved",
         "prompts": args.prompts, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "max_num_seqs": args.max_num_seqs,
         "rounds": args.rounds, "modes": modes, "engine_start_s": {m: e.start_s for m, e in engines.items()},
-        "compile_s": compile_s, "kv_cache_tokens": {m: _kv_cache_tokens(work / f"engine-{m}.log") for m in modes},
+        "within_process": within_process(samples) if SWITCHED_ENGINE in processes else None,
+        "compile_s": compile_s, "kv_cache_tokens": {m: _kv_cache_tokens(work / f"engine-{m}.log") for m in processes},
         "kv_cache_memory_bytes": engine.get("kv_cache_memory_bytes"),
-        "engine_thread_us_per_step": {m: engine_thread_us_per_step(spans, f"bench-{m}", [(0, time.time_ns())])[0]
-                                      for m in modes if m in ("counts", "tokens")},
-        "engine_thread_us_per_step_per_round": {m: engine_thread_us_per_step(spans, f"bench-{m}", turns[m])
-                                                for m in modes if m in ("counts", "tokens")},
+        "engine_thread_us_per_step": {m: engine_thread_us_per_step(spans, run_id(m), [(0, time.time_ns())])[0]
+                                      for m in modes if m in ("counts", "tokens", "switched_tokens")},
+        "engine_thread_us_per_step_per_round": {m: engine_thread_us_per_step(spans, run_id(m), turns[m])
+                                                for m in modes if m in ("counts", "tokens", "switched_tokens")},
         "engine_process_per_turn": {m: _median_probe(v) for m, v in probes.items()},
         "engine_process_per_round": probes,
         "samples_tok_s": {m: [round(x, 1) for x in v] for m, v in samples.items()},
@@ -256,10 +292,41 @@ def bench_vllm(args, work: Path) -> dict:
                                    json.loads((Path(model) / "config.json").read_text())["num_experts_per_tok"]),
         "sink": "otlp (gRPC) to the embedded collector on the same machine",
         "exactness": {"records": len(records), "problems": problems[:10], "exact": not problems if "tokens" in modes else None},
+        "switched_exactness": switched,
         "dropped_steps_max": max(dropped, default=0), "collector_peak_rss_mib": round(collector_peak / 1024, 1),
         "profile": profiles,
-        "paused_step_spans": sum(s.resource.get(schema.RUN_ID) == "bench-paused" for s in spans),  # must be 0
+        "paused_step_spans": sum(s.resource.get(schema.RUN_ID) == "bench-paused" for s in spans)  # must be 0
+        + sum(began <= s.start_ns <= ended for s in spans if s.resource.get(schema.RUN_ID) == run_id(SWITCHED_ENGINE)
+              for began, ended in turns.get("switched_paused", [])),
     }
+
+
+def switched_exactness(spans: list, outputs: Optional[list], switched_turns: list[tuple[str, int]],
+                       layers: int) -> Optional[dict]:
+    """The switched engine's records against the outputs of its recording turns alone (its
+    outputs come turn by turn, in order): its paused turns must have recorded nothing."""
+    from otel_moe import read, schema
+    from otel_moe.verify import exactness_problems
+
+    if outputs is None:
+        return None
+    recorded, at = [], 0
+    for mode, prompts in switched_turns:
+        if SWITCHED[mode]["recording"]:
+            recorded.extend(outputs[at: at + prompts])
+        at += prompts
+    records = [row for s in spans if s.resource.get(schema.RUN_ID) == run_id(SWITCHED_ENGINE)
+               for row in read.decode_step(s).token_rows()]
+    problems = exactness_problems(records, recorded, list(range(layers)))
+    return {"records": len(records), "problems": problems[:10], "exact": not problems}
+
+
+def within_process(samples: dict[str, list[float]]) -> dict:
+    """The switched engine's recording turns over its paused turns of the same round: what
+    recording costs, with the process (and its luck) the same on both sides."""
+    per_round = [on / off for on, off in zip(samples["switched_tokens"], samples["switched_paused"])]
+    return {"ratio": round(statistics.median(per_round), 3), "ratio_per_round": [round(r, 3) for r in per_round],
+            "method": "median over rounds of the switched engine's recording turn over its paused turn"}
 
 
 def _median_probe(probes: list[dict]) -> dict:
