@@ -47,3 +47,25 @@ def test_a_stray_off_engine_moves_the_both_off_ratio_half_as_far():
 def test_runs_of_different_setups_are_refused():
     with pytest.raises(SystemExit, match="prompts"):
         pool([run([1.0], [1.0], [1.0], [1.0], 1.0), run([1.0], [1.0], [1.0], [1.0], 1.0, prompts=256)])
+
+
+def test_runs_of_different_modes_pool_the_modes_they_share_and_the_within_process_rounds():
+    with_counts = run([100.0], [100.0], [100.0], [96.0], 1.0)  # tokens 0.96
+    switched = run([200.0, 200.0], [200.0, 200.0], [200.0, 200.0], [200.0, 200.0], 1.0)  # tokens 1.0
+    switched["modes"] = ["off", "off2", "tokens", "switched_tokens", "switched_paused"]
+    del switched["samples_tok_s"]["counts"], switched["ratio_per_round"]["counts"]
+    del switched["engine_thread_us_per_step_per_round"]["counts"]
+    switched["within_process"] = {"ratio_per_round": [1.02, 0.98]}
+    pooled = pool([with_counts, switched])
+    assert pooled["modes"] == ["off", "off2", "tokens"]
+    assert pooled["ratio"] == {"off2": 1.0, "tokens": 1.0}  # median of 0.96, 1.0, 1.0
+    assert pooled["ratio_to_both_off_by_round"]["tokens"]["ratio"] == 1.0
+    assert pooled["within_process"]["ratio"] == 1.0 and pooled["within_process"]["rounds"] == 2
+    assert pooled["engine_thread_us_per_step"] == {"tokens": 200.0}
+
+
+def test_runs_without_a_noise_control_are_refused():
+    lone = run([1.0], [1.0], [1.0], [1.0], 1.0)
+    lone["modes"] = ["off", "tokens"]
+    with pytest.raises(SystemExit, match="off2"):
+        pool([lone, run([1.0], [1.0], [1.0], [1.0], 1.0)])

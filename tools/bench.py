@@ -392,7 +392,8 @@ def print_table(results: dict) -> None:
             print(f"engine thread per recorded step (us): {r.get('engine_thread_us_per_step')}")
             if r.get("within_process"):
                 w = r["within_process"]
-                print(f"within one process (switched, recording / paused): {w['ratio']} by round {w['ratio_per_round']}; "
+                print(f"within one process (switched, recording / paused): {w['ratio']} {w['interval_90']} by round "
+                      f"{w['ratio_per_round']}; "
                       f"exact: {r['switched_exactness']['exact']} ({r['switched_exactness']['records']} records)")
             print(f"the model's process a turn (median): {r.get('engine_process_per_turn')}")
     for key in ("profile_cpu", "profile_gpu"):

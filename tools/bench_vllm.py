@@ -325,8 +325,18 @@ def within_process(samples: dict[str, list[float]]) -> dict:
     """The switched engine's recording turns over its paused turns of the same round: what
     recording costs, with the process (and its luck) the same on both sides."""
     per_round = [on / off for on, off in zip(samples["switched_tokens"], samples["switched_paused"])]
-    return {"ratio": round(statistics.median(per_round), 3), "ratio_per_round": [round(r, 3) for r in per_round],
+    return {"ratio": round(statistics.median(per_round), 3), "interval_90": median_interval(per_round),
+            "ratio_per_round": [round(r, 3) for r in per_round],
             "method": "median over rounds of the switched engine's recording turn over its paused turn"}
+
+
+def median_interval(values: list[float], resamples: int = 4000) -> list[float]:
+    """A 90% bootstrap interval of the median of ``values``."""
+    import random
+
+    rng = random.Random(0)
+    boot = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [round(boot[int(0.05 * resamples)], 3), round(boot[int(0.95 * resamples)], 3)]
 
 
 def _median_probe(probes: list[dict]) -> dict:
