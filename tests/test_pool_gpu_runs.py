@@ -49,19 +49,20 @@ def test_runs_of_different_setups_are_refused():
         pool([run([1.0], [1.0], [1.0], [1.0], 1.0), run([1.0], [1.0], [1.0], [1.0], 1.0, prompts=256)])
 
 
-def test_runs_of_different_modes_pool_the_modes_they_share_and_the_within_process_rounds():
-    with_counts = run([100.0], [100.0], [100.0], [96.0], 1.0)  # tokens 0.96
+def test_each_mode_is_pooled_over_the_runs_that_have_it_and_so_are_the_within_process_rounds():
+    with_counts = run([100.0], [100.0], [110.0], [96.0], 1.0)  # counts 1.1, tokens 0.96
     switched = run([200.0, 200.0], [200.0, 200.0], [200.0, 200.0], [200.0, 200.0], 1.0)  # tokens 1.0
-    switched["modes"] = ["off", "off2", "tokens", "switched_tokens", "switched_paused"]
+    switched["modes"] = ["off", "off2", "tokens"]
     del switched["samples_tok_s"]["counts"], switched["ratio_per_round"]["counts"]
     del switched["engine_thread_us_per_step_per_round"]["counts"]
     switched["within_process"] = {"ratio_per_round": [1.02, 0.98]}
     pooled = pool([with_counts, switched])
-    assert pooled["modes"] == ["off", "off2", "tokens"]
-    assert pooled["ratio"] == {"off2": 1.0, "tokens": 1.0}  # median of 0.96, 1.0, 1.0
-    assert pooled["ratio_to_both_off_by_round"]["tokens"]["ratio"] == 1.0
+    assert pooled["modes"] == ["off", "off2", "counts", "tokens"]
+    assert pooled["rounds_by_mode"] == {"off": 3, "off2": 3, "counts": 1, "tokens": 3}
+    assert pooled["ratio"] == {"off2": 1.0, "counts": 1.1, "tokens": 1.0}  # tokens: median of 0.96, 1.0, 1.0
+    assert pooled["ratio_to_both_off_by_round"]["counts"]["ratio"] == 1.1
     assert pooled["within_process"]["ratio"] == 1.0 and pooled["within_process"]["rounds"] == 2
-    assert pooled["engine_thread_us_per_step"] == {"tokens": 200.0}
+    assert pooled["engine_thread_us_per_step"] == {"counts": 100.0, "tokens": 200.0}
 
 
 def test_runs_without_a_noise_control_are_refused():

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (otel-moe capturing, recording switched off by live control), `counts`, `tokens`;
 # `off_eager` and `seed_style_eager` (the prototype's hook) on request.
 MODES_CPU = ["off", "off2", "paused", "counts", "tokens"]
-MODES_GPU = ["off", "off2", "counts", "tokens"]
+MODES_GPU = ["off", "off2", "counts", "tokens", "switched_tokens", "switched_paused"]  # five engine processes
 NOISE_TOLERANCE = 0.03  # off2 further than this from off: the run says it is noisy
 # On request: two modes served by one engine process (`switched`: tokens mode, live control
 # on) whose control file the bench rewrites before each of its turns: recording and paused

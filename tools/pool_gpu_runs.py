@@ -2,8 +2,9 @@
 (`tools/bench.py --device cuda` files), where one run's rounds are too few to tell
 0.97 from 0.99. Each round stays paired with the `off` engine of its own run and
 round, as bench_vllm.py's own ratio does; nothing is compared across machines.
-Runs may have run different modes beside `off` and `off2`: the modes every run has
-are pooled (and the switched engine's within-process ratios where runs have them).
+Runs may have run different modes beside `off` and `off2` (which every run needs): each
+mode is pooled over the runs that have it (and the switched engine's within-process
+ratios over the runs that have those).
 
     python3 tools/pool_gpu_runs.py bench/gpu_results.json bench/gpu_results_2.json
 """
@@ -27,39 +28,40 @@ def pool(runs: list[dict]) -> dict:
         differs = [key for key in SAME_SETUP if run.get(key) != first.get(key)]
         if differs:
             raise SystemExit(f"runs differ in {', '.join(differs)}: not pooled")
-    modes = [m for m in first["modes"] if all(m in run["modes"] for run in runs)]
-    if not {"off", "off2"} <= set(modes):
+    if any(not {"off", "off2"} <= set(run["modes"]) for run in runs):
         raise SystemExit("every run needs its off and off2 engines: not pooled")
+    modes = list(dict.fromkeys(mode for run in runs for mode in run["modes"]))
+    having = {mode: [run for run in runs if mode in run["modes"]] for mode in modes}
     within = [r for run in runs if run.get("within_process") for r in run["within_process"]["ratio_per_round"]]
-    per_round = {mode: [r for run in runs for r in run["ratio_per_round"][mode]] for mode in modes if mode != "off"}
-    samples = {mode: [s for run in runs for s in run["samples_tok_s"][mode]] for mode in modes}
+    per_round = {mode: [r for run in having[mode] for r in run["ratio_per_round"][mode]] for mode in modes if mode != "off"}
+    samples = {mode: [s for run in having[mode] for s in run["samples_tok_s"][mode]] for mode in modes}
+    engine_thread = {mode: [us for run in runs for us in run["engine_thread_us_per_step_per_round"].get(mode, [])]
+                     for mode in modes}
     return {
         "runs": len(runs),
         "rounds": sum(run["rounds_counted"] for run in runs),
         "modes": modes,
+        "rounds_by_mode": {mode: sum(run["rounds_counted"] for run in having[mode]) for mode in modes},
         "ratio": {mode: round(statistics.median(values), 3) for mode, values in per_round.items()},
-        "ratio_method": first["ratio_method"] + ", over the rounds of every run",
+        "ratio_method": first["ratio_method"] + ", over the rounds of every run that has the mode",
         "ratio_to_pooled_off": ratio_to_pooled_off(samples),
-        "ratio_to_both_off_by_round": ratio_to_both_off_by_round(runs, modes),
+        "ratio_to_both_off_by_round": ratio_to_both_off_by_round(having),
         "within_process": {"ratio": round(statistics.median(within), 3), "interval_90": median_interval(within),
                            "rounds": len(within)} if within else None,
         "off2_by_run": [run["ratio"]["off2"] for run in runs],
-        "engine_thread_us_per_step": {
-            mode: round(statistics.median(us for run in runs for us in run["engine_thread_us_per_step_per_round"][mode]), 1)
-            for mode in first["engine_thread_us_per_step_per_round"]
-            if all(mode in run["engine_thread_us_per_step_per_round"] for run in runs)},
+        "engine_thread_us_per_step": {mode: round(statistics.median(us), 1) for mode, us in engine_thread.items() if us},
         "exact": all(run["exactness"]["exact"] for run in runs),
         "records": sum(run["exactness"]["records"] for run in runs),
         "dropped_steps_max": max(run["dropped_steps_max"] for run in runs),
     }
 
 
-def ratio_to_both_off_by_round(runs: list[dict], modes: list[str]) -> dict:
+def ratio_to_both_off_by_round(having: dict[str, list[dict]]) -> dict:
     """Each round's throughput over the geometric mean of that round's two `off` engines
     (one stray `off` engine moves it half as far), median over rounds, with a 90%
-    bootstrap interval."""
+    bootstrap interval; ``having``: each mode's runs."""
     result = {}
-    for mode in modes:
+    for mode, runs in having.items():
         if mode in ("off", "off2"):
             continue
         values = [run["samples_tok_s"][mode][i] / (run["samples_tok_s"]["off"][i] * run["samples_tok_s"]["off2"][i]) ** 0.5
