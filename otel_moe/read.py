@@ -148,8 +148,9 @@ def run_key(resource: dict) -> str:
 
 def check_schema(attributes: dict) -> None:
     version = attributes.get(schema.SCHEMA)
-    if version != schema.SCHEMA_VERSION:
-        raise SchemaError(f"otel-moe schema version {version!r} is not supported (this reader knows {schema.SCHEMA_VERSION})")
+    if version not in schema.READABLE_VERSIONS:
+        raise SchemaError(f"otel-moe schema version {version!r} is not supported "
+                          f"(this reader knows {', '.join(map(str, schema.READABLE_VERSIONS))})")
 
 
 def decode_step(span: Span) -> StepSpan:
@@ -162,8 +163,9 @@ def decode_step(span: Span) -> StepSpan:
             continue
         layer = int(event[schema.LAYER])
         if schema.EXPERT_IDS in event:
-            ids[layer] = schema.decode_array(event[schema.EXPERT_IDS], event[schema.EXPERT_IDS_DTYPE], top_k)
-            weights[layer] = schema.decode_array(event[schema.EXPERT_WEIGHTS], schema.WEIGHTS_DTYPE, top_k)
+            ids[layer] = schema.decode_ids(event[schema.EXPERT_IDS], event[schema.EXPERT_IDS_DTYPE], top_k)
+            weights[layer] = schema.decode_weights(event[schema.EXPERT_WEIGHTS],
+                                                   event.get(schema.EXPERT_WEIGHTS_DTYPE, "<f4"), top_k)
             counts[layer] = np.bincount(ids[layer].ravel().astype(np.int64), minlength=int(a[schema.NUM_EXPERTS]))
         else:
             counts[layer] = schema.decode_u32(event[schema.EXPERT_COUNTS])

@@ -2,7 +2,8 @@
 encodings of per-token arrays. Sinks encode with it, the report and the tests
 decode with it; nothing else spells these names.
 
-Schema version 1 (documented in docs/schema.md):
+Schema version 2 (documented in docs/schema.md; version 1, still read, wrote the
+weights as float32 without naming their dtype):
   span ``moe.step`` (one per engine step, or per chunk of one when a step is
   too large for one export): timed over the step's model execution.
   event ``moe.routing`` on it, one per logged layer.
@@ -19,7 +20,8 @@ import numpy as np
 
 from otel_moe.config import format_ranges, parse_layers
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SCHEMA = "otel_moe.schema_version"
 INSTRUMENTATION_SCOPE = "otel_moe"
 RUN_ID = "otel_moe.run_id"  # resource attribute: one run of vLLM (all its processes)
@@ -56,7 +58,8 @@ ENGINE_THREAD_NS = "otel_moe.engine_thread_ns"  # cumulative: recording's time o
 LAYER = "moe.layer"
 EXPERT_IDS = "moe.expert_ids"  # bytes: [tokens, top_k] row-major, dtype EXPERT_IDS_DTYPE
 EXPERT_IDS_DTYPE = "moe.expert_ids.dtype"  # numpy dtype string: "|u1" or "<u2"
-EXPERT_WEIGHTS = "moe.expert_weights"  # bytes: [tokens, top_k] row-major, "<f4" (values rounded to float16 at capture)
+EXPERT_WEIGHTS = "moe.expert_weights"  # bytes: [tokens, top_k] row-major, dtype EXPERT_WEIGHTS_DTYPE
+EXPERT_WEIGHTS_DTYPE = "moe.expert_weights.dtype"  # "<f2", as capture keeps them (absent, schema version 1: "<f4")
 EXPERT_COUNTS = "moe.expert_counts"  # bytes: [num_experts] "<u4" (counts mode)
 
 # moe.request span
@@ -71,7 +74,9 @@ REQUEST_INCOMPLETE = "moe.request.incomplete"  # true: evicted before vLLM repor
 # so its token and expert counts cover only part of it
 REQUEST_PARTIAL = "moe.request.partial"
 
-WEIGHTS_DTYPE = "<f4"
+WEIGHTS_DTYPE = "<f2"
+READABLE_WEIGHTS_DTYPES = ("<f2", "<f4")
+READABLE_IDS_DTYPES = ("|u1", "<u2")
 
 # Metrics (sinks/metrics.py): the counter the report can also read
 METRIC_EXPERT_TOKENS = "moe.expert.tokens"
@@ -131,8 +136,21 @@ def encode_ids(ids: np.ndarray, num_experts: int) -> tuple[bytes, str]:
     return np.ascontiguousarray(ids, dtype=dtype).tobytes(), dtype.str
 
 
-def encode_weights(weights: np.ndarray) -> bytes:
-    return np.ascontiguousarray(weights, dtype=WEIGHTS_DTYPE).tobytes()
+def encode_weights(weights: np.ndarray) -> tuple[bytes, str]:
+    return np.ascontiguousarray(weights, dtype=WEIGHTS_DTYPE).tobytes(), WEIGHTS_DTYPE
+
+
+def decode_ids(data: Union[bytes, str], dtype: str, top_k: int) -> np.ndarray:
+    if dtype not in READABLE_IDS_DTYPES:
+        raise ValueError(f"expert ids dtype {dtype!r} is not one of {READABLE_IDS_DTYPES}")
+    return decode_array(data, dtype, top_k)
+
+
+def decode_weights(data: Union[bytes, str], dtype: str, top_k: int) -> np.ndarray:
+    """-> float32 [tokens, top_k], whichever dtype they were sent in."""
+    if dtype not in READABLE_WEIGHTS_DTYPES:
+        raise ValueError(f"expert weights dtype {dtype!r} is not one of {READABLE_WEIGHTS_DTYPES}")
+    return decode_array(data, dtype, top_k).astype(np.float32)
 
 
 def encode_u32(values: np.ndarray) -> bytes:

@@ -42,7 +42,7 @@ class StepRecord:
     positions: np.ndarray  # [n] position of each token in its request (0-based)
     prompt_lens: np.ndarray  # [R]
     ids: Optional[np.ndarray] = None  # [n, L, K] int32 (tokens mode)
-    weights: Optional[np.ndarray] = None  # [n, L, K] float32 (tokens mode)
+    weights: Optional[np.ndarray] = None  # [n, L, K] float16 as captured, or float32 (tokens mode)
     counts: Optional[np.ndarray] = None  # [L, E] int64 (counts mode)
     dp_rank: int = 0
     dropped_steps: int = 0  # cumulative drops of this process when the step was taken

@@ -18,7 +18,7 @@ def make_record(step: int, requests: int, tokens_each: int, layers: int, top_k: 
     rng = np.random.default_rng(seed + step)
     n = requests * tokens_each
     ids = np.stack([np.stack([rng.choice(experts, top_k, replace=False) for _ in range(layers)]) for _ in range(n)]).astype(np.int32)
-    weights = rng.random((n, layers, top_k), dtype=np.float32)
+    weights = rng.random((n, layers, top_k), dtype=np.float32).astype(np.float16)  # as capture keeps them
     return StepRecord(
         step=step, start_ns=time.time_ns(), end_ns=time.time_ns() + 1000, layers=list(range(layers)),
         top_k=top_k, num_experts=experts, request_ids=[f"req-{step}-{r}" for r in range(requests)],

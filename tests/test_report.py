@@ -68,10 +68,14 @@ def golden_otlp_line(run="run-1", version=schema.SCHEMA_VERSION, e2e=(0.5, 0.25)
         events = []
         for layer in (0, 1):
             ids = bytes(i for r in rows for i in r[4][layer])
-            weights = b"".join(struct.pack("<ff", 0.75, 0.25) for _ in rows)
+            if version == 1:  # float32 weights, their dtype not named
+                weights, named = b"".join(struct.pack("<ff", 0.75, 0.25) for _ in rows), []
+            else:
+                weights = b"".join(struct.pack("<ee", 0.75, 0.25) for _ in rows)
+                named = [_attr(schema.EXPERT_WEIGHTS_DTYPE, "<f2")]
             events.append({"name": schema.ROUTING_EVENT, "timeUnixNano": "2", "attributes": [
                 _attr(schema.LAYER, layer), _attr(schema.EXPERT_IDS, ids), _attr(schema.EXPERT_IDS_DTYPE, "|u1"),
-                _attr(schema.EXPERT_WEIGHTS, weights)]})
+                _attr(schema.EXPERT_WEIGHTS, weights), *named]})
         attrs = {schema.SCHEMA: version, schema.STEP_INDEX: step, schema.MODE: "tokens", schema.LAYERS: [0, 1],
                  schema.TOP_K: 2, schema.NUM_EXPERTS: 4, schema.NUM_TOKENS: len(rows),
                  schema.REQUEST_IDS: requests,
@@ -109,8 +113,9 @@ def test_golden_jsonl(tmp_path):
     assert summary["requests"]["a"]["e2e_s"] is None  # no llm_request span in a JSONL log
 
 
-def test_golden_collector_file(tmp_path):
-    (tmp_path / "traces.json").write_text(golden_otlp_line())
+@pytest.mark.parametrize("version", [2, 1])  # 1: what otel-moe wrote before weights went as float16
+def test_golden_collector_file(tmp_path, version):
+    (tmp_path / "traces.json").write_text(golden_otlp_line(version=version))
     summary = build_report([str(tmp_path)], str(tmp_path / "out"))
     _check_golden(summary)
     assert summary["requests"]["a"]["e2e_s"] == 0.5 and summary["requests"]["b"]["ttft_s"] == 0.125

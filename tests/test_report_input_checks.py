@@ -51,9 +51,13 @@ def set_attr(span: dict, key: str, value) -> None:
     span["attributes"] = [kv for kv in span["attributes"] if kv["key"] != key] + [new]
 
 
+def set_event_attr(span: dict, key: str, value) -> None:
+    event = span["events"][0]  # layer 0's
+    event["attributes"] = [kv for kv in event["attributes"] if kv["key"] != key] + [_attr(key, value)]
+
+
 def set_layer0_ids(span: dict, ids: bytes) -> None:
-    event = span["events"][0]
-    event["attributes"] = [kv for kv in event["attributes"] if kv["key"] != schema.EXPERT_IDS] + [_attr(schema.EXPERT_IDS, ids)]
+    set_event_attr(span, schema.EXPERT_IDS, ids)
 
 
 BAD_STEPS = {
@@ -62,6 +66,7 @@ BAD_STEPS = {
     "request_tokens do not match the rows": lambda span: set_attr(span, schema.REQUEST_TOKENS, u32([5, 5])),
     "per-request arrays differ in length": lambda span: set_attr(span, schema.REQUEST_PROMPT_LENS, u32([2])),
     "malformed span": lambda span: set_attr(span, schema.STEP_INDEX, RawValue({"intValue": "not a number"})),
+    "malformed moe.step span": lambda span: set_event_attr(span, schema.EXPERT_WEIGHTS_DTYPE, "<i2"),
 }
 
 

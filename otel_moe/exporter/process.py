@@ -248,7 +248,7 @@ class Exporter:
         prompt = np.fromiter((self.prompt_lens.get(r, 0) for r, _, _ in scheduled), dtype=np.int64, count=len(scheduled))
         ids = weights = None
         if arrays:  # tokens mode; in counts mode the step carries only its layout (requests' token counts)
-            ids, weights = arrays[0], arrays[1].astype(np.float32)
+            ids, weights = arrays  # weights in float16, as captured
         return StepRecord(
             step=message.step, start_ns=message.start_ns, end_ns=message.end_ns, layers=message.layers,
             top_k=self.top_k, num_experts=self.num_experts,

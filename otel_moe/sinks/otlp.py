@@ -203,7 +203,8 @@ class OtlpSink:
             events = [{schema.LAYER: layer, schema.EXPERT_COUNTS: schema.encode_u32(counts[c])}
                       for c, layer in enumerate(record.layers)]
             return [self._emit_step(record, common, 0, record.num_tokens, 0, 1, events)]
-        per_token = len(record.layers) * record.top_k * (schema.ids_dtype(record.num_experts).itemsize + 4)
+        per_token = len(record.layers) * record.top_k * (schema.ids_dtype(record.num_experts).itemsize
+                                                         + np.dtype(schema.WEIGHTS_DTYPE).itemsize)
         chunk_tokens = max(1, SPAN_PAYLOAD_BYTES // per_token)
         n = record.num_tokens
         chunks = max(1, -(-n // chunk_tokens))
@@ -212,12 +213,14 @@ class OtlpSink:
             lo, hi = chunk * chunk_tokens, min(n, (chunk + 1) * chunk_tokens)
             events = []
             for column, layer in enumerate(record.layers):
-                ids, dtype = schema.encode_ids(record.ids[lo:hi, column], record.num_experts)
+                ids, ids_dtype = schema.encode_ids(record.ids[lo:hi, column], record.num_experts)
+                weights, weights_dtype = schema.encode_weights(record.weights[lo:hi, column])
                 events.append({
                     schema.LAYER: layer,
                     schema.EXPERT_IDS: ids,
-                    schema.EXPERT_IDS_DTYPE: dtype,
-                    schema.EXPERT_WEIGHTS: schema.encode_weights(record.weights[lo:hi, column]),
+                    schema.EXPERT_IDS_DTYPE: ids_dtype,
+                    schema.EXPERT_WEIGHTS: weights,
+                    schema.EXPERT_WEIGHTS_DTYPE: weights_dtype,
                 })
             spans.append(self._emit_step(record, common, lo, hi, chunk, chunks, events))
         return spans
