@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MODES_CPU = ["off", "off2", "paused", "counts", "tokens"]
 MODES_GPU = ["off", "off2", "counts", "tokens", "switched_tokens", "switched_paused"]  # five engine processes
 NOISE_TOLERANCE = 0.03  # off2 further than this from off: the run says it is noisy
-# On request: two modes served by one engine process (`switched`: tokens mode, live control
-# on) whose control file the bench rewrites before each of its turns: recording and paused
-# compared inside one process, free of the noise between processes (up to 17% on a GPU
-# host), which more rounds never average out.
+# `switched_tokens` and `switched_paused` (on a GPU by default): two modes served by one
+# engine process (`switched`: tokens mode, live control on) whose control file the bench
+# rewrites before each of its turns: recording and paused compared inside one process,
+# free of the noise between processes (up to 17% on a GPU host), which more rounds never
+# average out.
 SWITCHED = {"switched_tokens": {"recording": True}, "switched_paused": {"recording": False}}
 SWITCHED_ENGINE = "switched"
 
@@ -275,7 +276,7 @@ def bench_vllm(args, work: Path) -> dict:
         "schedule": "engines side by side, one process each, rounds interleaved",
         "prompts": args.prompts, "prompt_len": args.prompt_len, "gen_len": args.gen_len, "max_num_seqs": args.max_num_seqs,
         "rounds": args.rounds, "modes": modes, "engine_start_s": {m: e.start_s for m, e in engines.items()},
-        "within_process": within_process(samples) if SWITCHED_ENGINE in processes else None,
+        "within_process": within_process(samples) if set(SWITCHED) <= set(modes) else None,
         "compile_s": compile_s, "kv_cache_tokens": {m: _kv_cache_tokens(work / f"engine-{m}.log") for m in processes},
         "kv_cache_memory_bytes": engine.get("kv_cache_memory_bytes"),
         "engine_thread_us_per_step": {m: engine_thread_us_per_step(spans, run_id(m), [(0, time.time_ns())])[0]
