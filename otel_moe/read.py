@@ -165,7 +165,7 @@ def decode_step(span: Span) -> StepSpan:
         if schema.EXPERT_IDS in event:
             ids[layer] = schema.decode_ids(event[schema.EXPERT_IDS], event[schema.EXPERT_IDS_DTYPE], top_k)
             weights[layer] = schema.decode_weights(event[schema.EXPERT_WEIGHTS],
-                                                   event.get(schema.EXPERT_WEIGHTS_DTYPE, "<f4"), top_k)
+                                                   event.get(schema.EXPERT_WEIGHTS_DTYPE, schema.VERSION_1_WEIGHTS_DTYPE), top_k)
             counts[layer] = np.bincount(ids[layer].ravel().astype(np.int64), minlength=int(a[schema.NUM_EXPERTS]))
         else:
             counts[layer] = schema.decode_u32(event[schema.EXPERT_COUNTS])

@@ -75,6 +75,7 @@ REQUEST_INCOMPLETE = "moe.request.incomplete"  # true: evicted before vLLM repor
 REQUEST_PARTIAL = "moe.request.partial"
 
 WEIGHTS_DTYPE = "<f2"
+VERSION_1_WEIGHTS_DTYPE = "<f4"  # what a routing event without EXPERT_WEIGHTS_DTYPE holds
 READABLE_WEIGHTS_DTYPES = ("<f2", "<f4")
 READABLE_IDS_DTYPES = ("|u1", "<u2")
 
