@@ -411,6 +411,13 @@ def ratio_to_pooled_off(samples: dict[str, list[float]], resamples: int = 2000) 
     return result
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds so far of a process (user and system, all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # How otel-moe's processes show in /proc/PID/cmdline (an exporter renames itself once started).
 TELEMETRY_PROCESSES = (b"otel_moe.cli\0collector", b"otel_moe\0exporter", b"otel-moe exporter")
 
@@ -461,9 +468,7 @@ class MachineWatch:
                     command = f.read()
                 if not any(mark in command for mark in TELEMETRY_PROCESSES):
                     continue
-                with open(f"/proc/{entry.name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
-                found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                found[int(entry.name)] = process_cpu_s(int(entry.name))
             except OSError:  # gone meanwhile
                 continue
         return found

@@ -21,13 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_vllm import process_cpu_s  # noqa: E402
 from profile_sink import EXPERTS, LAYERS, REQUESTS, TOP_K  # noqa: E402
-
-
-def process_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def decode_steps(count: int, first: int = 0):
