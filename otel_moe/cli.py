@@ -6,11 +6,24 @@ import os
 import sys
 
 
+DEBUG = "OTEL_MOE_DEBUG"  # set: an unexpected failure shows its traceback
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """Usage mistakes in one line naming what is wrong (exit 2), not argparse's usage block."""
+    """Usage mistakes in one line naming what is wrong (exit 2), not argparse's usage block;
+    an argument a subcommand does not take is refused by that subcommand (its own --help)."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner = self.commands.get(getattr(parsed, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def _version() -> str:
@@ -90,7 +103,14 @@ def build_parser() -> OneLineParser:
     control.add_arguments(control_parser)
     control_parser.set_defaults(handler=control.run)
 
+    parser.commands = dict(commands.choices)
     return parser
+
+
+def _inputs(args: argparse.Namespace) -> str:
+    """What a command was reading or writing, for its last-resort error line."""
+    names = [getattr(args, "inputs", None), [getattr(args, k, None) for k in ("a", "b", "file", "dir", "out")]]
+    return " ".join(str(v) for group in names for v in (group or []) if v)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `otel-moe summary ... | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # no traceback for a user: one line naming the command, input and version
+        if os.environ.get(DEBUG):
+            raise
+        print(f"otel-moe {args.command}: error: {type(err).__name__}: {err} (on {_inputs(args) or 'no input'}; "
+              f"otel-moe {_version()}; {DEBUG}=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -58,12 +58,15 @@ def latency_line(latency: dict) -> str:
 
 def run(inputs: list[str], only_run: str | None = None) -> int:
     from otel_moe.read import SchemaError
-    from otel_moe.report.build import EmptyInput
+    from otel_moe.report.build import EmptyInput, input_warnings
 
     try:
-        for summary in summarize(inputs, only_run):
-            print_summary(summary)
-    except (EmptyInput, SchemaError, FileNotFoundError, PermissionError) as err:
+        summaries = summarize(inputs, only_run)
+    except (EmptyInput, SchemaError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
         print(f"otel-moe summary: error: {err}", file=sys.stderr)
         return 2
+    for line in input_warnings(summaries[0]["inputs"]):
+        print(f"otel-moe summary: {line}", file=sys.stderr)
+    for summary in summaries:
+        print_summary(summary)
     return 0

@@ -141,7 +141,9 @@ class LayerStats:
         if self.cooccurrence is not None and ids.shape[1] > 1:
             k = ids.shape[1]
             a, b = np.triu_indices(k, 1)
-            lo, hi = np.minimum(ids[:, a], ids[:, b]), np.maximum(ids[:, a], ids[:, b])
+            # ids arrive as narrow as the wire keeps them (uint8 up to 256 experts): widen before e * e
+            lo = np.minimum(ids[:, a], ids[:, b]).astype(np.int64)
+            hi = np.maximum(ids[:, a], ids[:, b])
             pairs = (lo * e + hi).ravel()
             self._pairs.append(pairs)
             self._pairs_len += len(pairs)

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 from otel_moe.read import LineStats, SchemaError
 from otel_moe.report import analyses
 from otel_moe.report.aggregate import RunStats
-from otel_moe.report.inputs import Latency, MetricsWindow, StepBatch, input_files, stream
+from otel_moe.report.inputs import Latency, MetricsWindow, StepBatch, input_files, stream, unexpected
 from otel_moe.report.profile import ProfileJoin
 
 SUMMARY_SCHEMA = "otel-moe-report/2"
@@ -36,7 +36,11 @@ def aggregate(paths: list[str], stats: LineStats, on_bytes: Optional[Callable[[i
         if only_run is not None and item.run != only_run:
             continue
         run = runs.setdefault(item.run, RunStats())
-        _add_step(run, item)
+        try:
+            _add_step(run, item)
+        except Exception as err:  # a step no check foresaw: it alone is lost, counted
+            stats.skip(unexpected(err))
+            continue
         if profile is not None and item.layers:
             profile.add(item.run, item.dp_rank, item.step, {lb.layer: lb.counts for lb in item.layers},
                         item.layers[0].num_tokens)
@@ -91,6 +95,13 @@ def inputs_section(stats: LineStats, files: list[str]) -> dict:
             "skipped_records": dict(stats.skipped.most_common())}
 
 
+def input_warnings(inputs: dict) -> list[str]:
+    """What reading passed over (an ``inputs`` section), one line each, for stderr."""
+    lines = [f"skipped {inputs['bad_lines']} unreadable lines of {inputs['lines']} (not JSON objects of OTLP/JSON "
+             "or otel-moe JSONL, or truncated)"] if inputs["bad_lines"] else []
+    return lines + [f"skipped {n} records: {reason}" for reason, n in inputs["skipped_records"].items()]
+
+
 def summary(name: str, run: RunStats, stats: LineStats, files: list[str], runs_found: list[str]) -> dict:
     """summary.json of one run."""
     requests = analyses.requests_section(run)
@@ -113,4 +124,4 @@ def summary(name: str, run: RunStats, stats: LineStats, files: list[str], runs_f
     }
 
 
-__all__ = ["aggregate", "summary", "EmptyInput", "SchemaError", "SUMMARY_SCHEMA"]
+__all__ = ["aggregate", "summary", "input_warnings", "EmptyInput", "SchemaError", "SUMMARY_SCHEMA"]

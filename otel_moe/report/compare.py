@@ -13,7 +13,7 @@ import numpy as np
 
 from otel_moe.read import LineStats, SchemaError
 from otel_moe.report.aggregate import RunStats, js_divergence_bits
-from otel_moe.report.build import EmptyInput, aggregate
+from otel_moe.report.build import EmptyInput, aggregate, input_warnings, inputs_section
 
 LARGEST_CHANGES = 5
 
@@ -31,7 +31,10 @@ class CompareError(ValueError):
 
 
 def _one_run(path: str, run: Optional[str]) -> tuple[str, RunStats]:
-    runs = aggregate([path], LineStats(), only_run=run)
+    stats = LineStats()
+    runs = aggregate([path], stats, only_run=run)
+    for line in input_warnings(inputs_section(stats, [path])):
+        print(f"otel-moe compare: {path}: {line}", file=sys.stderr)
     if len(runs) > 1:
         raise CompareError(f"{path} holds {len(runs)} runs ({', '.join(sorted(runs))}): pick one with --run-a/--run-b")
     return next(iter(runs.items()))
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         result["image"] = heatmap(args.out, result)
         with open(os.path.join(args.out, "compare.json"), "w") as f:
             json.dump(result, f, indent=1, allow_nan=False)
-    except (EmptyInput, SchemaError, CompareError, FileNotFoundError, PermissionError) as err:
+    except (EmptyInput, SchemaError, CompareError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
         print(f"otel-moe compare: error: {err}", file=sys.stderr)
         return 2
     worst = max(result["layers"], key=lambda r: r["js_divergence"] or 0)

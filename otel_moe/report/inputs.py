@@ -73,6 +73,9 @@ def step_from_span(span: read.Span) -> StepBatch:
     except (KeyError, ValueError, TypeError):
         raise BadRecord("malformed moe.step span") from None
     _check_step(step)
+    if not step.ids:  # counts mode: a window of steps, its tokens not laid out per request
+        layers = [LayerBatch(layer, step.num_experts, counts, step.num_tokens) for layer, counts in sorted(step.counts.items())]
+        return StepBatch(step.run, step.step, [], np.zeros(0, np.int64), np.zeros(0, np.int64), layers, step.dp_rank)
     request_of = np.repeat(np.arange(len(step.request_ids)), step.request_tokens)
     positions = step.positions()
     prefill = step.is_prefill()
@@ -198,6 +201,9 @@ def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] =
                     except BadRecord as err:
                         stats.skip(str(err))
                         continue
+                    except Exception as err:  # a record this reader did not foresee: it alone is lost
+                        stats.skip(unexpected(err))
+                        continue
                     if done is not None:
                         yield done
                 else:
@@ -237,6 +243,8 @@ class MetricsDeltas:
                                 self._point(run, point, grown)
             except (ValueError, TypeError, AttributeError, KeyError, BadRecord):
                 self.stats.skip("malformed metrics")
+            except Exception as err:
+                self.stats.skip(unexpected(err))
         for (run, dp_rank), layers in grown.items():
             batches = []
             for layer, experts in sorted(layers.items()):
@@ -271,3 +279,12 @@ def _otlp_items(request: dict, stats: LineStats) -> Iterator[StepBatch | Latency
                 yield latency_from_span(span)
         except BadRecord as err:
             stats.skip(f"{span.name}: {err}")
+        except read.SchemaError:
+            raise
+        except Exception as err:
+            stats.skip(f"{span.name}: {unexpected(err)}")
+
+
+def unexpected(err: Exception) -> str:
+    """The reason a record is skipped under when reading it failed in a way no check foresaw."""
+    return f"unexpected {type(err).__name__}: {str(err)[:120]}"

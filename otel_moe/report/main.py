@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Callable, Optional
 
-from otel_moe.config import parse_layers
+from otel_moe.config import format_ranges, parse_layers
 from otel_moe.read import LineStats
 from otel_moe.report import profile
 from otel_moe.report.progress import Progress
@@ -226,7 +226,7 @@ def _csv(value: Optional[float], scale: float = 1.0) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from otel_moe.report.build import EmptyInput, SchemaError
+    from otel_moe.report.build import EmptyInput, SchemaError, input_warnings
 
     try:
         result = build_report(args.inputs, args.out, progress=not args.no_progress and sys.stderr.isatty(),
@@ -236,14 +236,15 @@ def run(args: argparse.Namespace) -> int:
             ReportError, profile.TraceError) as err:
         print(f"otel-moe report: error: {err}", file=sys.stderr)
         return 2
-    inputs = result["inputs"]
-    if inputs["bad_lines"]:
-        print(f"otel-moe report: skipped {inputs['bad_lines']} corrupt or truncated lines of {inputs['lines']}", file=sys.stderr)
-    for reason, n in inputs["skipped_records"].items():
-        print(f"otel-moe report: skipped {n} records: {reason}", file=sys.stderr)
+    for line in input_warnings(result["inputs"]):
+        print(f"otel-moe report: {line}", file=sys.stderr)
     several = "run" not in result
     folders = _run_folders(sorted(result["runs"])) if several else {result["run"]: ""}
     for name, r in (result["runs"].items() if several else [(result["run"], result)]):
+        missing = sorted(set(args.layers or ()) - {int(n) for n in r["layers"]})
+        if missing:
+            print(f"otel-moe report: warning: --layers: run {name} has no layer {format_ranges(missing)} "
+                  f"(its layers: {format_ranges(sorted(int(n) for n in r['layers']))})", file=sys.stderr)
         where = os.path.join(args.out, folders[name], "report.html")
         print(f"otel-moe report: run {name}: {len(r['layers'])} layers, {len(r['requests'])} requests -> {where}")
         if "profile" in r:
