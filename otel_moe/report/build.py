@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
+import numpy as np
+
 from otel_moe.read import LineStats, SchemaError
 from otel_moe.report import analyses
 from otel_moe.report.aggregate import RunStats
-from otel_moe.report.inputs import Latency, MetricsWindow, StepBatch, input_files, stream, unexpected
+from otel_moe.report.inputs import Latency, MetricsWindow, RequestTally, StepBatch, input_files, stream, unexpected
 from otel_moe.report.profile import ProfileJoin
 
 SUMMARY_SCHEMA = "otel-moe-report/2"
@@ -24,10 +26,14 @@ def aggregate(paths: list[str], stats: LineStats, on_bytes: Optional[Callable[[i
     runs: dict[str, RunStats] = {}
     latencies: list[Latency] = []
     windows: list[StepBatch] = []
+    tallies: list[RequestTally] = []
     found: set[str] = set()
     for item in stream(paths, stats, on_bytes=on_bytes or (lambda n: None)):
         if isinstance(item, Latency):
             latencies.append(item)
+            continue
+        if isinstance(item, RequestTally):
+            tallies.append(item)
             continue
         if isinstance(item, MetricsWindow):
             windows.append(item.batch)
@@ -49,6 +55,11 @@ def aggregate(paths: list[str], stats: LineStats, on_bytes: Optional[Callable[[i
         if batch.run not in found and (only_run is None or batch.run == only_run):
             _add_step(runs.setdefault(batch.run, RunStats()), batch)
     found |= {batch.run for batch in windows}
+    for tally in tallies:  # counts mode: each request's tokens (its steps' spans name none)
+        run = runs.get(tally.run)
+        if run is not None:
+            run.add_request_tokens([tally.request_id], np.array([tally.prefill_tokens + tally.decode_tokens]),
+                                   np.array([tally.prefill_tokens]))
     for run in runs.values():
         run.finish()
     if not runs:

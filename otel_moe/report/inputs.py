@@ -41,6 +41,17 @@ class StepBatch:
 
 
 @dataclasses.dataclass
+class RequestTally:
+    """A counts-mode ``moe.request`` span: its steps' spans name no requests, so this
+    is where the run's per-request token counts come from."""
+
+    run: str
+    request_id: str
+    prefill_tokens: int
+    decode_tokens: int
+
+
+@dataclasses.dataclass
 class Latency:
     run: Optional[str]  # None when vLLM's span carries no otel-moe run id
     request_id: str
@@ -120,6 +131,16 @@ def latency_from_span(span: read.Span) -> Latency:
                    validate.whole(tokens, "completion tokens") if tokens is not None else None)
 
 
+def tally_from_span(span: read.Span) -> RequestTally:
+    a = span.attributes
+    read.check_schema(a)
+    request_id = a.get(schema.REQUEST_ID)
+    if not isinstance(request_id, str):
+        raise BadRecord("request id not a string")
+    return RequestTally(read.run_key(span.resource), request_id, validate.whole(a.get(schema.PREFILL_TOKENS), "prefill tokens"),
+                        validate.whole(a.get(schema.DECODE_TOKENS), "decode tokens"))
+
+
 class JsonlSteps:
     """Groups a JSONL log's rows (one per token per layer, or per step per layer) into steps.
     Rows are checked one by one as they come: a bad row is refused alone."""
@@ -175,7 +196,7 @@ class JsonlSteps:
 
 
 def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] = lambda n: None
-           ) -> Iterator[StepBatch | Latency | MetricsWindow]:
+           ) -> Iterator[StepBatch | Latency | MetricsWindow | RequestTally]:
     metrics = MetricsDeltas(stats)
     for file in input_files(paths):
         jsonl: Optional[JsonlSteps] = None
@@ -270,13 +291,15 @@ class MetricsDeltas:
             experts[expert] = experts.get(expert, 0) + int(delta)
 
 
-def _otlp_items(request: dict, stats: LineStats) -> Iterator[StepBatch | Latency]:
+def _otlp_items(request: dict, stats: LineStats) -> Iterator[StepBatch | Latency | RequestTally]:
     for span in read.iter_spans(request, stats.skip):
         try:
             if span.name == schema.STEP_SPAN:
                 yield step_from_span(span)
             elif span.name == schema.VLLM_REQUEST_SPAN:
                 yield latency_from_span(span)
+            elif span.name == schema.REQUEST_SPAN and span.attributes.get(schema.MODE) == "counts":
+                yield tally_from_span(span)
         except BadRecord as err:
             stats.skip(f"{span.name}: {err}")
         except read.SchemaError:
