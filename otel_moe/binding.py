@@ -214,8 +214,7 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         logger.warning("otel-moe: the model has no MoE layers; nothing to record")
         return None
     config.layers.check_against(set(moe_layers))
-    vllm_config = runner.vllm_config
-    parallel = vllm_config.parallel_config
+    parallel = runner.vllm_config.parallel_config
     if (
         config.expected_moe_layers is not None
         and parallel.pipeline_parallel_size == 1
@@ -227,12 +226,16 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         )
     if _tensor_parallel_rank() != 0:
         return None  # every TP rank routes the same tokens: rank 0 records them once
+    vllm_config = runner.vllm_config
+    dp_rank = getattr(vllm_config.parallel_config, "data_parallel_rank", 0) or 0
     control = None
     if config.control_path:
         from otel_moe.control import ControlState, ControlWatcher
+        from otel_moe.control.workers import WorkerReport
 
         control = ControlWatcher(config.control_path, ControlState.from_config(config),
-                                 validate=lambda state: state.layers.check_against(set(moe_layers)))
+                                 validate=lambda state: state.layers.check_against(set(moe_layers)),
+                                 report=WorkerReport(config.control_path, dp_rank, sorted(moe_layers)))
     # Under live control any layer may be asked for later, so all are captured;
     # the recorder snapshots only the selected ones.
     selected = sorted(layer for layer in moe_layers if control or config.layers.wants(layer))
@@ -258,7 +261,6 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
     from otel_moe.exporter.link import ExporterLink
     from otel_moe.recorder import StepRecorder
 
-    dp_rank = getattr(parallel, "data_parallel_rank", 0) or 0
     resource = {
         schema.RUN_ID: os.environ.get(RUN_ID_VARIABLE, ""),
         "vllm.model": str(vllm_config.model_config.model),

@@ -246,6 +246,8 @@ class StepRecorder:
         if self._closed:
             return
         self._closed = True
+        if self.control is not None:
+            self.control.close()
         if self._window is not None and self.exporter.alive:
             try:
                 if self.buffers.on_cuda:

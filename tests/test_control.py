@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ import pytest
 from conftest import clean_env
 from otel_moe.config import ConfigError, from_env, parse_layers
 from otel_moe.control import ControlError, ControlFile, ControlState, ControlWatcher
+from otel_moe.control.workers import WorkerReport
+from otel_moe.control.workers import folder as workers_folder
 
 BASE = ControlState(True, parse_layers("all"), "tokens")
 
@@ -97,11 +100,63 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_cli(tmp_path):
     path = str(tmp_path / "control.json")
-    assert json.loads(_cli("status", VLLM_LOG_MOE_CONTROL=path).stdout) == {"recording": True, "layers": "all", "mode": "tokens"}
+    no_workers = {"workers": []}
+    assert json.loads(_cli("status", VLLM_LOG_MOE_CONTROL=path).stdout) == {"recording": True, "layers": "all",
+                                                                            "mode": "tokens", **no_workers}
     assert json.loads(_cli("stop", "--file", path).stdout)["recording"] is False
     out = _cli("set", "--layers", "0-2", "--mode", "counts", "--file", path)
-    assert json.loads(out.stdout) == {"recording": False, "layers": "0-2", "mode": "counts"}
+    assert json.loads(out.stdout) == {"recording": False, "layers": "0-2", "mode": "counts", **no_workers}
     bad = _cli("set", "--layers", "x", "--file", path)
     assert bad.returncode == 2 and "layers='x' is invalid" in bad.stderr
     assert _cli("start").returncode == 2  # no file named anywhere
-    assert json.loads(_cli("start", "--file", path).stdout) == {"recording": True, "layers": "0-2", "mode": "counts"}
+    assert json.loads(_cli("start", "--file", path).stdout) == {"recording": True, "layers": "0-2", "mode": "counts",
+                                                                **no_workers}
+    # a worker (this test's process stands in for one) answers; the status shows it and layers it lacks are refused
+    watcher = ControlWatcher(path, BASE, validate=_layers_0_to_3, report=WorkerReport(path, 0, [0, 1, 2, 3]))
+    [worker] = json.loads(_cli("status", "--file", path).stdout)["workers"]
+    assert worker == {"pid": os.getpid(), "host": socket.gethostname(), "dp_rank": 0, "moe_layers": "0-3",
+                      "recording": True, "layers": "0-2", "mode": "counts", "version": 0, "refused": None}
+    missing = _cli("set", "--layers", "2-5", "--file", path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == ("otel-moe: request: layers='2-5': the model has no MoE layer 4-5 (its MoE layers, "
+                                      "as its recording workers report: 0-3)")
+    watcher.close()
+    assert json.loads(_cli("status", "--file", path).stdout)["workers"] == []
+
+
+def _layers_0_to_3(state):
+    state.layers.check_against({0, 1, 2, 3})
+
+
+def test_each_worker_answers_what_it_applied_and_what_it_refused(tmp_path, caplog):
+    path = str(tmp_path / "control.json")
+    control = ControlFile(path)
+    watcher = ControlWatcher(path, BASE, validate=_layers_0_to_3, report=WorkerReport(path, 1, [0, 1, 2, 3]))
+    assert control.status(BASE)["workers"][0]["dp_rank"] == 1
+    control.update({"mode": "counts"}, BASE)
+    assert watcher.poll()
+    [answer] = control.status(BASE)["workers"]
+    assert (answer["mode"], answer["version"], answer["refused"]) == ("counts", 1, None)
+    # a file written past the API's check (by hand, or before the workers answered) asks for layer 7
+    (tmp_path / "control.json").write_text('{"layers": "7", "mode": "counts"}')
+    assert not watcher.poll()
+    [answer] = control.status(BASE)["workers"]
+    assert answer["layers"] == "all" and answer["mode"] == "counts"  # it keeps what it had
+    assert answer["refused"] == (f"control file {path}: layers='7' is invalid; allowed: MoE layers of this model "
+                                 "(0-3); the model has no MoE layer [7]")
+    assert control.status(BASE)["layers"] == "7"  # what was asked, beside what was applied
+    [line] = [r.getMessage() for r in caplog.records if "layers='7'" in r.getMessage()]
+    assert line.startswith("otel-moe: control file ") and line.count("otel-moe:") == 1
+    (tmp_path / "control.json").write_text('{"mode": "counts"}')  # asked again for what it has
+    assert not watcher.poll()
+    assert control.status(BASE)["workers"][0]["refused"] is None
+
+
+def test_a_dead_workers_answer_is_not_listed(tmp_path):
+    path = str(tmp_path / "control.json")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    report = WorkerReport(path, 0, [0, 1])
+    report.identity["pid"] = int(dead.stdout)
+    report.write(BASE.as_json(), 0, None)
+    assert os.listdir(workers_folder(path)) and ControlFile(path).status(BASE)["workers"] == []
+    ControlFile(path).update({"layers": "5"}, BASE)  # no live worker has answered: nothing to check against

@@ -30,6 +30,7 @@ PROMPTS = {  # request id -> (prompt, max_tokens); sent one after another
     "counts-1-3": ("now only layers one and three, as histograms", 4),
     "tokens-again": ("every layer and every token again " * 2, 3),
     "across-switch": ("a long answer, during which layers switch to 0 and 2", 300),  # streamed
+    "after-refusal": ("sent after the file asked for a layer the model lacks", 3),
 }
 
 
@@ -167,6 +168,12 @@ def controlled_serve(models, tmp_path_factory):
         usage["tokens-again"] = server.complete("tokens-again")
         usage["across-switch"], answers["layers 0,2"] = server.complete_switching("across-switch", {"layers": "0,2"})
         answers["unknown endpoint"] = server.call("POST", "/otel_moe/recording/pause")
+        answers["layers 7"] = server.call("POST", "/otel_moe/recording", {"layers": "7"})
+        # written past the endpoint's check: the worker refuses it, keeps layers 0,2 and says why
+        server.control.write_text('{"recording": true, "layers": "7", "mode": "tokens"}\n')
+        usage["after-refusal"] = server.complete("after-refusal")
+        answers["status after refusal"] = server.call("GET", "/otel_moe/recording")
+        answers["restore 0,2"] = server.call("POST", "/otel_moe/recording", {"layers": "0,2"})
     finally:
         returncode = server.stop()
         assert collector.stop() == 0
@@ -191,19 +198,41 @@ def test_control_endpoints_answer_the_state_or_a_named_error(controlled_serve):
     server, answers, _, returncode = controlled_serve
     assert returncode == 0, "".join(server.lines[-40:])
     assert answers["status unauthenticated"][0] == 401
-    assert answers["status at start"] == (200, {"recording": True, "layers": "all", "mode": "tokens"})
-    assert answers["stop"] == (200, {"recording": False, "layers": "all", "mode": "tokens"})
+    assert asked(answers["status at start"]) == (200, {"recording": True, "layers": "all", "mode": "tokens"})
+    # the one recording worker answers what it applied
+    [worker] = answers["status at start"][1]["workers"]
+    assert worker["pid"] != server.proc.pid and worker["dp_rank"] == 0 and worker["moe_layers"] == "0-3"
+    assert {k: worker[k] for k in ("recording", "layers", "mode", "version", "refused")} == {
+        "recording": True, "layers": "all", "mode": "tokens", "version": 0, "refused": None}
+    assert asked(answers["stop"]) == (200, {"recording": False, "layers": "all", "mode": "tokens"})
     assert answers["bad mode"][0] == 400 and "mode='bogus' is invalid; allowed: tokens or counts" in answers["bad mode"][1]["error"]
     assert answers["bad field"][0] == 400 and "unknown field(s) ['layer']" in answers["bad field"][1]["error"]
     assert answers["huge range"][0] == 400 and "layer indices up to 4095" in answers["huge range"][1]["error"]
     assert answers["not utf-8"] == (400, {"error": "otel-moe: the request body is not UTF-8"})
     assert answers["deep"] == (400, {"error": "otel-moe: the request body is nested too deeply"})
-    assert answers["start counts 1,3"] == (200, {"recording": True, "layers": "1,3", "mode": "counts"})
-    assert answers["tokens all"] == (200, {"recording": True, "layers": "all", "mode": "tokens"})
-    assert answers["layers 0,2"] == (200, {"recording": True, "layers": "0,2", "mode": "tokens"})
+    assert asked(answers["start counts 1,3"]) == (200, {"recording": True, "layers": "1,3", "mode": "counts"})
+    assert asked(answers["tokens all"]) == (200, {"recording": True, "layers": "all", "mode": "tokens"})
+    assert asked(answers["layers 0,2"]) == (200, {"recording": True, "layers": "0,2", "mode": "tokens"})
     assert answers["unknown endpoint"][0] == 404
+    # layers no worker has are refused once the workers have said which they have
+    assert answers["layers 7"] == (400, {"error": "otel-moe: request: layers='7': the model has no MoE layer 7 "
+                                                  "(its MoE layers, as its recording workers report: 0-3)"})
+    status, body = answers["status after refusal"]
+    assert status == 200 and body["layers"] == "7"  # asked
+    [worker] = body["workers"]
+    assert worker["layers"] == "0,2" and worker["version"] == 4  # applied
+    assert "layers='7' is invalid" in worker["refused"] and "the model has no MoE layer [7]" in worker["refused"]
+    assert answers["restore 0,2"][0] == 200
     # the file keeps only what was set, so the flags still decide the rest
     assert json.loads(server.control.read_text()) == {"recording": True, "layers": "0,2", "mode": "tokens"}
+    refusals = [line for line in server.lines if "layers='7'" in line and "otel-moe" in line]
+    assert refusals and all(line.count("otel-moe:") == 1 for line in refusals)
+
+
+def asked(answer: tuple[int, dict]) -> tuple[int, dict]:
+    """An answer's status and what the control file asks for (without the workers' answers)."""
+    status, body = answer
+    return status, {k: v for k, v in body.items() if k != "workers"}
 
 
 def test_recording_follows_the_control_calls(controlled_serve):
@@ -215,7 +244,8 @@ def test_recording_follows_the_control_calls(controlled_serve):
     for r in token_rows:
         positions[_name(r["request_id"])][r["layer"]].append(r["position"])
     # nothing while stopped; requests recorded in tokens mode are exact, on every layer asked for
-    assert set(positions) == {"before-stop", "tokens-again", "across-switch"}
+    assert set(positions) == {"before-stop", "tokens-again", "across-switch", "after-refusal"}
+    assert sorted(positions["after-refusal"]) == [0, 2]  # recorded as before the refused change
     for name in ("before-stop", "tokens-again"):
         assert sorted(positions[name]) == [0, 1, 2, 3]
         for layer_positions in positions[name].values():
@@ -245,7 +275,7 @@ def test_request_spans_say_which_requests_control_cut(controlled_serve):
     spans = list(read.iter_collector_spans([str(server.workdir / "collected")]))
     requests = {_name(s.attributes[schema.REQUEST_ID]): s.attributes for s in spans if s.name == schema.REQUEST_SPAN}
     # a request sent while stopped left no trace; one cut by a switch says so
-    assert set(requests) == {"before-stop", "counts-1-3", "tokens-again", "across-switch"}
+    assert set(requests) == {"before-stop", "counts-1-3", "tokens-again", "across-switch", "after-refusal"}
     assert [n for n, a in requests.items() if a.get(schema.REQUEST_PARTIAL)] == ["across-switch"]
     across = requests["across-switch"]
     assert across[schema.LAYERS] == [0, 2]  # the layers recorded at the end, their counts whole

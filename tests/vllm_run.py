@@ -7,10 +7,13 @@ SPEC: {"model", "prompts": [str], "max_tokens": int | [int], "eager": bool,
        "max_num_batched_tokens": int, "prefix_caching": bool, "tp": int?, "batches": [[prompt index]]?,
        "otlp_traces_endpoint": str?,
        "profile_dir": str?, "profile_batches": [batch index]?  (torch profiler around those batches),
+       "control": {"path": str, "batches": [{field: value}]}?  (live control: the file is replaced with
+                                          each batch's fields before that batch runs),
        "worker_modules": [module name]?  (which of them each worker process has imported, after the run;
                                           needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 to send the check)}
 """
 import json
+import os
 import sys
 
 
@@ -45,6 +48,8 @@ def main(spec_path: str, out_path: str) -> None:
     outputs = []
     for index, batch in enumerate(spec.get("batches", [list(range(len(spec["prompts"])))])):
         prompts = [spec["prompts"][i] for i in batch]
+        if spec.get("control"):
+            _replace(spec["control"]["path"], json.dumps(spec["control"]["batches"][index]))
         profiled = index in spec.get("profile_batches", [])
         if profiled:
             llm.start_profile()
@@ -62,6 +67,13 @@ def main(spec_path: str, out_path: str) -> None:
     if spec.get("worker_modules"):
         result["worker_modules_loaded"] = llm.collective_rpc(_loaded_modules, args=(spec["worker_modules"],))
     json.dump(result, open(out_path, "w"))
+
+
+def _replace(path: str, text: str) -> None:
+    """As the control endpoints write: a new file renamed over the old (a new inode)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _loaded_modules(worker, names: list[str]) -> list[str]:

@@ -27,7 +27,8 @@ import os
 import tempfile
 from typing import Any, Callable, Mapping, Optional
 
-from otel_moe.config import MODES, Config, ConfigError, LayerSelection, parse_layers
+from otel_moe.config import MODES, Config, ConfigError, LayerSelection, format_ranges, parse_layers
+from otel_moe.control import workers
 
 logger = logging.getLogger("vllm.otel_moe")
 
@@ -113,7 +114,9 @@ class ControlFile:
         Read-modify-write under a lock file: two API servers updating at once
         both take effect. Nothing is written when a value is invalid.
         """
-        base.updated(changes, where="request")  # refuse bad values with the request's words
+        asked = base.updated(changes, where="request")  # refuse bad values with the request's words
+        if LAYERS in changes:
+            self._check_layers(asked.layers)
         with open(self.path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             fields = {**self.read_fields(), **changes}
@@ -121,6 +124,21 @@ class ControlFile:
             normal = state.as_json()  # [1, 3] is stored as "1,3"
             self._replace(json.dumps({field: normal[field] for field in fields}) + "\n")
         return state
+
+    def _check_layers(self, layers: LayerSelection) -> None:
+        """Refuse layers no live recording worker has, once workers have said which they have."""
+        have = workers.model_layers(workers.live_reports(self.path))
+        if have is None or layers.layers is None:
+            return
+        missing = sorted(layers.layers - have)
+        if missing:
+            raise ControlError(f"otel-moe: request: {LAYERS}={layers.text!r}: the model has no MoE layer "
+                               f"{format_ranges(missing)} (its MoE layers, as its recording workers report: "
+                               f"{format_ranges(sorted(have)) or 'none'})")
+
+    def status(self, base: ControlState) -> dict:
+        """What the file asks for, and what each live recording worker applied."""
+        return {**self.read(base).as_json(), "workers": workers.live_reports(self.path)}
 
     def _replace(self, text: str) -> None:
         directory = os.path.dirname(self.path)
@@ -140,15 +158,20 @@ class ControlWatcher:
     """Per-step view of the control file for one recording worker (engine thread)."""
 
     def __init__(self, path: str, defaults: ControlState,
-                 validate: Callable[[ControlState], None] = lambda state: None) -> None:
+                 validate: Callable[[ControlState], None] = lambda state: None,
+                 report: Optional[workers.WorkerReport] = None) -> None:
         """``validate`` raises ``ConfigError`` for a state this worker cannot
-        record (layers the model does not have)."""
+        record (layers the model does not have); ``report``: where this worker
+        answers what it applied and what it refused."""
         self.file = ControlFile(path)
         self.defaults = defaults
         self.validate = validate
+        self.report = report
         self.version = 0  # bumped on every change applied
+        self.refused: Optional[str] = None  # why the file's latest content was not applied
         self._identity = self._stat()
         self.state = self._read()  # a bad file refuses the start (ConfigError)
+        self._answer()
 
     def _read(self) -> ControlState:
         state = self.file.read(self.defaults)
@@ -171,12 +194,26 @@ class ControlWatcher:
         try:
             state = self._read()
         except (ConfigError, OSError) as err:
-            logger.error("otel-moe: %s; recording stays %s", err, json.dumps(self.state.as_json()))
+            reason = str(err).removeprefix("otel-moe: ")
+            logger.error("otel-moe: %s; recording stays %s", reason, json.dumps(self.state.as_json()))
+            self._answer(reason)
             return False
         if state == self.state:
+            if self.refused:
+                self._answer()  # asked again for what it has: the refusal is over
             return False
         self.state = state
         self.version += 1
         logger.info("otel-moe: control: recording is now %s", json.dumps(state.as_json()))
+        self._answer()
         return True
+
+    def _answer(self, refused: Optional[str] = None) -> None:
+        self.refused = refused
+        if self.report is not None:
+            self.report.write(self.state.as_json(), self.version, refused)
+
+    def close(self) -> None:
+        if self.report is not None:
+            self.report.remove()
 

@@ -8,11 +8,12 @@ from typing import Any
 
 from otel_moe.config import CONTROL, MODES, ConfigError, from_env, parse_layers
 from otel_moe.control import LAYERS, MODE, RECORDING, ControlFile, ControlState
+from otel_moe.control.workers import live_reports
 
 
 def add_arguments(parser: Any) -> None:
     parser.add_argument("action", choices=("status", "start", "stop", "set"),
-                        help="status: print what the file asks for; start/stop: recording on/off; "
+                        help="status: print what the file asks for and what each recording worker applied; start/stop: recording on/off; "
                              "set: change --layers/--mode only")
     parser.add_argument("--file", default=os.environ.get(CONTROL, ""),
                         help=f"the control file (default: ${CONTROL})")
@@ -38,12 +39,13 @@ def run(args: Any) -> int:
         cfg = from_env()
         base = ControlState.from_config(cfg) if cfg else ControlState(True, parse_layers(""), MODES[0])
         control = ControlFile(args.file)
-        state = control.update(changes, base) if changes else control.read(base)
+        answer = ({**control.update(changes, base).as_json(), "workers": live_reports(control.path)} if changes
+                  else control.status(base))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
     except OSError as err:  # a missing folder, a read-only disk: said in one line
         print(f"otel-moe control: error: cannot use --file {args.file}: {err.strerror or err}", file=sys.stderr)
         return 2
-    print(json.dumps(state.as_json()))
+    print(json.dumps(answer))
     return 0

@@ -4,7 +4,8 @@ public ``--middleware`` option::
     VLLM_LOG_MOE=otlp VLLM_LOG_MOE_CONTROL=/tmp/moe-control.json \\
         vllm serve MODEL --middleware otel_moe.control.http.middleware
 
-    GET  /otel_moe/recording          the state the control file asks for
+    GET  /otel_moe/recording          the state the control file asks for, and under
+                                      "workers" what each recording worker applied or refused
     POST /otel_moe/recording/start    recording on  (optional JSON body: layers, mode)
     POST /otel_moe/recording/stop     recording off
     POST /otel_moe/recording          JSON body with any of recording, layers, mode
@@ -21,10 +22,11 @@ import hashlib
 import json
 import os
 import secrets
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from otel_moe import config as flags
 from otel_moe.control import RECORDING, ControlError, ControlFile, ControlState
+from otel_moe.control.workers import live_reports
 
 PREFIX = "/otel_moe/recording"
 _ACTIONS = {"": None, "/start": {RECORDING: True}, "/stop": {RECORDING: False}}
@@ -54,7 +56,7 @@ async def _handle(request: Any, action: str) -> tuple[int, dict]:
                               f"{flags.CONTROL}=<file> set"}
     control, base = ControlFile(cfg.control_path), ControlState.from_config(cfg)
     if request.method == "GET" and action == "":
-        return await _answer(control.read, base)
+        return await _answer(lambda: control.status(base))
     if request.method != "POST":
         return 405, {"error": f"{request.method} is not allowed here; use GET {PREFIX} or POST"}
     changes = dict(_ACTIONS[action] or {})
@@ -71,17 +73,18 @@ async def _handle(request: Any, action: str) -> tuple[int, dict]:
         if not isinstance(requested, dict):
             return 400, {"error": "otel-moe: the request body must be a JSON object"}
         changes = {**requested, **changes}  # /start and /stop decide recording themselves
-    return await _answer(control.update, changes, base)
+    return await _answer(lambda: {**control.update(changes, base).as_json(), "workers": live_reports(control.path)})
 
 
-async def _answer(call: Any, *args: Any) -> tuple[int, dict]:
+async def _answer(call: Callable[[], dict]) -> tuple[int, dict]:
+    """What the file asks for now, with each recording worker's answer (``workers``)."""
     try:
-        state = await asyncio.to_thread(call, *args)
+        answer = await asyncio.to_thread(call)
     except ControlError as err:
         return 400, {"error": str(err)}
     except OSError as err:
         return 500, {"error": f"otel-moe: control file: {err}"}
-    return 200, state.as_json()
+    return 200, answer
 
 
 def _authorized(request: Any) -> bool:
