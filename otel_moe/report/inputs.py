@@ -257,15 +257,21 @@ class MetricsDeltas:
             try:
                 resource = schema.attributes((resource_metrics.get("resource") or {}).get("attributes", []))
                 run = read.run_key(resource)
-                for scope in resource_metrics.get("scopeMetrics") or []:
-                    for metric in scope.get("metrics") or []:
-                        if metric.get("name") == schema.METRIC_EXPERT_TOKENS:
-                            for point in (metric.get("sum") or {}).get("dataPoints") or []:
-                                self._point(run, point, grown)
-            except (ValueError, TypeError, AttributeError, KeyError, BadRecord):
+                points = [point for scope in resource_metrics.get("scopeMetrics") or []
+                          for metric in scope.get("metrics") or [] if metric.get("name") == schema.METRIC_EXPERT_TOKENS
+                          for point in (metric.get("sum") or {}).get("dataPoints") or []]
+            except (ValueError, TypeError, AttributeError, KeyError):
                 self.stats.skip("malformed metrics")
-            except Exception as err:
-                self.stats.skip(unexpected(err))
+                continue
+            for point in points:  # a bad point is skipped alone
+                try:
+                    self._point(run, point, grown)
+                except BadRecord as err:
+                    self.stats.skip(f"{schema.METRIC_EXPERT_TOKENS}: {err}")
+                except (ValueError, TypeError, AttributeError, KeyError):
+                    self.stats.skip("malformed metrics")
+                except Exception as err:
+                    self.stats.skip(unexpected(err))
         for (run, dp_rank), layers in grown.items():
             batches = []
             for layer, experts in sorted(layers.items()):
@@ -278,6 +284,8 @@ class MetricsDeltas:
 
     def _point(self, run: str, point: dict, grown: dict) -> None:
         a = schema.attributes(point.get("attributes", []))
+        if a.get("otel.metric.overflow"):
+            raise BadRecord("the SDK's overflow point (its series limit was reached: totals past it are lost)")
         layer, expert = validate.layer(int(a[schema.LAYER])), int(a["moe.expert"])
         validate.whole(expert, "expert", 0, validate.MAX_EXPERTS - 1)
         dp_rank = int(a.get("otel_moe.dp_rank", 0))

@@ -68,7 +68,7 @@ class ExpertMetrics:
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "vllm",
                                     "service.instance.id": str(run_id), **resource_attributes})
         self._reader = reader or PeriodicExportingMetricReader(_exporter())
-        self._provider = MeterProvider(resource=resource, metric_readers=[self._reader])
+        self._provider = MeterProvider(resource=resource, metric_readers=[self._reader], views=_views())
         meter = self._provider.get_meter("otel_moe")
         if detail == "experts":
             meter.create_observable_counter(schema.METRIC_EXPERT_TOKENS, [self._observe_tokens], unit="{token}",
@@ -160,6 +160,21 @@ class ExpertMetrics:
 
     def close(self, timeout_s: float) -> None:
         self._provider.shutdown(timeout_millis=int(timeout_s * 1000))  # a last export
+
+
+# Every (layer, expert, phase, DP rank) is a series of moe.expert.tokens: 58 layers x 256
+# experts x 2 phases is ~30k. The SDK's default limit (2,000 a metric) would fold the rest
+# into one `otel.metric.overflow` point, and with it every total past the first 2,000.
+EXPERT_SERIES_LIMIT = 1 << 20
+
+
+def _views() -> list:
+    from opentelemetry.sdk.metrics.view import View
+
+    try:
+        return [View(instrument_name=schema.METRIC_EXPERT_TOKENS, aggregation_cardinality_limit=EXPERT_SERIES_LIMIT)]
+    except TypeError:  # an SDK before per-view limits: its own (2,000 series) stays
+        return []
 
 
 def _grown(have: Optional[np.ndarray], layers: int, experts: int) -> np.ndarray:
