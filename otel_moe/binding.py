@@ -266,6 +266,7 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         "vllm.model": str(vllm_config.model_config.model),
         "vllm.data_parallel_rank": dp_rank,
         "process.pid": os.getpid(),
+        schema.NUM_EXPERTS: buffers.num_experts,  # metrics name only the experts that got tokens
     }
     exporter = ExporterLink(
         {"destinations": list(config.destinations), "mode": config.mode, "metrics": config.metrics, "resource": resource,

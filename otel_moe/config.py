@@ -21,6 +21,7 @@ RING_MB = "VLLM_LOG_MOE_RING_MB"
 COUNTS_INTERVAL_MS = "VLLM_LOG_MOE_COUNTS_INTERVAL_MS"
 METRICS = "VLLM_LOG_MOE_METRICS"  # OTLP metrics detail: "experts" (per expert and layer) or "layers" (per layer)
 METRICS_DETAILS = ("experts", "layers")
+VARIABLES = (LOG_MOE, LOG_LAYER, LOG_MODE, NUM_MOE_LAYERS, QUEUE_STEPS, CONTROL, RING_MB, COUNTS_INTERVAL_MS, METRICS)
 
 OTLP = "otlp"
 # Routing captured and handed to the exporter, whose records go nowhere: what otel-moe

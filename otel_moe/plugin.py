@@ -18,6 +18,7 @@ RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 
 
 def register() -> None:
+    _declare_variables()
     cfg = flags.from_env()
     if cfg is None:
         return
@@ -36,6 +37,19 @@ def register() -> None:
     from otel_moe.binding import install
 
     install()
+
+
+def _declare_variables() -> None:
+    """Tell vLLM which VLLM_* variables are otel-moe's: it warns of any it does not know
+    ("Unknown vLLM environment variable detected"), and refuses them with
+    --fail-on-environ-validation. vLLM loads plugins before it checks."""
+    try:
+        import vllm.envs as envs
+
+        for name in flags.VARIABLES:
+            envs.environment_variables.setdefault(name, lambda name=name: os.environ.get(name))
+    except Exception:  # a vLLM without that table: the warning stays, nothing breaks
+        logger.debug("otel-moe: could not declare its variables to vLLM", exc_info=True)
 
 
 def _check_writable(path: str) -> None:

@@ -33,10 +33,13 @@ def print_summary(summary: dict) -> None:
         counts = stats["counts"]
         total = sum(counts)
         top = sorted(range(len(counts)), key=lambda e: -counts[e])[:3]
-        tops = ", ".join(f"e{e} {counts[e] / total:.0%}" for e in top) if total else "-"
+        tops = ", ".join(f"e{e} {counts[e] / total:.0%}" for e in top if counts[e]) if total else "-"
         imbalance = stats["imbalance_max_over_mean"]
         print(f"{layer:>5} {stats['tokens']:>7}  {tops:<34} {imbalance if imbalance is not None else float('nan'):>8.2f} "
               f"{stats['entropy_bits']:>5.2f}/{stats['max_entropy_bits']:.0f}")
+    print("tokens: routed through the layer. top experts: the busiest three, by share of the layer's assignments.\n"
+          "max/mean: the busiest expert's load over the mean (1.00: even). entropy: of the expert shares, in bits, "
+          "over its most, log2(experts) (reached when even).")
     line = latency_line(summary["latency"])
     if line:
         print(f"latency: {line}")

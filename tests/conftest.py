@@ -30,12 +30,13 @@ def clean_env(**flags: str) -> dict:
 
 class VllmRun:
     def __init__(self, workdir: Path, outputs: list, log: str, routing: Path | None,
-                 worker_modules_loaded: list | None = None):
+                 worker_modules_loaded: list | None = None, metrics: dict | None = None):
         self.workdir = workdir
         self.outputs = outputs
         self.log = log
         self.routing = routing
         self.worker_modules_loaded = worker_modules_loaded  # per worker, when the spec asked
+        self.metrics = metrics or {}  # vLLM's metrics the spec asked for, after the run
 
     def records(self) -> list[dict]:
         with open(self.routing) as f:
@@ -57,7 +58,7 @@ def run_vllm(workdir: Path, spec: dict, timeout: int = 600, **flags: str) -> Vll
     routing = flags.get("VLLM_LOG_MOE")
     result = json.loads(out_path.read_text())
     return VllmRun(workdir, result["outputs"], log, Path(routing) if routing and routing != "otlp" else None,
-                   result.get("worker_modules_loaded"))
+                   result.get("worker_modules_loaded"), result.get("metrics"))
 
 
 @pytest.fixture(scope="session")

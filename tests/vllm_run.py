@@ -9,6 +9,9 @@ SPEC: {"model", "prompts": [str], "max_tokens": int | [int], "eager": bool,
        "profile_dir": str?, "profile_batches": [batch index]?  (torch profiler around those batches),
        "control": {"path": str, "batches": [{field: value}]}?  (live control: the file is replaced with
                                           each batch's fields before that batch runs),
+       "n": int | [int]?  (parallel sampling: each child is an output of its own, "<index>_<request id>"),
+       "num_gpu_blocks": int?  (a KV cache that small preempts), "speculative": {speculative_config}?,
+       "metrics": [vLLM metric name]?  (their values after the run, under "metrics"),
        "worker_modules": [module name]?  (which of them each worker process has imported, after the run;
                                           needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 to send the check)}
 """
@@ -29,6 +32,12 @@ def main(spec_path: str, out_path: str) -> None:
 
         extra["profiler_config"] = ProfilerConfig(profiler="torch", torch_profiler_dir=spec["profile_dir"],
                                                   torch_profiler_with_stack=False)
+    if spec.get("metrics"):
+        extra["disable_log_stats"] = False
+    if spec.get("num_gpu_blocks"):
+        extra["num_gpu_blocks_override"] = spec["num_gpu_blocks"]
+    if spec.get("speculative"):
+        extra["speculative_config"] = spec["speculative"]
     llm = LLM(
         model=spec["model"],
         enforce_eager=spec.get("eager", False),
@@ -44,7 +53,12 @@ def main(spec_path: str, out_path: str) -> None:
     max_tokens = spec.get("max_tokens", 8)
     if isinstance(max_tokens, int):
         max_tokens = [max_tokens] * len(spec["prompts"])
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    n = spec.get("n", 1)
+    if isinstance(n, int):
+        n = [n] * len(spec["prompts"])
+    # several samples of one prompt differ only when sampled (CPU refuses a per-request seed)
+    params = [SamplingParams(temperature=0.0 if k == 1 else 1.0, max_tokens=m, ignore_eos=True, n=k)
+              for m, k in zip(max_tokens, n)]
     outputs = []
     for index, batch in enumerate(spec.get("batches", [list(range(len(spec["prompts"])))])):
         prompts = [spec["prompts"][i] for i in batch]
@@ -57,13 +71,19 @@ def main(spec_path: str, out_path: str) -> None:
         if profiled:
             llm.stop_profile()
         for r in results:
-            outputs.append({
-                "request_id": r.request_id,
-                "prompt_token_ids": list(r.prompt_token_ids),
-                "output_token_ids": list(r.outputs[0].token_ids),
-                "num_cached_tokens": r.num_cached_tokens or 0,
-            })
+            for c in r.outputs:
+                outputs.append({
+                    # vLLM runs each of n > 1 samples as a child request "<index>_<request id>"
+                    "request_id": r.request_id if len(r.outputs) == 1 else f"{c.index}_{r.request_id}",
+                    "parent_request_id": r.request_id,
+                    "prompt_token_ids": list(r.prompt_token_ids),
+                    "output_token_ids": list(c.token_ids),
+                    "num_cached_tokens": r.num_cached_tokens or 0,
+                })
     result = {"outputs": outputs}
+    if spec.get("metrics"):
+        result["metrics"] = {m.name: getattr(m, "value", None) or getattr(m, "values", None) or 0
+                             for m in llm.get_metrics() if m.name in spec["metrics"]}
     if spec.get("worker_modules"):
         result["worker_modules_loaded"] = llm.collective_rpc(_loaded_modules, args=(spec["worker_modules"],))
     json.dump(result, open(out_path, "w"))

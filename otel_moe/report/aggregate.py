@@ -229,7 +229,8 @@ class RunStats:
         self.requests: dict[str, RequestStats] = defaultdict(RequestStats)
         self.routing = RequestRouting()
         self.grid = StepGrid()
-        self.steps = 0
+        self.steps = 0  # steps, or windows of steps (counts mode), or metrics exports
+        self.modes: set[str] = set()  # "tokens": ids per token; "counts": counts per step or window
         self.top_k = 0
         self._step_key = None
         self._step_tokens = 0
@@ -261,6 +262,7 @@ class RunStats:
         stats = self.layer(layer, num_experts)
         stats.counts[: len(counts)] += counts
         stats.tokens += num_tokens
+        self.modes.add("counts" if ids is None else "tokens")
         if ids is not None:
             self.top_k = max(self.top_k, ids.shape[1])
             stats.add_tokens(ids, weights, prefill, positions)

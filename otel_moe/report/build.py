@@ -123,6 +123,7 @@ def summary(name: str, run: RunStats, stats: LineStats, files: list[str], runs_f
         "runs_found": runs_found,
         "inputs": inputs_section(stats, files),
         "steps": run.steps,
+        "modes": sorted(run.modes),
         "top_k": run.top_k,
         "layers": {str(layer): analyses.layer_entry(ls) for layer, ls in sorted(run.layers.items())},
         "requests": requests,

@@ -85,6 +85,8 @@ def heatmap(out_dir: str, result: dict) -> Optional[str]:
     plots.expert_axis(left.xaxis)
     left.set_ylabel("layer")
     left.set_title(f"share in {result['b']['label']} minus share in {result['a']['label']}")
+    fig.suptitle("\n".join(f"{result[k]['label']}: {result[k]['input']} (run {result[k]['run']})" for k in ("a", "b")),
+                 fontsize="small", x=0.01, horizontalalignment="left")
     fig.colorbar(image, ax=left, label="share difference (red: more in B)", shrink=0.8)
     right.barh(range(len(rows)), [r["js_divergence"] or 0 for r in rows], color=plots.PURPLE)
     right.set_xlabel("Jensen-Shannon divergence (bits)")

@@ -45,7 +45,9 @@ def _page(title: str, body: list[str]) -> str:
 def _overview(summary: dict) -> list[str]:
     inputs = summary["inputs"]
     skipped = f", <b>{inputs['bad_lines']} corrupt or truncated lines skipped</b>" if inputs["bad_lines"] else ""
-    parts = [_note(f"Run <code>{html.escape(summary['run'])}</code>: {summary['steps']} engine steps (counts mode: windows), "
+    steps = {("tokens",): "engine steps", ("counts",): "windows of engine steps (counts mode)"}.get(
+        tuple(summary.get("modes", ())), "engine steps and windows of steps (tokens and counts mode)")
+    parts = [_note(f"Run <code>{html.escape(summary['run'])}</code>: {summary['steps']} {steps}, "
                    f"{len(summary['layers'])} MoE layers, {len(summary['requests'])} requests. Read from "
                    f"{len(inputs['files'])} input files, {inputs['lines']} lines{skipped}. Only real tokens of real engine "
                    "steps are counted: vLLM's profile and warm-up runs and CUDA-graph padding never reach these numbers. "

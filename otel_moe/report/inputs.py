@@ -253,14 +253,17 @@ class MetricsDeltas:
 
     def add(self, request: dict) -> Iterator[MetricsWindow]:
         grown: dict[tuple[str, int], dict[int, dict[int, int]]] = {}
+        sizes: dict[str, int] = {}  # run -> its experts, where the resource says (a layer's unused experts count too)
         for resource_metrics in request.get("resourceMetrics") or []:
             try:
                 resource = schema.attributes((resource_metrics.get("resource") or {}).get("attributes", []))
                 run = read.run_key(resource)
+                if resource.get(schema.NUM_EXPERTS) is not None:
+                    sizes[run] = validate.num_experts(resource[schema.NUM_EXPERTS])
                 points = [point for scope in resource_metrics.get("scopeMetrics") or []
                           for metric in scope.get("metrics") or [] if metric.get("name") == schema.METRIC_EXPERT_TOKENS
                           for point in (metric.get("sum") or {}).get("dataPoints") or []]
-            except (ValueError, TypeError, AttributeError, KeyError):
+            except (ValueError, TypeError, AttributeError, KeyError, BadRecord):
                 self.stats.skip("malformed metrics")
                 continue
             for point in points:  # a bad point is skipped alone
@@ -275,7 +278,7 @@ class MetricsDeltas:
         for (run, dp_rank), layers in grown.items():
             batches = []
             for layer, experts in sorted(layers.items()):
-                counts = np.zeros(max(experts) + 1, np.int64)
+                counts = np.zeros(max(max(experts) + 1, sizes.get(run, 0)), np.int64)
                 for expert, n in experts.items():
                     counts[expert] += n
                 batches.append(LayerBatch(layer, len(counts), counts, int(counts.sum())))

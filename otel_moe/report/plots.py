@@ -81,7 +81,7 @@ def imbalance_heatmap(out_dir: str, run: RunStats) -> Optional[str]:
                                   gridspec_kw={"height_ratios": [1, 4]})
     x = np.arange(len(grid.steps))
     top.bar(x, grid.tokens, width=1.0, color="#999999")
-    top.set_ylabel("tokens\nper step")
+    top.set_ylabel("tokens\nper window" if _windowed(run) else "tokens\nper step")
     per = f" ({grid.width} steps per column, averaged)" if grid.width > 1 else ""
     top.set_title(f"load imbalance per layer and step: busiest expert / mean{per}")
     top.set_xlim(-0.5, len(grid.steps) - 0.5)
@@ -90,9 +90,9 @@ def imbalance_heatmap(out_dir: str, run: RunStats) -> Optional[str]:
     layer_ticks(ax, names)
     labels = list(range(0, len(grid.steps), max(1, len(grid.steps) // 8)))
     ax.set_xticks(labels, [str(grid.steps[i]) for i in labels])
-    ax.set_xlabel("engine step (counts mode: first step of each window)")
+    ax.set_xlabel("window of engine steps (its first step)" if _windowed(run) else "engine step")
     ax.set_ylabel("layer")
-    fig.colorbar(image, ax=ax, label="max / mean (1 = balanced)", location="bottom", shrink=0.6, pad=0.08)
+    fig.colorbar(image, ax=[top, ax], label="max / mean (1 = balanced)", shrink=0.8)
     return save(fig, out_dir, "imbalance_heatmap.png")
 
 
@@ -100,23 +100,31 @@ def imbalance(out_dir: str, run: RunStats) -> str:
     """Over time: one line per layer up to 8 layers, else the spread across layers."""
     fig, ax = plt.subplots(figsize=(10, 4))
     layers = sorted(run.layers)
+    few = max((len(run.layers[layer].max_over_mean.x) for layer in layers), default=0) < 20
+    marker = "o" if few else None  # a run of one window is one point: a line alone would not show it
     if len(layers) <= 8:
         for layer in layers:
             s = run.layers[layer].max_over_mean
-            ax.plot(s.x, s.y, linewidth=0.8, label=f"layer {layer}")
+            ax.plot(s.x, s.y, linewidth=0.8, marker=marker, markersize=4, label=f"layer {layer}")
     else:
         x, ys = _aligned([run.layers[layer].max_over_mean for layer in layers])
         if len(x):
             ax.fill_between(x, np.nanpercentile(ys, 10, axis=0), np.nanpercentile(ys, 90, axis=0), color=BLUE, alpha=0.25,
                             label="10th-90th percentile of layers")
-            ax.plot(x, np.nanmedian(ys, axis=0), color=BLUE, linewidth=1, label="median layer")
-            ax.plot(x, np.nanmax(ys, axis=0), color=RED, linewidth=0.8, label="most imbalanced layer")
+            ax.plot(x, np.nanmedian(ys, axis=0), color=BLUE, linewidth=1, marker=marker, label="median layer")
+            ax.plot(x, np.nanmax(ys, axis=0), color=RED, linewidth=0.8, marker=marker, label="most imbalanced layer")
     ax.axhline(1.0, color="gray", linestyle=":")
     ax.set_ylabel("max / mean expert load")
-    ax.set_xlabel("engine step")
-    ax.set_title("load imbalance per step (1 = perfectly balanced)")
+    windowed = _windowed(run)
+    ax.set_xlabel("window of engine steps (its first step)" if windowed else "engine step")
+    ax.set_title(f"load imbalance per {'window' if windowed else 'step'} (1 = perfectly balanced)")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     return save(fig, out_dir, "load_imbalance.png")
+
+
+def _windowed(run: RunStats) -> bool:
+    """Counts mode alone: the run's records are windows of steps."""
+    return "tokens" not in run.modes
 
 
 def _aligned(series: list) -> tuple[np.ndarray, np.ndarray]:
@@ -150,9 +158,10 @@ def histogram_grid(out_dir: str, layers: dict[str, dict], page: int, names: list
         expert_axis(ax.xaxis)
     fig.supxlabel("expert")
     fig.supylabel("share of the layer's assignments")
+    fig.tight_layout()
+    # above the panels, not over the first row's titles (the saved image grows to hold it)
     fig.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=BLUE), plt.Line2D([], [], color=RED, linestyle="--")],
-               labels=["expert share", "uniform share"], loc="upper center", ncol=2, bbox_to_anchor=(0.5, 1.0))
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+               labels=["expert share", "uniform share"], loc="lower center", ncol=2, bbox_to_anchor=(0.5, 1.0))
     return save(fig, out_dir, f"expert_hist_grid{page}.png")
 
 
@@ -268,11 +277,16 @@ def router_confidence(out_dir: str, run: RunStats) -> Optional[str]:
     if not names:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(13, min(MAX_INCHES, max(3.5, len(names) * 0.16 + 1.8))))
+    fewest = min(run.layers[layer].weighted_tokens for layer in names)
     for ax, attr, title in ((axes[0], "top1_hist", "top-1 weight"), (axes[1], "topk_sum_hist", "top-k weight sum")):
         hists = np.vstack([getattr(run.layers[layer], attr) for layer in names]).astype(float)
         used = np.flatnonzero(hists.sum(axis=0))
         last = max(int(used.max()) + 1, int(round(1 / WEIGHT_BIN)) + 1)
-        shares = hists[:, :last] / np.maximum(hists.sum(axis=1, keepdims=True), 1)
+        merge = _bins_merged(last, fewest)
+        last = -(-last // merge) * merge
+        hists = np.pad(hists, ((0, 0), (0, max(0, last - hists.shape[1]))))[:, :last]
+        hists = hists.reshape(len(names), last // merge, merge).sum(axis=2)
+        shares = hists / np.maximum(hists.sum(axis=1, keepdims=True), 1)
         image = ax.imshow(shares, aspect="auto", cmap="viridis", interpolation="nearest",
                           extent=(0, last * WEIGHT_BIN, len(names) - 0.5, -0.5))
         layer_ticks(ax, names)
@@ -282,6 +296,13 @@ def router_confidence(out_dir: str, run: RunStats) -> Optional[str]:
         fig.colorbar(image, ax=ax, label="share of the layer's tokens", shrink=0.5)
     fig.tight_layout()
     return save(fig, out_dir, "router_confidence.png")
+
+
+def _bins_merged(bins: int, tokens: int) -> int:
+    """How many 0.01-wide weight bins make one column: about sqrt(tokens) columns (at least
+    10, at most 100), so a few hundred tokens draw a histogram, not a barcode."""
+    columns = min(100, max(10, int(tokens ** 0.5)))
+    return next((m for m in (1, 2, 4, 5, 10, 20, 25, 50) if bins / m <= columns), 50)
 
 
 def profile(out_dir: str, joined: dict) -> Optional[str]:
@@ -299,6 +320,8 @@ def profile(out_dir: str, joined: dict) -> Optional[str]:
     twin = left.twinx()
     imbalance = [layers[n]["imbalance_max_over_mean_mean"] for n in names]
     twin.plot(x, [np.nan if v is None else v for v in imbalance], "o-", color=RED)
+    known = [v for v in imbalance if v is not None]
+    twin.set_ylim(1.0, max(known + [1.0]) * 1.1)  # from 1 (balanced): a narrow range would magnify the spread
     twin.set_ylabel("max / mean expert load", color=RED)
     left.set_title(f"per layer, over {joined['steps_joined']} profiled steps")
     points = np.asarray(joined["points"], dtype=float).reshape(-1, 5)
