@@ -48,6 +48,12 @@ def _positive(text: str) -> int:
 def _tiny_model(args: argparse.Namespace) -> int:
     from otel_moe import tiny_model
 
+    if args.shape:
+        tiny_model.build_shape(args.dir, args.shape, args.seed)
+        shape = tiny_model.SHAPES[args.shape]
+        print(f"{args.shape} ({shape.arch}, {shape.layers} layers, {len(shape.moe_layers)} of them MoE, "
+              f"{shape.routing.experts} experts, top-{shape.routing.top_k}) checkpoint written to {args.dir}")
+        return 0
     tiny_model.build(args.dir, args.arch, args.layers, args.seed)
     print(f"{args.arch} checkpoint with {args.layers} layers written to {args.dir}")
     return 0
@@ -71,6 +77,10 @@ def build_parser() -> OneLineParser:
     tiny.add_argument("--arch", choices=sorted(ARCHITECTURES), default="qwen2_moe", help="model family (default: %(default)s)")
     tiny.add_argument("--layers", type=_positive, default=4, help="decoder layers, each with an MoE block (default: %(default)s)")
     tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: %(default)s)")
+    from otel_moe.tiny_model import SHAPES
+
+    tiny.add_argument("--shape", choices=sorted(SHAPES), help="a real model's routing shape (layers, experts, top-k, "
+                      "dense layers) instead of --arch/--layers; deepseek-v3 is 58 x 256, top-8, after 3 dense layers")
     tiny.set_defaults(handler=_tiny_model)
 
     summary = commands.add_parser("summary", help="per-layer expert usage of collector files or JSONL logs")

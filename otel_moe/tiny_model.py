@@ -186,7 +186,7 @@ def build(out_dir: str, arch: str = "qwen2_moe", layers: int = 4, seed: int = 0,
     eos_id = AutoTokenizer.from_pretrained(out_dir).eos_token_id
     config.bos_token_id = config.eos_token_id = config.pad_token_id = eos_id
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out_dir, safe_serialization=True)
     GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(out_dir)
     with open(os.path.join(out_dir, "otel_moe_tiny.json"), "w") as f:
