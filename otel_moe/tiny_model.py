@@ -177,6 +177,9 @@ def build(out_dir: str, arch: str = "qwen2_moe", layers: int = 4, seed: int = 0,
         raise ValueError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a few-MB checkpoint needs no progress bar
 
     os.makedirs(out_dir, exist_ok=True)
     build_tokenizer(out_dir)
