@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup prometheus demo test bench clean
+.PHONY: setup prometheus demo test test-fast bench clean
 
 setup: $(VENV)/.ready
 
@@ -18,17 +18,22 @@ $(VENV)/.ready: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) tools/demo.py --out $(OUT)/demo
+	$(PY) -m tools.demo --out $(OUT)/demo
 
 # A real Prometheus server for the metrics test (Debian's package; the test says so if it is missing).
 prometheus:
 	@command -v prometheus >/dev/null || apt-get install -y -q prometheus >/dev/null || echo "prometheus not installed: its test will be skipped"
 
 test: setup prometheus
+	$(VENV)/bin/ruff check otel_moe tests tools
 	$(PY) -m pytest -q
 
+# The tests that start no vLLM engine (seconds; `make test` runs everything).
+test-fast: setup
+	$(PY) -m pytest -q -m "not vllm"
+
 bench: setup
-	$(PY) tools/bench.py --out bench/results.json
+	$(PY) -m tools.bench --out bench/results.json
 
 clean:
 	rm -rf $(OUT) .pytest_cache

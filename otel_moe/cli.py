@@ -5,7 +5,6 @@ import argparse
 import os
 import sys
 
-
 DEBUG = "OTEL_MOE_DEBUG"  # set: an unexpected failure shows its traceback
 
 
@@ -60,7 +59,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    from otel_moe.summary import run
+    from otel_moe.report.summary import run
 
     return run(args.inputs, args.run)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Mapping, Optional
+
+from otel_moe.layer_ranges import MAX_LAYER, SYNTAX, RangeError, format_ranges, parse_ranges  # noqa: F401 (re-exported)
 
 LOG_MOE = "VLLM_LOG_MOE"
 LOG_LAYER = "VLLM_LOG_LAYER"
@@ -21,6 +22,8 @@ RING_MB = "VLLM_LOG_MOE_RING_MB"
 COUNTS_INTERVAL_MS = "VLLM_LOG_MOE_COUNTS_INTERVAL_MS"
 METRICS = "VLLM_LOG_MOE_METRICS"  # OTLP metrics detail: "experts" (per expert and layer) or "layers" (per layer)
 METRICS_DETAILS = ("experts", "layers")
+DEFAULT_METRICS = METRICS_DETAILS[0]
+RUN_ID = "OTEL_MOE_RUN_ID"  # one run of vLLM: set by the first process's plugin, inherited by the rest
 VARIABLES = (LOG_MOE, LOG_LAYER, LOG_MODE, NUM_MOE_LAYERS, QUEUE_STEPS, CONTROL, RING_MB, COUNTS_INTERVAL_MS, METRICS)
 
 OTLP = "otlp"
@@ -74,44 +77,16 @@ class LayerSelection:
             )
 
 
-def format_ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5' (the inverse of parse_layers)."""
-    parts, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            parts.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ",".join(parts)
-
-
-LAYER_SYNTAX = "'all', a layer index like 0, a list like 0,12,23, a range like 0-5, or a mix"
-# No model has more than a few thousand layers: a selection past this is a typo (or an
-# attack on the memory of every worker that would expand it), refused before it is built.
-MAX_LAYER = 4095
-_ASCII_NUMBER = re.compile(r"[0-9]{1,18}")  # int() would take "1_000", "+1" and full-width digits
+LAYER_SYNTAX = SYNTAX
 
 
 def parse_layers(text: str, source: str = LOG_LAYER) -> LayerSelection:
     """``source`` names the variable (or control field) in errors."""
-    text = text.strip()
-    if text == "" or text.lower() == "all":
-        return LayerSelection(None, "all", source)
-    layers: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        lo, sep, hi = (p.strip() for p in part.partition("-"))
-        if not _ASCII_NUMBER.fullmatch(lo) or (sep and not _ASCII_NUMBER.fullmatch(hi)):
-            raise _refuse(source, text, LAYER_SYNTAX)
-        first = int(lo)
-        last = int(hi) if sep else first
-        if last < first:
-            raise _refuse(source, text, LAYER_SYNTAX)
-        if last > MAX_LAYER:
-            raise _refuse(source, text, f"layer indices up to {MAX_LAYER}")
-        layers.update(range(first, last + 1))
-    return LayerSelection(frozenset(layers), text, source)
+    try:
+        layers = parse_ranges(text)
+    except RangeError as err:
+        raise _refuse(source, text.strip(), str(err)) from None
+    return LayerSelection(layers, text.strip() if layers is not None else "all", source)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import uuid
 from otel_moe import config as flags
 
 logger = logging.getLogger("vllm.otel_moe")
-RUN_ID = "OTEL_MOE_RUN_ID"
+RUN_ID = flags.RUN_ID
 RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 
 
@@ -34,7 +34,7 @@ def register() -> None:
         extra = f"{RUN_ID_ATTRIBUTE}={os.environ[RUN_ID]}"
         previous = os.environ.get(RESOURCE_ATTRIBUTES, "").strip().strip(",")
         os.environ[RESOURCE_ATTRIBUTES] = f"{previous},{extra}" if previous else extra
-    from otel_moe.binding import install
+    from otel_moe.worker.binding import install
 
     install()
 
@@ -53,7 +53,7 @@ def _declare_variables() -> None:
 
 
 def _check_writable(path: str) -> None:
-    from otel_moe.sinks.jsonl import open_append
+    from otel_moe.exporter.sinks.jsonl import open_append
 
     try:
         os.close(open_append(path))

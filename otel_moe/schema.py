@@ -18,13 +18,15 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from otel_moe.config import format_ranges, parse_layers
+from otel_moe.layer_ranges import format_ranges, parse_ranges
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 SCHEMA = "otel_moe.schema_version"
 INSTRUMENTATION_SCOPE = "otel_moe"
 RUN_ID = "otel_moe.run_id"  # resource attribute: one run of vLLM (all its processes)
+
+PREFILL, DECODE = "prefill", "decode"  # a token's phase: position < prompt length, or after
 
 STEP_SPAN = "moe.step"
 ROUTING_EVENT = "moe.routing"
@@ -116,7 +118,7 @@ def parse_step_range(name: str) -> Optional[dict]:
         return None
     step, tokens, requests, moe_layers, dp_rank, run_id = match.groups()
     return {"step": int(step), "tokens": int(tokens), "requests": int(requests),
-            "moe_layers": sorted(parse_layers(moe_layers).layers or ()), "dp_rank": int(dp_rank), "run_id": run_id}
+            "moe_layers": sorted(parse_ranges(moe_layers) or ()), "dp_rank": int(dp_rank), "run_id": run_id}
 
 
 def layer_range_name(layer: int) -> str:

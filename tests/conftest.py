@@ -61,6 +61,14 @@ def run_vllm(workdir: Path, spec: dict, timeout: int = 600, **flags: str) -> Vll
                    result.get("worker_modules_loaded"), result.get("metrics"))
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that starts a vLLM engine (its module is *_vllm.py, it needs the tiny models,
+    or it says so) is marked ``vllm``: ``pytest -m "not vllm"`` runs the rest in seconds."""
+    for item in items:
+        if item.module.__name__.endswith("_vllm") or "models" in item.fixturenames or item.get_closest_marker("vllm"):
+            item.add_marker(pytest.mark.vllm)
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, str]:
     from otel_moe import tiny_model

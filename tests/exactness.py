@@ -1,8 +1,8 @@
-"""The exactness checks every real-engine run must pass (otel_moe.verify), plus
+"""The exactness checks every real-engine run must pass (tools.verify), plus
 per-record shape checks."""
 from __future__ import annotations
 
-from otel_moe.verify import computed_tokens, exactness_problems
+from tools.verify import computed_tokens, exactness_problems
 
 __all__ = ["assert_exact", "computed_tokens"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
-
 from exactness import assert_exact, computed_tokens
 
 

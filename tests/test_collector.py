@@ -11,7 +11,9 @@ import urllib.request
 
 import grpc
 import pytest
-from hypothesis import given, settings, strategies as st
+from conftest import CollectorProcess
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -19,9 +21,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from conftest import CollectorProcess
-from otel_moe import read
 from otel_moe.collector.otlp_json import BadRequest, parse_json, parse_protobuf, to_json_line
+from otel_moe.report import read
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 

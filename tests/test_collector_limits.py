@@ -8,17 +8,15 @@ import http.client
 import json
 import signal
 import socket
-import sys
 import threading
 from pathlib import Path
 
 import grpc
 import pytest
-
 from conftest import CollectorProcess
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from hostile import EXPORT, big_request as valid_request, empty_spans  # noqa: E402
+from tools.hostile import EXPORT, empty_spans  # noqa: E402
+from tools.hostile import big_request as valid_request
 
 PROTOBUF = "application/x-protobuf"
 

@@ -6,11 +6,10 @@ import json
 import urllib.request
 
 import pytest
+from conftest import CollectorProcess
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-
-from conftest import CollectorProcess
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CollectorProcess
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from conftest import CollectorProcess
-from otel_moe import read
+from otel_moe.report import read
 
 
 def _start(*args: str) -> subprocess.CompletedProcess:

@@ -27,6 +27,7 @@ def test_receiver_ports_match_compose_and_the_embedded_collector():
     ports = COMPOSE["services"]["otel-collector"]["ports"]
     assert {"4317:4317", "4318:4318"} <= set(ports)
     import argparse  # the embedded collector's defaults are the same ports
+
     from otel_moe.collector.server import add_arguments
 
     parser = argparse.ArgumentParser()

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import clean_env
+
 from otel_moe.config import ConfigError, from_env, parse_layers
 from otel_moe.control import ControlError, ControlFile, ControlState, ControlWatcher
 from otel_moe.control.workers import WorkerReport

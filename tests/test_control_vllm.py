@@ -17,9 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
 from conftest import CollectorProcess, clean_env, otlp_env
-from otel_moe import read, schema
+
+from otel_moe import schema
+from otel_moe.report import read
 
 VLLM_SERVE = Path(__file__).parent / "vllm_serve.py"
 

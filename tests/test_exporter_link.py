@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from otel_moe import binding
-from otel_moe.capture import RoutingBuffers
 from otel_moe.config import from_env
-from otel_moe.exporter.link import ExporterLink
-from otel_moe.recorder import StepRecorder
-from otel_moe.ring import ACK, BEGIN, MAX_HELD, NO_MARK, STEP
+from otel_moe.wire.messages import ACK, NO_MARK, Begin, Step
+from otel_moe.wire.ring import MAX_HELD
+from otel_moe.worker import binding
+from otel_moe.worker.capture import RoutingBuffers
+from otel_moe.worker.link import ExporterLink
+from otel_moe.worker.recorder import StepRecorder
 
 LAYERS, TOP_K, EXPERTS = 3, 2, 8
 PROMPTS = {"a": 5, "b": 3, "c": 4}  # request -> prompt length
@@ -151,10 +152,10 @@ def test_dummy_runs_between_steps_count_nothing(tmp_path):
     assert record(tmp_path, "counts", dummy_runs=True)[0] == record(tmp_path, "counts")[0]
 
 
-def step_message(offset: int, mark: int, request: str, step: int = 0, layout_ids: list | None = None) -> tuple:
+def step_message(offset: int, mark: int, request: str, step: int = 0, layout_ids: list | None = None) -> Step:
     """A tokens step of one token of ``request`` (position 0), one layer, as the recorder builds it."""
     ids = layout_ids or [request]
-    return (STEP, offset, [("|u1", [1, 1, TOP_K]), ("<f2", [1, 1, TOP_K])], mark, step, 0, 1, [0], False, 0, 0, 0, 0,
+    return Step(offset, [("|u1", [1, 1, TOP_K]), ("<f2", [1, 1, TOP_K])], mark, step, 0, 1, [0], False, 0, 0, 0, 0,
             1, ids, {request: 1}, [], [], [(request, 0)])
 
 
@@ -220,7 +221,7 @@ def test_a_stopped_exporter_never_makes_the_engine_thread_wait(tmp_path):
             assert link.send(step_message(offset, NO_MARK, f"r{step}{padding}", step))
             sent.append(step)
         assert len(link._backlog) == 4 and len(sent) > 4  # the socket took the others
-        assert not link.send((BEGIN, [], [], [("late", 1)]))  # no room: dropped, at once
+        assert not link.send(Begin([], [], [("late", 1)]))  # no room: dropped, at once
         assert link.dropped_messages == 1
     finally:
         os.kill(link.proc.pid, signal.SIGCONT)
@@ -231,12 +232,12 @@ def test_a_stopped_exporter_never_makes_the_engine_thread_wait(tmp_path):
 def test_sending_to_a_killed_exporter_says_it_is_gone_and_never_raises(tmp_path, caplog):
     """One line says so; later messages are dropped at once."""
     link = link_to(tmp_path / "r.jsonl")
-    assert link.send((BEGIN, [], [], [("a", 1)]))
+    assert link.send(Begin([], [], [("a", 1)]))
     link.proc.kill()
     link.proc.wait(30)
     with caplog.at_level("ERROR", logger="vllm.otel_moe"):
-        assert not link.send((BEGIN, [], [], [("b", 1)]))
-        assert not link.send((BEGIN, [], [], [("c", 1)]))
+        assert not link.send(Begin([], [], [("b", 1)]))
+        assert not link.send(Begin([], [], [("c", 1)]))
     assert not link.alive and not link.has_room()
     assert [r.getMessage() for r in caplog.records] == [
         f"otel-moe: the exporter process (pid {link.proc.pid}) exited with code -9; routing is no longer recorded, "

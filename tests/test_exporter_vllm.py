@@ -9,9 +9,9 @@ import threading
 import time
 
 import psutil
-
 from conftest import LONG, start_vllm
-from otel_moe.verify import exactness_problems
+
+from tools.verify import exactness_problems
 
 EXPORTER = "otel-moe exporter"
 

@@ -47,7 +47,8 @@ def test_collector_killed_mid_run(models, mixtral_long_off, tmp_path):
     import threading
 
     from conftest import LONG, VLLM_RUN, CollectorProcess, clean_env
-    from otel_moe.verify import exactness_problems
+
+    from tools.verify import exactness_problems
 
     collector = CollectorProcess(tmp_path / "collected")
     killed = threading.Event()

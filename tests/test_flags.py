@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import clean_env
 
 from otel_moe.config import ConfigError, from_env, parse_layers
 from otel_moe.plugin import register
-from conftest import clean_env
 
 
 def test_unset_or_empty_means_off():
@@ -86,7 +86,7 @@ def test_register_is_a_no_op_when_off(monkeypatch):
     monkeypatch.delenv("VLLM_LOG_MOE", raising=False)
     before = set(sys.modules)
     register()
-    assert not {m for m in set(sys.modules) - before if m.startswith(("vllm", "torch", "otel_moe.binding"))}
+    assert not {m for m in set(sys.modules) - before if m.startswith(("vllm", "torch", "otel_moe.worker.binding"))}
 
 
 LLM_START = (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from otel_moe.sinks.metrics import ExpertMetrics
-from otel_moe.step import StepRecord
+from otel_moe.exporter.records import StepRecord
+from otel_moe.exporter.sinks.metrics import ExpertMetrics
 
 
 def step(ids, positions, prompt_lens, request_tokens, dp_rank=0) -> StepRecord:

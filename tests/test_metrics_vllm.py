@@ -14,15 +14,14 @@ import urllib.request
 from collections import Counter
 
 import pytest
-
 from conftest import CHUNKED, CollectorProcess, run_vllm
 
 PROMETHEUS = shutil.which("prometheus")
 # Asked of vLLM's worker process after the run: the recorder (a control, it must be there),
 # otel-moe's metrics and OTLP sinks and the exporter's loop. (The OpenTelemetry SDK itself is
 # there anyway: vLLM's own tracing imports it; and the flag check at start opens a JSONL file
-# with otel_moe.sinks.jsonl's helper.)
-METRICS_MODULES = ["otel_moe.recorder", "otel_moe.sinks.metrics", "otel_moe.sinks.otlp", "otel_moe.exporter.process"]
+# with otel_moe.exporter.sinks.jsonl's helper.)
+METRICS_MODULES = ["otel_moe.worker.recorder", "otel_moe.exporter.sinks.metrics", "otel_moe.exporter.sinks.otlp", "otel_moe.exporter.process"]
 
 
 def _free_port() -> int:
@@ -82,7 +81,7 @@ def test_prometheus_totals_equal_the_recorded_routing(models, tmp_path):
                        OTEL_METRIC_EXPORT_INTERVAL="500", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
         run_s = time.monotonic() - started
         # The metrics path lives in the exporter process: vLLM's worker never even imports it.
-        assert run.worker_modules_loaded == [["otel_moe.recorder"]]
+        assert run.worker_modules_loaded == [["otel_moe.worker.recorder"]]
         records = [json.loads(line) for line in routing.read_text().splitlines()]
         assert len(records) == sum(len(o["prompt_token_ids"]) + len(o["output_token_ids"]) - 1 for o in run.outputs) * 4
         expected = Counter((r["layer"], e) for r in records for e in r["expert_ids"])

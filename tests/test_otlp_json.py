@@ -7,18 +7,19 @@ import json
 import math
 
 from google.protobuf import json_format
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace.export import SpanExportResult
 
-from otel_moe import synthetic
 from otel_moe.collector import otlp_json
 from otel_moe.collector.otlp_json import BadRequest, parse_protobuf, to_json_line
 from otel_moe.config import from_env
-from otel_moe.sinks.metrics import ExpertMetrics
-from otel_moe.sinks.otlp import OtlpSink
+from otel_moe.exporter.sinks.metrics import ExpertMetrics
+from otel_moe.exporter.sinks.otlp import OtlpSink
+from tools import synthetic
 
 
 def reference_line(request) -> str:

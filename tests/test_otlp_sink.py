@@ -6,12 +6,13 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import CollectorProcess
-from otel_moe import read, schema
+
+from otel_moe import schema
 from otel_moe.config import from_env
-from otel_moe.sinks.otlp import OtlpSink
-from otel_moe.step import StepRecord
+from otel_moe.exporter.records import StepRecord
+from otel_moe.exporter.sinks.otlp import OtlpSink
+from otel_moe.report import read
 
 
 def make_record(step: int, requests: int, tokens_each: int, layers: int, top_k: int, experts: int, seed=0) -> StepRecord:

@@ -7,9 +7,10 @@ import re
 from collections import Counter
 
 import pytest
-
 from exactness import computed_tokens
-from otel_moe import read, schema
+
+from otel_moe import schema
+from otel_moe.report import read
 
 
 def _spans(pipeline):

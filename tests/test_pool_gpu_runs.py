@@ -2,14 +2,9 @@
 with its own run's `off` engines, and refuses runs of different setups."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
-from pool_gpu_runs import pool  # noqa: E402
+from tools.pool_gpu_runs import pool  # noqa: E402
 
 
 def run(off, off2, counts, tokens, ratio_off2, prompts=1024):

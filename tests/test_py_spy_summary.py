@@ -2,12 +2,7 @@
 --subprocesses and --threads: parents first in the chain, command lines that hold newlines."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
-from py_spy_summary import summarize  # noqa: E402
+from tools.py_spy_summary import summarize  # noqa: E402
 
 RAW = '''process 10:"vllm serve m";process 11:"VLLM::EngineCore";thread (11): MainThread;run_busy_loop (vllm/v1/engine/core.py:900);execute_model (otel_moe/binding.py:135);execute_model (vllm/v1/worker/gpu_model_runner.py:2000) 70
 process 10:"vllm serve m";process 11:"VLLM::EngineCore";thread (11): MainThread;run_busy_loop (vllm/v1/engine/core.py:900);execute_model (otel_moe/binding.py:138);_telemetry (otel_moe/binding.py:160);on_step (otel_moe/recorder.py:150);dumps (marshal) 20

@@ -10,9 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import clean_env
-from otel_moe import read, schema
 
+from otel_moe import schema
+from otel_moe.report import read
+
+pytestmark = pytest.mark.vllm  # the recipe starts a server
 README = Path(__file__).parent.parent / "README.md"
 
 

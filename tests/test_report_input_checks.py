@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from test_report import GOLDEN, LAYER0, LAYER1, _attr, golden_jsonl, golden_otlp_line, u32
 
 from otel_moe import schema
 from otel_moe.cli import build_parser
 from otel_moe.report.main import build_report
-from test_report import GOLDEN, LAYER0, LAYER1, _attr, golden_jsonl, golden_otlp_line, u32
 
 STEP0_LAYER0 = [3, 1, 1, 1]  # a@0 0+1, a@1 0+2, b@0 0+3
 STEP0_LAYER1 = [1, 1, 3, 1]  # 2+3, 2+0, 1+2

@@ -9,11 +9,11 @@ import struct
 
 import numpy as np
 import pytest
-
-from otel_moe import synthetic
-from otel_moe.report.main import build_report
-from test_report import LAYER0, LAYER1, GOLDEN, golden_otlp_line
+from test_report import GOLDEN, LAYER0, LAYER1, golden_otlp_line
 from test_report_input_checks import cli, one_line_error
+
+from otel_moe.report.main import build_report
+from tools import synthetic
 
 LAYERS, EXPERTS, TOP_K, STEPS, TOKENS, REQUESTS = 94, 128, 8, 3, 128, 8
 

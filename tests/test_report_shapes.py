@@ -12,11 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from otel_moe import synthetic
+from otel_moe.exporter.records import StepRecord
+from otel_moe.exporter.sinks.jsonl import JsonlSink
+from otel_moe.report.compare import compare, one_run
 from otel_moe.report.main import build_report
-from otel_moe.sinks.jsonl import JsonlSink
-from otel_moe.step import StepRecord
-from otel_moe.summary import summarize
+from otel_moe.report.summary import summarize
+from tools import synthetic
 
 
 def _write_both(tmp_path, records: list[StepRecord]):
@@ -85,18 +86,30 @@ def test_report_summary_and_compare_read_both_sinks_exactly(tmp_path, shape, mod
     jsonl, collected = _write_both(tmp_path, records)
     expected = _expected_counts(records)
     for source in (jsonl, collected):
-        result = build_report([str(source)], str(tmp_path / f"report-{source.name}"))
-        assert {n: layer["counts"] for n, layer in result["layers"].items()} == expected, source
-        assert result["inputs"]["bad_lines"] == 0 and result["inputs"]["skipped_records"] == {}
-        [one] = summarize([str(source)])
-        assert {n: layer["counts"] for n, layer in one["layers"].items()} == expected
-        assert (tmp_path / f"report-{source.name}" / "report.html").exists()
+        [one] = summarize([str(source)])  # the report's summary.json, without its figures (drawn below, once)
+        assert {n: layer["counts"] for n, layer in one["layers"].items()} == expected, source
+        assert one["inputs"]["bad_lines"] == 0 and one["inputs"]["skipped_records"] == {}
+        assert one["modes"] == [mode]
+    compared = compare(one_run(str(jsonl), None)[1], one_run(str(collected), None)[1])
+    assert [row["layer"] for row in compared["layers"]] == layers
+    assert all(row["js_divergence"] == 0 and not any(row["share_difference"]) for row in compared["layers"])
+
+
+@pytest.mark.parametrize("shape", ["mixtral", "deepseek-v3"])  # the smallest and the largest
+def test_the_report_and_compare_draw_both_modes_at_the_extreme_shapes(tmp_path, shape):
+    layers, experts, top_k = SHAPES[shape]
+    records = _token_records(layers, experts, top_k) + _counts_windows(2, layers, experts, top_k)
+    jsonl, collected = _write_both(tmp_path, records)
+    result = build_report([str(collected)], str(tmp_path / "report"))
+    assert {n: layer["counts"] for n, layer in result["layers"].items()} == _expected_counts(records)
+    assert result["modes"] == ["counts", "tokens"]
+    pictures = {p.name for p in (tmp_path / "report").glob("*.png")}
+    assert {"expert_heatmap.png", "imbalance_heatmap.png", "load_imbalance.png", "router_confidence.png",
+            "expert_hist_grid0.png"} <= pictures
     proc = subprocess.run([sys.executable, "-m", "otel_moe.cli", "compare", str(jsonl), str(collected),
                            "--out", str(tmp_path / "compare")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    compared = json.loads((tmp_path / "compare" / "compare.json").read_text())
-    assert [row["layer"] for row in compared["layers"]] == layers
-    assert all(row["js_divergence"] == 0 and not any(row["share_difference"]) for row in compared["layers"])
+    assert json.loads((tmp_path / "compare" / "compare.json").read_text())["image"] == "compare_heatmap.png"
 
 
 def test_counts_windows_over_otlp_keep_their_token_totals(tmp_path):
@@ -154,7 +167,7 @@ def test_report_warns_of_layers_the_run_does_not_have(tmp_path):
 def test_an_unforeseen_failure_is_one_line_naming_the_command_input_and_version(tmp_path):
     """A failure no check foresaw (here: summarize itself breaks) never shows a traceback,
     unless OTEL_MOE_DEBUG asks for it."""
-    script = ("import sys, otel_moe.summary as s\n"
+    script = ("import sys, otel_moe.report.summary as s\n"
               "def broken(*a, **k): raise RuntimeError('disk on fire')\n"
               "s.summarize = broken\n"
               "from otel_moe.cli import main\n"

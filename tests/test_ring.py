@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from otel_moe.ring import ALIGN, MARKS, MAX_HELD, NO_MARK, FifoSpace, SharedRing, decode, encode, socket_pair
-from otel_moe.snapshot import Snapshotter, array_bytes
-from otel_moe.capture import RoutingBuffers
+from otel_moe.wire.messages import NO_MARK, array_bytes, decode, encode
+from otel_moe.wire.ring import ALIGN, MARKS, MAX_HELD, FifoSpace, SharedRing, socket_pair
+from otel_moe.worker.capture import RoutingBuffers
+from otel_moe.worker.snapshot import Snapshotter
 
 
 def _overlaps(a, b) -> bool:
@@ -180,8 +181,9 @@ def test_counts_of_more_than_256_experts():
 
 
 def test_messages_with_numpy_ints_or_container_subclasses_arrive_as_plain_values(monkeypatch):
-    import otel_moe.exporter.link as link
     from collections import OrderedDict
+
+    import otel_moe.worker.link as link
 
     monkeypatch.setattr(link, "_checked", 0)  # a fresh process
     monkeypatch.setattr(link, "_convert_all", False)

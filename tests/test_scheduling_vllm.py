@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
 from conftest import run_vllm
 from exactness import assert_exact, computed_tokens
-from otel_moe.verify import exactness_problems
+
+from tools.verify import exactness_problems
 
 LAYERS = [0, 1, 2, 3]  # the suite's tiny Qwen2-MoE: 4 layers, 8 experts, top-2
 PROMPT = "the expert router sends every token to a few experts " * 2

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from otel_moe import ring
-from otel_moe.step_layout import ONE_EACH, SAME, LayoutDecoder, LayoutEncoder
+from otel_moe.wire import messages
+from otel_moe.wire.step_layout import ONE_EACH, SAME, LayoutDecoder, LayoutEncoder
 
 
 def layouts(steps: int, seed: int) -> list[tuple]:
@@ -43,7 +43,7 @@ def test_every_layout_that_arrives_is_whole_again_though_others_were_lost(seed):
     encoder, decoder, rng = LayoutEncoder(), LayoutDecoder(), random.Random(100 + seed)
     arrived = 0
     for tokens, order, scheduled, running, computed, new in layouts(400, seed):
-        sent = ring.decode(ring.encode(encoder.encode(tokens, order, scheduled, running, computed, new)))
+        sent = messages.decode(messages.encode(encoder.encode(tokens, order, scheduled, running, computed, new)))
         if rng.random() < 0.1:  # the link had no room: it never reaches the exporter
             encoder.forget()
             continue
@@ -69,7 +69,7 @@ def test_a_counts_window_s_layouts_come_back_whole_with_the_window_s_own_decoder
     steps = layouts(300, seed)
     for window in (steps[i:i + 10] for i in range(0, len(steps), 10)):
         encoder, decoder = LayoutEncoder(), LayoutDecoder()
-        sent = [ring.decode(ring.encode(encoder.encode(tokens, None, scheduled, running, computed, new)))
+        sent = [messages.decode(messages.encode(encoder.encode(tokens, None, scheduled, running, computed, new)))
                 for tokens, _, scheduled, running, computed, new in window]
         assert sent[0][3] != SAME
         for (tokens, _, scheduled, running, computed, new), layout in zip(window, sent):

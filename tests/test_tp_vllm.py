@@ -4,7 +4,6 @@ in its own profile run on the lent machines, with or without otel-moe."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import CHUNKED, run_vllm
 from exactness import assert_exact
 

@@ -18,12 +18,12 @@ import sys
 from collections import defaultdict
 
 import pytest
-
 from conftest import CollectorProcess, otlp_env, run_vllm
 from exactness import assert_exact, computed_tokens
+
 from otel_moe import tiny_model
 from otel_moe.report.main import build_report
-from otel_moe.summary import summarize
+from otel_moe.report.summary import summarize
 
 # Prompts of 5+ tokens (a tiny Mixtral's CPU worker dies on a 2-token prompt), one long
 # enough that its prefill is chunked and mixed with the others' decodes.

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_vllm import MODES_CPU, MODES_GPU, bench_vllm, engine_env, engine_of, make_model  # noqa: E402
-from otel_moe import synthetic  # noqa: E402
 from otel_moe.collector.process import CollectorProcess  # noqa: E402
+from tools import synthetic  # noqa: E402
+from tools.bench_vllm import MODES_CPU, MODES_GPU, bench_vllm, engine_env, engine_of, make_model  # noqa: E402
+
 
 def _free_device_memory() -> None:
     import gc
@@ -98,7 +98,7 @@ def _keep_some_steps(events: list[dict], out: Path) -> None:
 # ---- collector throughput -----------------------------------------------------
 def bench_collector(args, work: Path) -> dict:
     from otel_moe.config import from_env
-    from otel_moe.sinks.otlp import OtlpSink
+    from otel_moe.exporter.sinks.otlp import OtlpSink
 
     layers, top_k, experts, tokens, steps = 24, 4, 60, 2048, args.collector_steps
     records = list(synthetic.records(steps, tokens, layers, top_k, experts))
@@ -133,7 +133,7 @@ def rss_kib(pid: int) -> int:
 def bench_exporter_soak(args, work: Path) -> dict:
     """A worker's exporter process under steady serving load (tools/profile_sink.py's
     churning decode steps, OTLP to the embedded collector) for minutes, its memory sampled."""
-    from profile_sink import ChurningSteps, synthetic_recorder
+    from tools.profile_sink import ChurningSteps, synthetic_recorder
 
     collector = CollectorProcess(work / "exporter-soak", "--rotate-mb", "64")
     os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
@@ -168,7 +168,7 @@ def bench_exporter_soak(args, work: Path) -> dict:
 def bench_soak(args, work: Path) -> dict:
     """Minutes of steady OTLP load into the collector (rotating its files), its memory sampled."""
     from otel_moe.config import from_env
-    from otel_moe.sinks.otlp import OtlpSink
+    from otel_moe.exporter.sinks.otlp import OtlpSink
 
     layers, top_k, experts, tokens = 24, 4, 60, 2048
     records = list(synthetic.records(8, tokens, layers, top_k, experts))
@@ -204,12 +204,10 @@ def bench_hostile_soak(args, work: Path) -> dict:
     gRPC bombs, big requests in parallel, idle and slow connections, short bodies, garbage,
     deep JSON, bad ids), the collector at its default budget (512 MiB), its memory sampled."""
     import collections
-    import threading
-
-    from hostile import Attacks
 
     from otel_moe.config import from_env
-    from otel_moe.sinks.otlp import OtlpSink
+    from otel_moe.exporter.sinks.otlp import OtlpSink
+    from tools.hostile import Attacks
 
     layers, top_k, experts, tokens = 24, 4, 60, 2048
     records = list(synthetic.records(8, tokens, layers, top_k, experts))

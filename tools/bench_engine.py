@@ -11,7 +11,7 @@ environment, and drives them over stdin/stdout, one JSON line each way (``@@benc
   -> {"quit": true}       <- {"outputs": path}       shut down, outputs of every run written
 The first line out is {"ready": true, "start_s": float} once the engine is built.
 
-    python tools/bench_engine.py SPEC.json
+    python -m tools.bench_engine SPEC.json
 SPEC: {"mode", "engine": {LLM kwargs}, "prompts": [[token ids]], "gen_len", "outputs",
        "seed_style_log": path?  (hook the prototype's logger into the workers)}
 """
@@ -21,7 +21,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
 
 PREFIX = "@@bench "  # vLLM prints to stdout too: protocol lines carry this
 
@@ -37,11 +36,11 @@ def main(spec_path: str) -> None:
 
     t0 = time.monotonic()
     llm = LLM(**spec["engine"])
-    import engine_probe  # beside this script: on vLLM's processes' sys.path too (spawned from here)
+    from tools import engine_probe  # vLLM's processes import it too (PYTHONPATH holds the checkout)
 
     llm.collective_rpc(engine_probe.install)
     if spec.get("seed_style_log"):
-        import seed_style
+        from tools import seed_style
 
         llm.collective_rpc(seed_style.install(spec["seed_style_log"]))
     say({"ready": True, "start_s": round(time.monotonic() - t0, 1)})
@@ -73,8 +72,9 @@ def main(spec_path: str) -> None:
 def profiled_turn(llm, prompts: list[list[int]], turn: dict, run: int):
     """The first ``turn["prompts"]`` prompts (made unique, as a run's), ``turn["gen_len"]``
     tokens each, under the torch profiler in the model's process: (its summary, the outputs)."""
-    import engine_probe
     from vllm import SamplingParams
+
+    from tools import engine_probe
 
     batch = [{"prompt_token_ids": ids} for ids in unique_prompts(prompts[: turn["prompts"]], 10_000 + run)]
     params = SamplingParams(max_tokens=turn["gen_len"], ignore_eos=True, temperature=0.0, detokenize=False)

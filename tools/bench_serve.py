@@ -3,7 +3,7 @@ the embedded collector) and a second `off` as noise control, measured by vLLM's 
 `vllm bench serve` (random dataset, a request rate near saturation) in rounds whose
 order turns.
 
-    python tools/bench_serve.py --out bench/gpu_serve_results.json [--rounds 3] [--servers off,tokens,off2]
+    python -m tools.bench_serve --out bench/gpu_serve_results.json [--rounds 3] [--servers off,tokens,off2]
 
 Writes, per server, the median over rounds of request throughput and TTFT / TPOT
 p50 / p99, each server's ratio to `off` for each, every round's numbers, and each
@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_vllm import NOISE_TOLERANCE, engine_thread_us_per_step, engine_env, make_model  # noqa: E402
-from otel_moe import read, schema  # noqa: E402
+from otel_moe import schema  # noqa: E402
 from otel_moe.collector.process import CollectorProcess  # noqa: E402
+from otel_moe.report import read  # noqa: E402
+from tools.bench_vllm import NOISE_TOLERANCE, engine_env, engine_thread_us_per_step, make_model  # noqa: E402
 
 METRICS = ("request_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms")
 NAMES = {"request_throughput": "request_throughput", "p50_ttft_ms": "ttft_ms_p50", "p99_ttft_ms": "ttft_ms_p99",

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from bench_engine import PREFIX
 from otel_moe.collector.process import CollectorProcess
+from tools.bench_engine import PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,9 @@ def engine_env(mode: str, work: Path) -> dict:
                OTEL_MOE_RUN_ID=f"bench-{mode}",
                # tools/engine_probe.py's functions reach the workers over collective_rpc (every
                # engine alike; vLLM's own messages are encoded as before)
-               VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+               VLLM_ALLOW_INSECURE_SERIALIZATION="1",
+               # ... by reference to tools.engine_probe: vLLM's processes import it from the checkout
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if mode in ("paused", SWITCHED_ENGINE):
         control = work / f"control-{mode}.json"
         control.write_text('{"recording": false}')
@@ -110,7 +112,7 @@ class Engine:
         spec_path = work / f"engine-{mode}.json"
         spec_path.write_text(json.dumps(spec))
         self.log = open(work / f"engine-{mode}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "bench_engine.py"), str(spec_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "tools.bench_engine", str(spec_path)], cwd=ROOT,
                                      env=engine_env(mode, work), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True)
         self.start_s = self.ask(None)["start_s"]
@@ -161,8 +163,9 @@ def bench_vllm(args, work: Path) -> dict:
     """Every mode's engine alive side by side, one process each (vLLM's default topology
     inside each), generating the same batch in turns; each compared with `off` turn by
     turn, and `off2` says how far two identical engines differ."""
-    from otel_moe import read, schema
-    from otel_moe.verify import exactness_problems
+    from otel_moe import schema
+    from otel_moe.report import read
+    from tools.verify import exactness_problems
 
     modes = args.modes.split(",")
     processes = list(dict.fromkeys(engine_of(m) for m in modes))  # engine processes, in the modes' order
@@ -306,8 +309,9 @@ def switched_exactness(spans: list, outputs: Optional[list], switched_turns: lis
                        layers: int) -> Optional[dict]:
     """The switched engine's records against the outputs of its recording turns alone (its
     outputs come turn by turn, in order): its paused turns must have recorded nothing."""
-    from otel_moe import read, schema
-    from otel_moe.verify import exactness_problems
+    from otel_moe import schema
+    from otel_moe.report import read
+    from tools.verify import exactness_problems
 
     if outputs is None:
         return None
@@ -543,9 +547,9 @@ def _metrics_totals(folder: Path, outputs: dict[str, list], layers: int, top_k: 
     """Each recording engine's ``moe.expert.tokens``, summed over the collector's metrics
     files by the report's own reader, next to what it computed (tokens x layers x top_k):
     the metrics path, on by default with otlp, ran in the timed engines and must be exact."""
-    from otel_moe.read import LineStats
     from otel_moe.report.inputs import MetricsDeltas
-    from otel_moe.verify import computed_tokens
+    from otel_moe.report.read import LineStats
+    from tools.verify import computed_tokens
 
     deltas, totals = MetricsDeltas(LineStats()), {}
     for file in sorted(folder.glob("metrics*.json")):

@@ -4,7 +4,7 @@ tokens mode, then stop; check each phase's records exactly.
 
 The tests do this on CPU through `vllm serve`; this script is for a GPU machine,
 where CUDA graphs replay the capture and the snapshot selects layers on the device.
-Usage: python tools/control_check.py OUT_DIR [--device cuda]
+Usage: python -m tools.control_check OUT_DIR [--device cuda]
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def main() -> int:
@@ -31,11 +30,11 @@ def main() -> int:
         path.unlink(missing_ok=True)
     os.environ.update(VLLM_LOG_MOE=str(routing), VLLM_LOG_MOE_CONTROL=str(control),
                       VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    from bench_vllm import make_model
     from vllm import LLM, SamplingParams
 
     from otel_moe.config import parse_layers
     from otel_moe.control import ControlFile, ControlState
+    from tools.bench_vllm import make_model
 
     layers = 12 if args.device == "cuda" else 4
     model, info = make_model(out, args.device, layers)

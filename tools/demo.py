@@ -85,7 +85,7 @@ def main() -> int:
 
     print("4/4 the report ...", flush=True)
     from otel_moe.report.main import build_report
-    from otel_moe.summary import print_summary
+    from otel_moe.report.summary import print_summary
 
     result = build_report([str(out / "collected"), str(out / "profile")], str(out / "report"))
     print(f"""

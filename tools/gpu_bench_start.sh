@@ -4,7 +4,7 @@
 # bench in the background, in a session of its own (it outlasts one device call, and the
 # machine keeps it running between calls). Then poll with tools/gpu_bench_wait.sh.
 #   bash tools/gpu_bench_start.sh --rounds 14 --keep-awake alternate
-#   bash tools/gpu_bench_start.sh --serve --rounds 4 --request-rate 150   (tools/bench_serve.py)
+#   bash tools/gpu_bench_start.sh --serve --rounds 4 --request-rate 150   (tools.bench_serve)
 set -euo pipefail
 export PYTHONPATH=/tmp/site
 rm -rf /tmp/repo /tmp/gpu-bench && mkdir -p /tmp/repo /tmp/gpu-bench
@@ -15,9 +15,9 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/g
   >/tmp/gpu-bench/machine.txt 2>&1 || true
 if [ "${1:-}" = --serve ]; then
   shift
-  bench=(tools/bench_serve.py --out /tmp/gpu-bench/gpu_serve_results.json)
+  bench=(-m tools.bench_serve --out /tmp/gpu-bench/gpu_serve_results.json)
 else
-  bench=(tools/bench.py --device cuda --sections vllm --out /tmp/gpu-bench/gpu_results.json)
+  bench=(-m tools.bench --device cuda --sections vllm --out /tmp/gpu-bench/gpu_results.json)
 fi
 PYTHONUNBUFFERED=1 setsid nohup python3 "${bench[@]}" "$@" >/tmp/gpu-bench/bench.log 2>&1 </dev/null &
 echo $! >/tmp/gpu-bench/pid

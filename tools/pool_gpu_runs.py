@@ -6,7 +6,7 @@ Runs may have run different modes beside `off` and `off2` (which every run needs
 mode is pooled over the runs that have it (and the switched engine's within-process
 ratios over the runs that have those).
 
-    python3 tools/pool_gpu_runs.py bench/gpu_results.json bench/gpu_results_2.json
+    python -m tools.pool_gpu_runs bench/gpu_results.json bench/gpu_results_2.json
 """
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_vllm import median_interval, ratio_to_pooled_off  # noqa: E402
+from tools.bench_vllm import median_interval, ratio_to_pooled_off  # noqa: E402
 
 SAME_SETUP = ("model", "device", "topology", "prompts", "prompt_len", "gen_len", "max_num_seqs")
 

@@ -8,7 +8,7 @@ keeps them. The rest of each --step-ms
 spins, as a forward keeps the engine thread busy (a sleeping thread's core goes cold).
 Runs on any host in seconds, no GPU needed.
 
-    python tools/profile_sink.py [--profile] [--mode tokens|counts] [--step-ms 10] [--sink discard|PATH]
+    python -m tools.profile_sink [--profile] [--mode tokens|counts] [--step-ms 10] [--sink discard|PATH]
 """
 import argparse
 import cProfile
@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from otel_moe.capture import RoutingBuffers
 from otel_moe.config import from_env
-from otel_moe.exporter.link import ExporterLink
-from otel_moe.recorder import StepRecorder
+from otel_moe.worker.capture import RoutingBuffers
+from otel_moe.worker.link import ExporterLink
+from otel_moe.worker.recorder import StepRecorder
 
 REQUESTS, LAYERS, TOP_K, EXPERTS, STEPS = 256, 12, 4, 60, 300
 

@@ -3,7 +3,7 @@
 ``tools/bench_serve.py --py-spy`` writes it: on-CPU samples): per process and thread, the samples, the
 share in otel-moe's own code (its innermost frame below every vLLM frame), and the most frequent innermost frames.
 
-    python tools/py_spy_summary.py bench/py-spy-off.txt bench/py-spy-tokens.txt [--top 8]
+    python -m tools.py_spy_summary bench/py-spy-off.txt bench/py-spy-tokens.txt [--top 8]
 """
 from __future__ import annotations
 

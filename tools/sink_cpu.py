@@ -5,29 +5,26 @@ experts (tools/profile_sink.py's shape), plus the bytes the collector writes per
 This is the CPU a GPU host gives otel-moe beside vLLM (about 0.7 of a core at ~100 steps/s).
 Runs on any host in seconds, no GPU needed.
 
-    python tools/sink_cpu.py [--steps 300] [--rounds 3]
+    python -m tools.sink_cpu [--steps 300] [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_vllm import process_cpu_s  # noqa: E402
-from profile_sink import EXPERTS, LAYERS, REQUESTS, TOP_K  # noqa: E402
+from tools.bench_vllm import process_cpu_s  # noqa: E402
+from tools.profile_sink import EXPERTS, LAYERS, REQUESTS, TOP_K  # noqa: E402
 
 
 def decode_steps(count: int, first: int = 0):
     """StepRecords of one token for each of REQUESTS requests, weights in float16 as captured."""
-    from otel_moe.step import StepRecord
+    from otel_moe.exporter.records import StepRecord
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, EXPERTS, (REQUESTS, LAYERS, TOP_K)).astype(np.uint8)
@@ -45,7 +42,7 @@ def measure(steps: int, rounds: int) -> list[dict]:
     """One collector and one sink for every round (the first round warms up)."""
     from otel_moe.collector.process import CollectorProcess
     from otel_moe.config import from_env
-    from otel_moe.sinks import open_sinks
+    from otel_moe.exporter.sinks import open_sinks
 
     out = Path(tempfile.mkdtemp(prefix="sink-cpu-"))
     collector = CollectorProcess(out)

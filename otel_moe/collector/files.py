@@ -14,7 +14,6 @@ import time
 from typing import Optional
 
 
-
 class Closed(RuntimeError):
     """The file was closed (the collector stops): nothing more is written."""
 

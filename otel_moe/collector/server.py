@@ -23,18 +23,21 @@ from concurrent import futures
 # gRPC's C core would print its own lines (a taken port...) past the collector's one-line errors.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (  # noqa: E402
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse)
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
-    ExportTraceServiceRequest, ExportTraceServiceResponse)
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest, ExportMetricsServiceResponse  # noqa: E402
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse  # noqa: E402
 
 from otel_moe.collector import admission  # noqa: E402
 from otel_moe.collector.admission import Busy, MemoryBudget, Reservation, TooLarge  # noqa: E402
 from otel_moe.collector.files import Closed, RotatingFile  # noqa: E402
 from otel_moe.collector.http_receiver import (  # noqa: E402
-    BoundedHTTPServer, BoundedHTTPServer6, Unavailable, make_handler, make_prometheus_handler)
-from otel_moe.collector.prometheus import PrometheusState  # noqa: E402
+    BoundedHTTPServer,
+    BoundedHTTPServer6,
+    Unavailable,
+    make_handler,
+    make_prometheus_handler,
+)
 from otel_moe.collector.otlp_json import BadRequest, parse_protobuf, to_json_line  # noqa: E402
+from otel_moe.collector.prometheus import PrometheusState  # noqa: E402
 from otel_moe.scheduling import never_preempt_on_wakeup  # noqa: E402
 
 GRPC_WORKERS = 4  # concurrent gRPC exports; more get RESOURCE_EXHAUSTED from gRPC itself

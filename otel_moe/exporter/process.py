@@ -13,7 +13,6 @@ It exits when the worker asks (flushing first), or when the worker is gone
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -26,14 +25,14 @@ from typing import Optional
 
 import numpy as np
 
-from otel_moe import ring
-from otel_moe.config import Config, parse_layers
-from otel_moe.ring import ACK, BEGIN, CLOSE, SKIP, STEP, WINDOW, SharedRing
+from otel_moe.config import DEFAULT_METRICS
+from otel_moe.exporter.records import StepRecord, external_request_id
+from otel_moe.exporter.sinks import Sink, SinkSpec, open_sinks
 from otel_moe.scheduling import leave_cpus, never_preempt_on_wakeup
-from otel_moe.sinks import Sink, open_sinks
-from otel_moe.snapshot import array_bytes
-from otel_moe.step import StepRecord, external_request_id
-from otel_moe.step_layout import LayoutDecoder
+from otel_moe.wire import messages
+from otel_moe.wire.messages import ACK, CLOSE, SKIP, Begin, Step, Window, array_bytes, typed
+from otel_moe.wire.ring import SharedRing
+from otel_moe.wire.step_layout import LayoutDecoder
 
 logger = logging.getLogger("vllm.otel_moe")
 IDLE_FLUSH_S = 1.0  # a sink with pending output flushes after this long without steps
@@ -44,52 +43,6 @@ COPY_POLL_FIRST_S, COPY_POLL_MAX_S = 50e-6, 2e-3  # waiting for a step's device 
 
 class WorkerGone(Exception):
     """The worker exited while a step's device copy was awaited."""
-
-
-@dataclasses.dataclass
-class StepMessage:
-    """The fields of a STEP message, in order (the worker builds the tuple)."""
-
-    offset: int  # ring bytes of the step's ids and weights; -1: none (counts mode)
-    arrays: list  # [(numpy dtype string, shape)] laid out from offset
-    mark: int  # the ring's copy mark once they have landed (CUDA); ring.NO_MARK: they have
-    step: int
-    start_ns: int
-    end_ns: int
-    layers: list
-    counts_only: bool
-    control_version: int
-    dropped_steps: int
-    dropped_tokens: int
-    engine_thread_ns: int  # the recorder's time on vLLM's engine thread before this step, cumulative
-    total: int  # tokens the scheduler scheduled
-    # The layout (otel_moe.step_layout: in tokens mode, what the previous step's said already is left out)
-    batch_order: Optional[list]  # internal request ids, the runner's batch order (None: counts mode, any order)
-    scheduled: dict  # request id -> tokens this step (SchedulerOutput.num_scheduled_tokens)
-    cached_ids: list  # running requests (scheduled_cached_reqs.req_ids) ...
-    cached_computed: list  # ... and their tokens computed before this step
-    new: list  # [(request id, tokens computed before this step)] of newly scheduled requests
-
-
-@dataclasses.dataclass
-class WindowMessage:
-    """The fields of a WINDOW message (counts mode): steps first..last, counted on the device."""
-
-    offset: int
-    arrays: list  # one: [layers, experts] int64
-    mark: int  # as StepMessage's
-    items_offset: int  # the window's held-back messages (marshal), in the ring after the counts
-    items_bytes: int
-    first: int
-    last: int
-    tokens: int
-    start_ns: int
-    end_ns: int
-    layers: list
-    control_version: int
-    dropped_steps: int
-    dropped_tokens: int
-    engine_thread_ns: int
 
 
 class Exporter:
@@ -119,25 +72,24 @@ class Exporter:
                 if time.monotonic() - last_step >= IDLE_FLUSH_S:
                     self._safely(self.sink.idle)
                 continue
-            data = self.sock.recv(ring.MAX_MESSAGE)
+            data = self.sock.recv(messages.MAX_MESSAGE)
             if not data:
                 return  # the worker is gone
-            message = ring.decode(data)
-            if message[0] == CLOSE:
+            message = typed(messages.decode(data))
+            if message == CLOSE:
                 return
-            if message[0] != BEGIN:
+            if not isinstance(message, Begin):
                 last_step = time.monotonic()
             self._handle(message)
 
-    def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == BEGIN:
-            self._safely(self._begin, *message[1:])
-        elif kind == STEP:
-            self._step(StepMessage(*message[1:]))
-        elif kind == WINDOW:
-            self._window(WindowMessage(*message[1:]))
-        elif kind == SKIP:
+    def _handle(self, message) -> None:
+        if isinstance(message, Begin):
+            self._safely(self._begin, *message)
+        elif isinstance(message, Step):
+            self._step(message)
+        elif isinstance(message, Window):
+            self._window(message)
+        elif message == SKIP:
             self._acknowledge()
 
     def _safely(self, call, *args) -> None:
@@ -165,13 +117,14 @@ class Exporter:
             external = self.external_ids[internal_id] = external_request_id(internal_id, self.randomized_request_ids)
         return external
 
-    def _step(self, message: StepMessage, layouts: Optional[LayoutDecoder] = None) -> None:
+    def _step(self, message: Step, layouts: Optional[LayoutDecoder] = None) -> None:
         """``layouts``: a counts window's own decoder (its steps' layouts refer to one another only)."""
         arrays = self._take_arrays(message.offset, message.arrays, message.mark)
         self.steps += 1
         try:
-            message.batch_order, message.scheduled, message.cached_ids = (layouts or self.layouts).decode(
+            batch_order, scheduled, cached_ids = (layouts or self.layouts).decode(
                 message.batch_order, message.scheduled, message.cached_ids)
+            message = message._replace(batch_order=batch_order, scheduled=scheduled, cached_ids=cached_ids)
         except ValueError as error:
             self._drop_layout(message.step, str(error))
             return
@@ -179,13 +132,13 @@ class Exporter:
         if record is not None:
             self._safely(self.sink.write, record)
 
-    def _window(self, message: WindowMessage) -> None:
-        items = ring.decode(bytes(self.ring.map[message.items_offset: message.items_offset + message.items_bytes]))
+    def _window(self, message: Window) -> None:
+        items = messages.decode(bytes(self.ring.map[message.items_offset: message.items_offset + message.items_bytes]))
         (counts,) = self._take_arrays(message.offset, message.arrays, message.mark)
         layouts = LayoutDecoder()
-        for item in items:  # the window's steps (layouts only) and new and finished requests, in order
-            if item[0] == STEP:
-                self._step(StepMessage(*item[1:]), layouts)
+        for item in map(typed, items):  # the window's steps (layouts only) and new and finished requests, in order
+            if isinstance(item, Step):
+                self._step(item, layouts)
             else:
                 self._handle(item)
         empty = np.zeros(0, np.int64)
@@ -232,7 +185,7 @@ class Exporter:
         except OSError:
             pass  # the worker is gone: the next read says so
 
-    def _record(self, message: StepMessage, arrays: list[np.ndarray]):
+    def _record(self, message: Step, arrays: list[np.ndarray]):
         starts = dict(zip(message.cached_ids, message.cached_computed))
         starts.update(message.new)
         tokens_of = message.scheduled
@@ -288,9 +241,8 @@ def run(spec_json: str) -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    config = Config(destinations=tuple(spec["destinations"]), layers=parse_layers(""), mode=spec["mode"],
-                    expected_moe_layers=None, queue_steps=1, metrics=spec.get("metrics", "experts"))
-    exporter = Exporter(spec, open_sinks(config, spec["resource"]))
+    sinks = SinkSpec(tuple(spec["destinations"]), spec["mode"], spec.get("metrics", DEFAULT_METRICS))
+    exporter = Exporter(spec, open_sinks(sinks, spec["resource"]))
     try:
         exporter.run()
     except WorkerGone:

@@ -206,8 +206,8 @@ class RequestRouting:
         if rows * layers * experts * 4 > self.budget:
             return False
         grown = np.zeros((rows, layers, experts), np.uint32)
-        r, l, e = self.counts.shape
-        grown[:r, :l, :e] = self.counts
+        r, n, e = self.counts.shape
+        grown[:r, :n, :e] = self.counts
         self.counts = grown
         return True
 

@@ -8,8 +8,15 @@ from typing import Optional
 
 import numpy as np
 
-from otel_moe.report.aggregate import (POSITION_BUCKETS, WEIGHT_BIN, LayerStats, RequestStats, RunStats,
-                                       entropy_bits, js_divergence_bits)
+from otel_moe.report.aggregate import (
+    POSITION_BUCKETS,
+    WEIGHT_BIN,
+    LayerStats,
+    RequestStats,
+    RunStats,
+    entropy_bits,
+    js_divergence_bits,
+)
 
 PERCENTILES = (50, 90, 99)
 TOP_PAIRS = 10

@@ -1,16 +1,15 @@
 """Turn the input stream into per-run statistics and each run's ``summary.json``."""
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import numpy as np
 
-from otel_moe.read import LineStats, SchemaError
 from otel_moe.report import analyses
 from otel_moe.report.aggregate import RunStats
 from otel_moe.report.inputs import Latency, MetricsWindow, RequestTally, StepBatch, input_files, stream, unexpected
 from otel_moe.report.profile import ProfileJoin
+from otel_moe.report.read import LineStats, SchemaError
 
 SUMMARY_SCHEMA = "otel-moe-report/2"
 

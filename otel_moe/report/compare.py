@@ -11,9 +11,9 @@ from typing import Optional
 
 import numpy as np
 
-from otel_moe.read import LineStats, SchemaError
 from otel_moe.report.aggregate import RunStats, js_divergence_bits
 from otel_moe.report.build import EmptyInput, aggregate, input_warnings, inputs_section
+from otel_moe.report.read import LineStats, SchemaError
 
 LARGEST_CHANGES = 5
 
@@ -30,7 +30,7 @@ class CompareError(ValueError):
     pass
 
 
-def _one_run(path: str, run: Optional[str]) -> tuple[str, RunStats]:
+def one_run(path: str, run: Optional[str]) -> tuple[str, RunStats]:
     stats = LineStats()
     runs = aggregate([path], stats, only_run=run)
     for line in input_warnings(inputs_section(stats, [path])):
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise CompareError(f"--out {args.out} is a file, not a folder")
-        name_a, a = _one_run(args.a, args.run_a)
-        name_b, b = _one_run(args.b, args.run_b)
+        name_a, a = one_run(args.a, args.run_a)
+        name_b, b = one_run(args.b, args.run_b)
         result = {"a": {"input": args.a, "run": name_a, "label": "A"}, "b": {"input": args.b, "run": name_b, "label": "B"},
                   **compare(a, b)}
         if not result["layers"]:

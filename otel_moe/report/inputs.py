@@ -10,9 +10,9 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from otel_moe import read, schema
-from otel_moe.read import LineStats
-from otel_moe.report import validate
+from otel_moe import schema
+from otel_moe.report import read, validate
+from otel_moe.report.read import LineStats
 from otel_moe.report.validate import BadRecord
 
 

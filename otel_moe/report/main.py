@@ -12,11 +12,11 @@ import re
 import sys
 from typing import Callable, Optional
 
-from otel_moe.config import format_ranges, parse_layers
-from otel_moe.read import LineStats
+from otel_moe.layer_ranges import RangeError, format_ranges, parse_ranges
 from otel_moe.report import profile
 from otel_moe.report.progress import Progress
-from otel_moe.summary import latency_line
+from otel_moe.report.read import LineStats
+from otel_moe.report.summary import latency_line
 
 MAX_PER_LAYER_FILES_AUTO = 8
 COOCCURRENCE_LAYERS = 6
@@ -46,9 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _layer_selection(text: str) -> Optional[frozenset[int]]:
     try:
-        return parse_layers(text, "--layers").layers  # None: all
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        return parse_ranges(text)  # None: all
+    except RangeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: {err}") from None
 
 
 def _regex(text: str) -> str:
@@ -255,10 +255,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"otel-moe report:   {latency_line(r['latency'])}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    from otel_moe.cli import OneLineParser
-
-    parser = OneLineParser(prog="otel-moe report", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

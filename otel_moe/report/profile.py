@@ -3,7 +3,7 @@ too) with the routing records: per-layer MoE time beside per-layer load
 imbalance, over the same engine steps.
 
 The trace names each recorded step (``otel_moe.step <index> ...``, see
-``otel_moe.profiler_ranges``), with the same index as the step's record, so
+``otel_moe.worker.profiler_ranges``), with the same index as the step's record, so
 the join is exact: (run id, DP rank, step index). Per step and MoE layer the
 time is, from the best source the trace has:
   - ``gpu kernels in layer ranges``: GPU kernels launched inside the layer's

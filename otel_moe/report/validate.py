@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from otel_moe.config import MAX_LAYER
-from otel_moe.step import DECODE, PREFILL
+from otel_moe.layer_ranges import MAX_LAYER
+from otel_moe.schema import DECODE, PREFILL
 
 MAX_EXPERTS = 4096  # real models have <= 384; a larger number is a corrupt record
 MAX_TOP_K = 64

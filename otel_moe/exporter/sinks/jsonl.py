@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from otel_moe.step import DECODE, PREFILL, StepRecord
+from otel_moe.exporter.records import StepRecord
+from otel_moe.schema import DECODE, PREFILL
 
 logger = logging.getLogger("vllm.otel_moe")
 

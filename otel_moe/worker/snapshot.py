@@ -11,38 +11,27 @@ Either way the engine thread touches no per-token data in Python.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
-from otel_moe import ring as shared
-from otel_moe.capture import RoutingBuffers
-from otel_moe.ring import FifoSpace, SharedRing
+from otel_moe.wire import ring as shared
+from otel_moe.wire.messages import NO_MARK, array_bytes
+from otel_moe.wire.ring import FifoSpace, SharedRing
+from otel_moe.worker.capture import RoutingBuffers
 
 MAX_CACHED_LAYOUTS = 4096  # token counts whose ring layouts are kept
-ARRAY_ALIGN = 8  # every array in the ring starts on an 8-byte boundary (int64 counts)
 _NUMPY_DTYPE = {torch.uint8: "|u1", torch.int16: "<i2", torch.float16: "<f2", torch.int64: "<i8",
                 torch.int32: "<i4", torch.float32: "<f4"}
-_ITEMSIZE = {name: np.dtype(name).itemsize for name in _NUMPY_DTYPE.values()}
 
 
 @dataclasses.dataclass
 class Snapshot:
     offset: int  # in the ring
     arrays: list  # [(numpy dtype string, shape list)], laid out one after the other from offset
-    mark: int  # CUDA: the copy has landed once the ring's mark has reached this; ring.NO_MARK: it has
+    mark: int  # CUDA: the copy has landed once the ring's mark has reached this; NO_MARK: it has
     extra_offset: int = -1  # where the extra bytes asked for start (after the arrays)
 
-
-def array_bytes(arrays: list) -> list[int]:
-    """Each array's start, relative to the snapshot's offset, and the total at the end."""
-    starts, position = [], 0
-    for dtype, shape in arrays:
-        starts.append(position)
-        position += -(-_ITEMSIZE[dtype] * math.prod(shape) // ARRAY_ALIGN) * ARRAY_ALIGN
-    return starts + [position]
 
 
 class Snapshotter:
@@ -104,7 +93,7 @@ class Snapshotter:
             at = (offset + start) // itemsize
             into = ring[at: at + numel]
             (into if shape is None else into.view(shape)).copy_(source, non_blocking=self.on_cuda)
-        mark = self._marks.mark() if self._marks is not None else shared.NO_MARK
+        mark = self._marks.mark() if self._marks is not None else NO_MARK
         return Snapshot(offset, layout.arrays, mark, offset + layout.total)
 
 

@@ -11,10 +11,10 @@ There is no thread of otel-moe's in vLLM's process. One that published messages
 (waiting on each step's CUDA event, then encoding and sending) held the GIL that
 vLLM's engine thread wants nearly all of a GPU step, several times a step: a
 Python thread taking the GIL back from a busy one costs that one more than doing
-the work itself (tools/gil_handoff.py, on the 2-core CPU machine, a 256-request
+the work itself (measured on the 2-core CPU machine, a 256-request
 step message: +366-462 us a step through a thread, +118-167 us encoded and sent by
 the loop itself). On CUDA a step's message goes before its device copy has landed;
-the exporter waits for the copy's mark in the ring (otel_moe.ring).
+the exporter waits for the copy's mark in the ring (otel_moe.wire.ring).
 
 If the exporter dies (killed, crashed), one line says so, and recording stops:
 the engine keeps serving with nothing changed but the missing telemetry.
@@ -31,8 +31,9 @@ import sys
 import time
 from typing import Any, Optional
 
-from otel_moe import ring
-from otel_moe.ring import ACK, CLOSE, SKIP, FifoSpace, SharedRing
+from otel_moe.wire import messages, ring
+from otel_moe.wire.messages import ACK, CLOSE, SKIP, Message, as_tuple
+from otel_moe.wire.ring import FifoSpace, SharedRing
 
 logger = logging.getLogger("vllm.otel_moe")
 COMMAND = "exporter"  # ``python -m otel_moe exporter ...``: what `ps` shows
@@ -49,7 +50,7 @@ class ExporterLink:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         # Larger messages are dropped: half the socket's buffer (the kernel refuses a little
         # under all of it, and net.core.wmem_max may have cut it), and what the exporter reads whole.
-        self.max_message = min(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2, ring.MAX_MESSAGE)
+        self.max_message = min(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2, messages.MAX_MESSAGE)
         spec = {**spec, "socket_fd": theirs.fileno(), "ring_fd": self.ring.fd, "ring_bytes": ring_bytes,
                 "parent_pid": os.getpid(), "engine_cpus": sorted(os.sched_getaffinity(0))}
         self.proc = subprocess.Popen(
@@ -67,10 +68,10 @@ class ExporterLink:
         into the ring, so that copies are only made for messages that can go."""
         return self.alive and len(self._backlog) < self._backlog_limit
 
-    def send(self, message: tuple) -> bool:
+    def send(self, message: Message) -> bool:
         """Encode and hand on a message, never waiting; False when it was dropped
         (no room, or a layout too large for one message)."""
-        data = _encoded(message) if self.has_room() else b""  # no encoding for a message that cannot go
+        data = _encoded(as_tuple(message)) if self.has_room() else b""  # no encoding for a message that cannot go
         if not data or len(data) > self.max_message:
             self.dropped_messages += 1
             return False
@@ -81,7 +82,7 @@ class ExporterLink:
         acknowledges that space, so the FIFO frees each reservation in order. It goes
         even past the backlog's bound (it is tiny, and follows a message that did not go)."""
         if self.alive:
-            self._write(ring.encode((SKIP,)))
+            self._write(messages.encode((SKIP,)))
 
     def _write(self, data: bytes) -> bool:
         """Send, or keep in the backlog behind what waits already (the exporter is
@@ -140,7 +141,7 @@ class ExporterLink:
         ``timeout_s`` in all. True when it exited."""
         deadline = time.monotonic() + timeout_s
         if self.alive:
-            self._backlog.append(ring.encode((CLOSE,)))
+            self._backlog.append(messages.encode((CLOSE,)))
             self._write_backlog(deadline)
         try:
             self.proc.wait(max(0.0, deadline - time.monotonic()))
@@ -170,14 +171,14 @@ def encode_message(message: tuple) -> bytes:
     numpy int, say) as bytes, silently: the first messages are decoded again to see that."""
     global _checked
     if _convert_all:
-        return ring.encode(_plain(message))
+        return messages.encode(_plain(message))
     try:
-        data = ring.encode(message)
+        data = messages.encode(message)
     except ValueError:
         return _convert(message)
     if _checked < CHECKED_MESSAGES:
         _checked += 1
-        if ring.decode(data) != message:
+        if messages.decode(data) != message:
             return _convert(message)
     return data
 
@@ -188,12 +189,12 @@ def _convert(message: tuple) -> bytes:
     fields = [f"#{i} {type(value).__name__}" for i, value in enumerate(message) if not _plain_already(value)]
     logger.info("otel-moe: vLLM's step numbers are not all plain Python (fields %s); every message is converted, "
                 "at some cost a step", ", ".join(fields))
-    return ring.encode(_plain(message))
+    return messages.encode(_plain(message))
 
 
 def _plain_already(value: Any) -> bool:
     try:
-        return ring.decode(ring.encode(value)) == value
+        return messages.decode(messages.encode(value)) == value
     except ValueError:
         return False
 

@@ -13,8 +13,6 @@ from typing import Optional
 
 import numpy as np
 
-PREFILL, DECODE = "prefill", "decode"
-
 # vLLM appends "-" + 8 hex chars to every request id it is given, to keep ids
 # unique inside the engine (v1/engine/input_processor.py: assign_request_id).
 _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")

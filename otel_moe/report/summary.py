@@ -7,9 +7,9 @@ import sys
 
 def summarize(inputs: list[str], only_run: str | None = None) -> list[dict]:
     """Each run's summary.json content for these inputs (collector files or JSONL logs), without images."""
-    from otel_moe.read import LineStats
     from otel_moe.report.build import aggregate, summary
     from otel_moe.report.inputs import input_files
+    from otel_moe.report.read import LineStats
 
     stats = LineStats()
     runs = aggregate(inputs, stats, only_run=only_run)
@@ -60,8 +60,8 @@ def latency_line(latency: dict) -> str:
 
 
 def run(inputs: list[str], only_run: str | None = None) -> int:
-    from otel_moe.read import SchemaError
     from otel_moe.report.build import EmptyInput, input_warnings
+    from otel_moe.report.read import SchemaError
 
     try:
         summaries = summarize(inputs, only_run)

@@ -5,10 +5,9 @@ Two parts, both set up when the model loads:
     exporter as a file descriptor, so nothing is left behind if either side is
     killed). Step snapshots are copied into it straight from the device (on
     CUDA the region is page-locked, so the copy is asynchronous).
-  - A ``SOCK_SEQPACKET`` socket pair carrying small messages (``marshal``ed
-    tuples of lists, strings and ints; never arrays): the step's layout inputs
-    and where its bytes lie in the ring, new and finished requests, close.
-    The exporter answers with the number of steps it is done with.
+  - A ``SOCK_SEQPACKET`` socket pair carrying small messages (``messages``: the
+    step's layout inputs and where its bytes lie in the ring, new and finished
+    requests, close). The exporter answers with the number of steps it is done with.
   - The copy mark, an int32 after the ring's bytes (CUDA): after each snapshot's
     device copies the GPU writes the snapshot's mark there, on the same stream, so
     a mark that has arrived means every copy queued before it has landed. The
@@ -31,41 +30,24 @@ Invariants:
 from __future__ import annotations
 
 import collections
-import marshal
 import mmap
 import os
 import socket
-import struct
 from typing import Optional
 
 import numpy as np
 
+from otel_moe.wire.messages import NO_MARK
+
 ALIGN = 64
-# message kinds (the first element of every message tuple)
-BEGIN = 1  # (BEGIN, finished ids, partial ids, [(id, prompt_len)] of new requests)
-STEP = 2  # see StepMessage
-CLOSE = 3  # (CLOSE,): flush and exit
-WINDOW = 4  # counts mode: a window of steps' expert counts, see exporter.process.WindowMessage
-SKIP = 5  # (SKIP,): a message that held ring space could not be sent; acknowledge its space
-ACK = struct.Struct("<I")  # exporter -> worker: steps finished since the last ack
-NO_MARK = -1  # a message whose ring bytes were written before it was sent (CPU), or that has none
 MARKS = 4096
 MAX_HELD = MARKS // 2  # snapshots in the ring at once, at most
 MARK_BYTES = ALIGN  # the mark's room after the ring's bytes
-MAX_MESSAGE = 1 << 21  # bytes of one message, at most
 
 
 def socket_pair() -> tuple[socket.socket, socket.socket]:
     """(worker end, exporter end): message boundaries kept, ordered, reliable."""
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-
-
-def encode(message: tuple) -> bytes:
-    return marshal.dumps(message)
-
-
-def decode(data: bytes) -> tuple:
-    return marshal.loads(data)
 
 
 class SharedRing:

@@ -15,13 +15,13 @@ from typing import Any, Optional
 
 import torch
 
-from otel_moe.capture import RoutingBuffers
 from otel_moe.config import Config
 from otel_moe.control import ControlState, ControlWatcher
-from otel_moe.exporter.link import ExporterLink, encode_message
-from otel_moe.ring import BEGIN, NO_MARK, STEP, WINDOW
-from otel_moe.snapshot import Snapshotter
-from otel_moe.step_layout import LayoutEncoder
+from otel_moe.wire.messages import NO_MARK, Begin, Message, Step, Window, as_tuple
+from otel_moe.wire.step_layout import LayoutEncoder
+from otel_moe.worker.capture import RoutingBuffers
+from otel_moe.worker.link import ExporterLink, encode_message
+from otel_moe.worker.snapshot import Snapshotter
 
 logger = logging.getLogger("vllm.otel_moe")
 DROP_WARNING_INTERVAL_S = 60.0
@@ -96,7 +96,7 @@ class StepRecorder:
         if new:  # learned while paused too: recording may resume mid-request
             self._live.update(r for r, _ in new)
         if finished or new:
-            self._post((BEGIN, finished, partial, new))
+            self._post(Begin(finished, partial, new))
         if not self.recording:
             self._partial.update(r for r, _ in new)
             return None
@@ -147,9 +147,9 @@ class StepRecorder:
         if snapshot is None:
             self._drop(n, "the shared ring is full")
             return
-        if not self._send((STEP, snapshot.offset, snapshot.arrays, snapshot.mark, step, start_ns, end_ns, self.layers,
-                           False, self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns,
-                           *self._layout(scheduler_output, batch_order, self.layouts)), n, holds_space=True):
+        if not self._send(Step(snapshot.offset, snapshot.arrays, snapshot.mark, step, start_ns, end_ns, self.layers,
+                               False, self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns,
+                               *self._layout(scheduler_output, batch_order, self.layouts)), n, holds_space=True):
             self.layouts.forget()
 
     @staticmethod
@@ -166,12 +166,12 @@ class StepRecorder:
         """Counts mode: the forward added the step to the device counters; its layout
         alone goes on (requests' token counts), the counters only once per window."""
         self._window.add(step, n, start_ns, end_ns)
-        self._post((STEP, -1, [], NO_MARK, step, start_ns, end_ns, self.layers, True, self.control_version,
-                    self.dropped_steps, self.dropped_tokens, self.engine_thread_ns, *layout))
+        self._post(Step(-1, [], NO_MARK, step, start_ns, end_ns, self.layers, True, self.control_version,
+                        self.dropped_steps, self.dropped_tokens, self.engine_thread_ns, *layout))
         if time.monotonic() - self._window.opened >= self.counts_interval_s:
             self._close_window()
 
-    def _post(self, message: tuple) -> None:
+    def _post(self, message: Message) -> None:
         """Send a message that holds no ring space. While a counts window is open, keep it
         in the window's order instead: it goes once per window, not once per step. A step's
         layout that cannot go is only counted as a lost message: its tokens are on the
@@ -192,22 +192,22 @@ class StepRecorder:
         snapshot = None
         # No tokens: the window opened before a forward that never came back; nothing was counted.
         if window.tokens and self.exporter.has_room():
-            items = encode_message(window.items)
+            items = encode_message([as_tuple(item) for item in window.items])
             snapshot = self.snapshotter.take_counts(self._columns, extra_bytes=len(items))
         if snapshot is None:
             if window.tokens:
                 self._drop(window.tokens, "the shared ring is full or the exporter is behind", steps=steps)
             for item in window.items:  # new and finished requests still go: requests stay whole
-                if item[0] == BEGIN:
+                if isinstance(item, Begin):
                     self._send(item, 0, steps=0)
             return
         self.exporter.ring.map[snapshot.extra_offset: snapshot.extra_offset + len(items)] = items
-        self._send((WINDOW, snapshot.offset, snapshot.arrays, snapshot.mark, snapshot.extra_offset, len(items),
-                    window.first, window.last, window.tokens, window.start_ns, window.end_ns, self.layers,
-                    self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns),
+        self._send(Window(snapshot.offset, snapshot.arrays, snapshot.mark, snapshot.extra_offset, len(items),
+                          window.first, window.last, window.tokens, window.start_ns, window.end_ns, self.layers,
+                          self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns),
                    window.tokens, steps=steps, holds_space=True)
 
-    def _send(self, message: tuple, tokens: int, steps: int = 1, holds_space: bool = False) -> bool:
+    def _send(self, message: Message, tokens: int, steps: int = 1, holds_space: bool = False) -> bool:
         """Hand a message on (True); one that cannot go is counted, and when it held ring
         space the exporter is told to acknowledge that space in its place."""
         try:
@@ -279,7 +279,7 @@ class _Window:
         self.start_ns = self.end_ns = 0
         self.opened = opened
         self.tokens = 0
-        self.items: list[tuple] = []  # messages held back to go with the counters, in order
+        self.items: list[Message] = []  # messages held back to go with the counters, in order
         self.layouts = LayoutEncoder()  # the window's step layouts go together: each refers to earlier ones only
 
     def add(self, step: int, tokens: int, start_ns: int, end_ns: int) -> None:

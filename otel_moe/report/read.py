@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from otel_moe import schema
-from otel_moe.step import DECODE, PREFILL
+from otel_moe.schema import DECODE, PREFILL
 
 
 class SchemaError(ValueError):

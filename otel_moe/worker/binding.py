@@ -24,10 +24,11 @@ import re
 import time
 from typing import Any, Callable, Optional
 
-from otel_moe import profiler_ranges, schema
-from otel_moe.capture import RoutingBuffers
+from otel_moe import schema
 from otel_moe.config import NUM_MOE_LAYERS, Config, from_env
-from otel_moe.plugin import RUN_ID as RUN_ID_VARIABLE
+from otel_moe.config import RUN_ID as RUN_ID_VARIABLE
+from otel_moe.worker import profiler_ranges
+from otel_moe.worker.capture import RoutingBuffers
 
 logger = logging.getLogger("vllm.otel_moe")
 
@@ -258,8 +259,8 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         if not profiler_ranges.wrap_layer(module, layer):
             logger.debug("otel-moe: layer %d has no per-layer forward to put a profiler range around", layer)
 
-    from otel_moe.exporter.link import ExporterLink
-    from otel_moe.recorder import StepRecorder
+    from otel_moe.worker.link import ExporterLink
+    from otel_moe.worker.recorder import StepRecorder
 
     resource = {
         schema.RUN_ID: os.environ.get(RUN_ID_VARIABLE, ""),

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
-from otel_moe.step import StepRecord
+from otel_moe.exporter.records import StepRecord
 
 
 def records(steps: int, tokens: int, layers: int, top_k: int, experts: int, requests: int = 32,
@@ -55,7 +55,7 @@ class _ToFile:
 def write_collector_file(path: Path, step_records, run_id: str = "synthetic") -> None:
     """``path``: a traces.json as the embedded collector writes it, run ``run_id``."""
     from otel_moe.config import from_env
-    from otel_moe.sinks.otlp import OtlpSink
+    from otel_moe.exporter.sinks.otlp import OtlpSink
 
     path.parent.mkdir(parents=True, exist_ok=True)
     sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {"otel_moe.run_id": run_id}, exporter=_ToFile(path))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from opentelemetry.sdk.resources import Resource
@@ -23,9 +23,12 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import Link
 
 from otel_moe import schema
-from otel_moe.config import Config, otlp_protocol
-from otel_moe.sinks.metrics import open_metrics
-from otel_moe.step import StepRecord
+from otel_moe.config import otlp_protocol
+from otel_moe.exporter.records import StepRecord
+from otel_moe.exporter.sinks.metrics import open_metrics
+
+if TYPE_CHECKING:  # open_sinks makes this sink from its spec
+    from otel_moe.exporter.sinks import SinkSpec
 
 logger = logging.getLogger("vllm.otel_moe")
 
@@ -138,8 +141,8 @@ def payload_bytes(span: ReadableSpan) -> int:
 
 
 class OtlpSink:
-    def __init__(self, config: Config, resource_attributes: dict, exporter: Optional[SpanExporter] = None) -> None:
-        self.mode = config.mode  # of the latest step (live control may switch it)
+    def __init__(self, spec: SinkSpec, resource_attributes: dict, exporter: Optional[SpanExporter] = None) -> None:
+        self.mode = spec.mode  # of the latest step (live control may switch it)
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "vllm", **resource_attributes})
         self._pending = _Pending()
         self._provider = TracerProvider(
@@ -155,7 +158,7 @@ class OtlpSink:
         self.tracer = self._provider.get_tracer(schema.INSTRUMENTATION_SCOPE, version("otel-moe"))
         self.exporter = exporter or make_exporter()
         self.requests = RequestTallies()
-        self.metrics = open_metrics(resource_attributes, config.metrics) if exporter is None else None
+        self.metrics = open_metrics(resource_attributes, spec.metrics) if exporter is None else None
         self.failed_export_spans = 0
         self.evicted_requests = 0
         self._last_export = time.monotonic()

@@ -2,10 +2,21 @@
 the worker's exporter process only, never in vLLM's."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol
 
-from otel_moe.config import DISCARD, OTLP, Config
-from otel_moe.step import StepRecord
+from otel_moe.config import DEFAULT_METRICS, DISCARD, OTLP
+from otel_moe.exporter.records import StepRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkSpec:
+    """What the sinks need to know: all the exporter process is told of the flags
+    (``otel_moe.config.Config`` has these three fields too, and serves as one)."""
+
+    destinations: tuple  # JSONL paths, "otlp", "discard"
+    mode: str = "tokens"  # the mode recording starts in (live control may switch it)
+    metrics: str = DEFAULT_METRICS  # VLLM_LOG_MOE_METRICS
 
 
 class Sink(Protocol):
@@ -22,17 +33,17 @@ class Sink(Protocol):
         """Flush what is pending, waiting at most ``timeout_s``."""
 
 
-def open_sinks(config: Config, resource_attributes: dict) -> Sink:
+def open_sinks(spec: SinkSpec, resource_attributes: dict) -> Sink:
     sinks: list[Sink] = []
-    for destination in config.destinations:
+    for destination in spec.destinations:
         if destination == OTLP:
-            from otel_moe.sinks.otlp import OtlpSink
+            from otel_moe.exporter.sinks.otlp import OtlpSink
 
-            sinks.append(OtlpSink(config, resource_attributes))
+            sinks.append(OtlpSink(spec, resource_attributes))
         elif destination == DISCARD:
             sinks.append(Discard())
         else:
-            from otel_moe.sinks.jsonl import JsonlSink
+            from otel_moe.exporter.sinks.jsonl import JsonlSink
 
             sinks.append(JsonlSink(destination))
     return sinks[0] if len(sinks) == 1 else Tee(sinks)

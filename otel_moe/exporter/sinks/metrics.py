@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from otel_moe import schema
-from otel_moe.step import StepRecord
+from otel_moe.exporter.records import StepRecord
 
 PHASES = ("prefill", "decode", "all")
 
