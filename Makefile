@@ -32,8 +32,10 @@ test: setup prometheus
 test-fast: setup
 	$(PY) -m pytest -q -m "not vllm"
 
+# Results are named by date and hardware: bench/2026-12-06-cpu-2core.json
+BENCH_OUT ?= bench/$(shell date -u +%Y-%m-%d)-cpu-$(shell nproc)core.json
 bench: setup
-	$(PY) -m tools.bench --out bench/results.json
+	$(PY) -m tools.bench --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(OUT) .pytest_cache
