@@ -68,7 +68,7 @@ def bench_profile(args, work: Path) -> dict:
         _free_device_memory()
         joined = build_report([str(routing), str(traces)], str(work / f"profile-report-{tag}"))["profile"]
         [trace] = trace_files([str(traces)])
-        kept = Path(args.out).parent / f"profile-{args.device}-{tag}.trace.json.gz"
+        kept = Path(args.out).with_name(f"{Path(args.out).stem}-profile-{tag}.trace.json.gz")
         events = load_events(trace)
         _keep_some_steps(events, kept)
         results[tag] = {k: v for k, v in joined.items() if k not in ("points", "traces")}
@@ -285,9 +285,20 @@ def bench_report(args, work: Path) -> dict:
             "note": "expert_ids_per_s: the streaming pass over the input; the figures come on top"}
 
 
+def default_out(gpu: bool) -> str:
+    """Results are named by date and hardware: bench/2026-12-06-cpu-2core.json, bench/2026-12-06-gpu-h200.json."""
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    if not gpu:
+        return f"bench/{date}-cpu-{os.cpu_count()}core.json"
+    import torch
+
+    name = torch.cuda.get_device_name().lower().replace("nvidia", "").strip().split()[0]
+    return f"bench/{date}-gpu-{name}.json"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="bench/results.json")
+    parser.add_argument("--out", default=None, help="default: bench/DATE-cpu-NCORE.json (or -gpu-NAME on --device cuda)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--sections", default="vllm,profile,collector,report,soak,hostile_soak,exporter_soak")
     parser.add_argument("--exporter-soak-seconds", type=float, default=120)
@@ -311,6 +322,7 @@ def main() -> int:
     parser.add_argument("--report-steps", type=int, default=512, help="x 2048 tokens")
     args = parser.parse_args()
     gpu = args.device == "cuda"
+    args.out = args.out or default_out(gpu)
     args.modes = args.modes or ",".join(MODES_GPU if gpu else MODES_CPU)
     engines = len({engine_of(m) for m in args.modes.split(",")})  # processes: two switched modes share one
     # GPU: Qwen1.5-MoE-A2.7B shapes, 12 layers (~15 GB of weights an engine) where every
