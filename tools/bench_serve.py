@@ -3,7 +3,7 @@ the embedded collector) and a second `off` as noise control, measured by vLLM's 
 `vllm bench serve` (random dataset, a request rate near saturation) in rounds whose
 order turns.
 
-    python -m tools.bench_serve --out bench/gpu_serve_results.json [--rounds 3] [--servers off,tokens,off2]
+    python -m tools.bench_serve --out bench/DATE-h200-serve-85rps.json [--rounds 3] [--servers off,tokens,off2]
 
 Writes, per server, the median over rounds of request throughput and TTFT / TPOT
 p50 / p99, each server's ratio to `off` for each, every round's numbers, and each
@@ -103,7 +103,7 @@ def write_results(args: argparse.Namespace, info: dict, results: dict[str, list[
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="bench/gpu_serve_results.json")
+    parser.add_argument("--out", required=True, help="bench/DATE-GPU-serve-RATErps.json: named by date and hardware")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num-prompts", type=int, default=600)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine, once ../shared/gpu/README.md's staging has installed vLLM into
 # /tmp/site: install otel-moe offline from a copy of this tree and start the GPU throughput
-# bench in the background, in a session of its own (it outlasts one device call, and the
+# bench in the background, in a process group of its own (it outlasts one device call, and the
 # machine keeps it running between calls). Then poll with tools/gpu_bench_wait.sh.
 #   bash tools/gpu_bench_start.sh --rounds 14 --keep-awake alternate
 #   bash tools/gpu_bench_start.sh --serve --rounds 4 --request-rate 150   (tools.bench_serve)

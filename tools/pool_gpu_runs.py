@@ -6,7 +6,7 @@ Runs may have run different modes beside `off` and `off2` (which every run needs
 mode is pooled over the runs that have it (and the switched engine's within-process
 ratios over the runs that have those).
 
-    python -m tools.pool_gpu_runs bench/gpu_results.json bench/gpu_results_2.json
+    python -m tools.pool_gpu_runs bench/2026-12-01-h200-offline-8rounds.json bench/2026-12-03-h200-offline-8rounds.json
 """
 from __future__ import annotations
 

@@ -18,13 +18,11 @@ stays), since telemetry must never fail the engine.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Callable, Mapping, Optional
 
 from otel_moe.config import MODES, Config, ConfigError, LayerSelection, format_ranges, parse_layers
@@ -122,7 +120,7 @@ class ControlFile:
             fields = {**self.read_fields(), **changes}
             state = base.updated(fields, where=f"control file {self.path}")
             normal = state.as_json()  # [1, 3] is stored as "1,3"
-            self._replace(json.dumps({field: normal[field] for field in fields}) + "\n")
+            workers.replace_atomically(self.path, json.dumps({field: normal[field] for field in fields}) + "\n")
         return state
 
     def _check_layers(self, layers: LayerSelection) -> None:
@@ -139,20 +137,6 @@ class ControlFile:
     def status(self, base: ControlState) -> dict:
         """What the file asks for, and what each live recording worker applied."""
         return {**self.read(base).as_json(), "workers": workers.live_reports(self.path)}
-
-    def _replace(self, text: str) -> None:
-        directory = os.path.dirname(self.path)
-        fd, temporary = tempfile.mkstemp(prefix=".otel-moe-control-", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-
 
 class ControlWatcher:
     """Per-step view of the control file for one recording worker (engine thread)."""

@@ -8,7 +8,6 @@ from typing import Any
 
 from otel_moe.config import CONTROL, MODES, ConfigError, from_env, parse_layers
 from otel_moe.control import LAYERS, MODE, RECORDING, ControlFile, ControlState
-from otel_moe.control.workers import live_reports
 
 
 def add_arguments(parser: Any) -> None:
@@ -39,8 +38,9 @@ def run(args: Any) -> int:
         cfg = from_env()
         base = ControlState.from_config(cfg) if cfg else ControlState(True, parse_layers(""), MODES[0])
         control = ControlFile(args.file)
-        answer = ({**control.update(changes, base).as_json(), "workers": live_reports(control.path)} if changes
-                  else control.status(base))
+        if changes:
+            control.update(changes, base)
+        answer = control.status(base)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

@@ -26,7 +26,6 @@ from typing import Any, Callable, Optional
 
 from otel_moe import config as flags
 from otel_moe.control import RECORDING, ControlError, ControlFile, ControlState
-from otel_moe.control.workers import live_reports
 
 PREFIX = "/otel_moe/recording"
 _ACTIONS = {"": None, "/start": {RECORDING: True}, "/stop": {RECORDING: False}}
@@ -73,7 +72,11 @@ async def _handle(request: Any, action: str) -> tuple[int, dict]:
         if not isinstance(requested, dict):
             return 400, {"error": "otel-moe: the request body must be a JSON object"}
         changes = {**requested, **changes}  # /start and /stop decide recording themselves
-    return await _answer(lambda: {**control.update(changes, base).as_json(), "workers": live_reports(control.path)})
+    def update() -> dict:
+        control.update(changes, base)
+        return control.status(base)
+
+    return await _answer(update)
 
 
 async def _answer(call: Callable[[], dict]) -> tuple[int, dict]:

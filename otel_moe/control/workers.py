@@ -45,17 +45,28 @@ class WorkerReport:
         text = json.dumps({**self.identity, **applied, "version": version, "refused": refused}) + "\n"
         try:
             os.makedirs(self.folder, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(prefix=".worker-", dir=self.folder)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, self.path)
+            replace_atomically(self.path, text)
         except OSError:
             pass
 
     def remove(self) -> None:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+def replace_atomically(path: str, text: str) -> None:
+    """Write a new file and rename it over ``path``: a reader sees the old file or the new
+    one, never half of one, and every write is a new inode (a watcher's ``stat`` sees it)."""
+    fd, temporary = tempfile.mkstemp(prefix=".otel-moe-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def live_reports(control_path: str) -> list[dict]:
