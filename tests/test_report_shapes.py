@@ -85,11 +85,19 @@ def test_report_summary_and_compare_read_both_sinks_exactly(tmp_path, shape, mod
     records = _token_records(layers, experts, top_k) if mode == "tokens" else _counts_windows(4, layers, experts, top_k)
     jsonl, collected = _write_both(tmp_path, records)
     expected = _expected_counts(records)
+    summaries = []
     for source in (jsonl, collected):
         [one] = summarize([str(source)])  # the report's summary.json, without its figures (drawn below, once)
         assert {n: layer["counts"] for n, layer in one["layers"].items()} == expected, source
         assert one["inputs"]["bad_lines"] == 0 and one["inputs"]["skipped_records"] == {}
         assert one["modes"] == [mode]
+        summaries.append(one)
+    # every analysis alike, whatever width the ids came in (the OTLP wire's uint8 ids once wrapped
+    # expert-pair indices past 255)
+    for key in ("cooccurrence", "position_expert"):
+        assert summaries[0][key] == summaries[1][key], key
+    if mode == "tokens" and experts <= 256:
+        assert all(len(layer["top_pairs"]) == 10 for layer in summaries[1]["cooccurrence"]["layers"].values())
     compared = compare(one_run(str(jsonl), None)[1], one_run(str(collected), None)[1])
     assert [row["layer"] for row in compared["layers"]] == layers
     assert all(row["js_divergence"] == 0 and not any(row["share_difference"]) for row in compared["layers"])

@@ -15,7 +15,7 @@ WEIGHT_BINS_PER_UNIT = 100  # router confidence histograms: bins of 0.01 over [0
 WEIGHT_BIN = 1 / WEIGHT_BINS_PER_UNIT
 WEIGHT_BINS = 4 * WEIGHT_BINS_PER_UNIT + 1
 COOCCURRENCE_MAX_EXPERTS = 256  # an E x E matrix per layer; above this it is not kept
-PAIR_BUFFER = 1 << 21
+PAIR_BUFFER = 1 << 21  # pair indices (uint16) a layer holds before they are counted: 4 MiB
 REQUEST_ROUTING_BUDGET = 512 << 20  # bytes for per-request, per-layer expert counts
 
 
@@ -141,9 +141,10 @@ class LayerStats:
         if self.cooccurrence is not None and ids.shape[1] > 1:
             k = ids.shape[1]
             a, b = np.triu_indices(k, 1)
-            # ids arrive as narrow as the wire keeps them (uint8 up to 256 experts): widen before e * e
-            lo = np.minimum(ids[:, a], ids[:, b]).astype(np.int64)
-            hi = np.maximum(ids[:, a], ids[:, b])
+            # ids arrive as narrow as the wire keeps them (uint8 up to 256 experts), where lo * e
+            # would wrap: uint16 holds every pair index of up to 256 experts (e * e <= 65536)
+            lo = np.minimum(ids[:, a], ids[:, b]).astype(np.uint16)
+            hi = np.maximum(ids[:, a], ids[:, b]).astype(np.uint16)
             pairs = (lo * e + hi).ravel()
             self._pairs.append(pairs)
             self._pairs_len += len(pairs)
