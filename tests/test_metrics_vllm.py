@@ -14,7 +14,7 @@ import urllib.request
 from collections import Counter
 
 import pytest
-from conftest import CHUNKED, CollectorProcess, run_vllm
+from conftest import CHUNKED, CollectorProcess, run_vllm, start_vllm
 
 PROMETHEUS = shutil.which("prometheus")
 # Asked of vLLM's worker process after the run: the recorder (a control, it must be there),
@@ -108,3 +108,49 @@ def test_prometheus_totals_equal_the_recorded_routing(models, tmp_path):
     finally:
         prometheus.stop()
         collector.stop()
+
+
+def _scrape(port: int) -> dict[tuple, float]:
+    """moe_expert_tokens_total from a Prometheus text endpoint: (layer, expert, phase) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(int(s.labels["moe_layer"]), int(s.labels["moe_expert"]), s.labels["moe_phase"]): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "moe_expert_tokens_total"}
+
+
+def test_the_exporter_serves_its_metrics_for_a_prometheus_scrape(models, tmp_path):
+    """OTEL_METRICS_EXPORTER=prometheus: no collector at all; the exporter process of the
+    recording worker serves the expert metrics, and a scrape during the run equals the JSONL."""
+    port, hold = _free_port(), tmp_path / "release"
+    routing = tmp_path / "routing.jsonl"
+    proc = start_vllm(tmp_path / "run", {"model": models["qwen2_moe"], **CHUNKED, "hold": str(hold)},
+                      VLLM_LOG_MOE=f"otlp,{routing}", OTEL_METRICS_EXPORTER="prometheus",
+                      OTEL_TRACES_EXPORTER="none", OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
+                      OTEL_EXPORTER_PROMETHEUS_PORT=str(port))
+    try:
+        outputs = tmp_path / "run" / "outputs.json"
+        deadline = time.monotonic() + 600
+        while not outputs.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert outputs.exists(), proc.stdout.read()[-4000:] if proc.poll() is not None else "no outputs"
+        computed = sum(len(o["prompt_token_ids"]) + len(o["output_token_ids"]) - 1
+                       for o in json.loads(outputs.read_text())["outputs"])
+        # the exporter may still be writing the last steps: ask until the scrape covers them all
+        got, want = {}, computed * 4 * 2  # 4 layers, top-2
+        deadline = time.monotonic() + 120
+        while sum(got.values()) != want and time.monotonic() < deadline:
+            try:
+                got = _scrape(port)
+            except OSError:
+                pass
+            time.sleep(0.2)
+        records = [json.loads(line) for line in routing.read_text().splitlines()]
+        expected = Counter((r["layer"], e, r["phase"]) for r in records for e in r["expert_ids"])
+        assert got == {key: float(n) for key, n in expected.items()}
+        assert sum(expected.values()) == want
+    finally:
+        hold.touch()
+        assert proc.wait(300) == 0

@@ -12,12 +12,15 @@ SPEC: {"model", "prompts": [str], "max_tokens": int | [int], "eager": bool,
        "n": int | [int]?  (parallel sampling: each child is an output of its own, "<index>_<request id>"),
        "num_gpu_blocks": int?  (a KV cache that small preempts), "speculative": {speculative_config}?,
        "metrics": [vLLM metric name]?  (their values after the run, under "metrics"),
+       "hold": str?  (after the last batch, wait until this file exists: the engine and its exporter
+                     stay up while a test looks at them; "outputs" are written before),
        "worker_modules": [module name]?  (which of them each worker process has imported, after the run;
                                           needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 to send the check)}
 """
 import json
 import os
 import sys
+import time
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -81,6 +84,11 @@ def main(spec_path: str, out_path: str) -> None:
                     "num_cached_tokens": r.num_cached_tokens or 0,
                 })
     result = {"outputs": outputs}
+    if spec.get("hold"):
+        json.dump(result, open(out_path, "w"))
+        deadline = time.monotonic() + 300
+        while not os.path.exists(spec["hold"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
     if spec.get("metrics"):
         result["metrics"] = {m.name: getattr(m, "value", None) or getattr(m, "values", None) or 0
                              for m in llm.get_metrics() if m.name in spec["metrics"]}

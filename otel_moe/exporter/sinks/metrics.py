@@ -14,10 +14,14 @@ bincounts, not one ``add()`` per series.
   (counter, ``{step}``), by ``otel_moe.dp_rank``: what recording cost vLLM's engine
   thread, over how many steps (their rates' quotient is the cost per step).
 ``VLLM_LOG_MOE_METRICS=layers`` keeps only the gauges and the cost (few series);
-``OTEL_METRICS_EXPORTER=none`` turns metrics off.
+``OTEL_METRICS_EXPORTER=none`` turns metrics off; ``prometheus`` serves them from this
+process for a Prometheus scrape instead of pushing them over OTLP (``otlp,prometheus``: both),
+on ``OTEL_EXPORTER_PROMETHEUS_HOST`` (``localhost``) and ``OTEL_EXPORTER_PROMETHEUS_PORT``
+(9464) plus the worker's data-parallel rank: one port per recording worker.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Optional
@@ -27,11 +31,43 @@ import numpy as np
 from otel_moe import schema
 from otel_moe.exporter.records import StepRecord
 
+logger = logging.getLogger("vllm.otel_moe")
 PHASES = ("prefill", "decode", "all")
 
 
+def _exporters(env=os.environ) -> set[str]:
+    return {e.strip().lower() for e in env.get("OTEL_METRICS_EXPORTER", "otlp").split(",") if e.strip()} - {"none"}
+
+
 def enabled(env=os.environ) -> bool:
-    return env.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() != "none"
+    return bool(_exporters(env))
+
+
+def _readers(dp_rank: int) -> list:
+    """The SDK readers OTEL_METRICS_EXPORTER asks for: a periodic OTLP export, a Prometheus
+    endpoint, or both. An endpoint that cannot listen is logged; the rest goes on."""
+    readers = []
+    exporters = _exporters()
+    if "otlp" in exporters:
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        readers.append(PeriodicExportingMetricReader(_exporter()))
+    if "prometheus" in exporters:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST") or "localhost"
+        port = int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT") or 9464) + dp_rank
+        registry = CollectorRegistry()  # this process's metrics alone
+        try:
+            start_http_server(port, addr=host, registry=registry)
+        except OSError as err:
+            logger.error("otel-moe: cannot serve metrics for Prometheus on %s:%d (%s); they are not served",
+                         host, port, err.strerror or err)
+        else:
+            readers.append(PrometheusMetricReader(registry=registry))
+            logger.info("otel-moe: metrics for Prometheus on http://%s:%d/metrics", host, port)
+    return readers
 
 
 def _exporter():
@@ -53,9 +89,8 @@ def _exporter():
 
 class ExpertMetrics:
     def __init__(self, resource_attributes: dict, detail: str, reader=None) -> None:
-        """``reader``: the SDK metric reader (default: periodic OTLP export from the OTEL_* variables)."""
+        """``reader``: the SDK metric reader (default: what OTEL_METRICS_EXPORTER asks for)."""
         from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import Resource
 
         self._lock = threading.Lock()
@@ -67,8 +102,8 @@ class ExpertMetrics:
         run_id = resource_attributes.get("otel_moe.run_id", "")
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "vllm",
                                     "service.instance.id": str(run_id), **resource_attributes})
-        self._reader = reader or PeriodicExportingMetricReader(_exporter())
-        self._provider = MeterProvider(resource=resource, metric_readers=[self._reader], views=_views())
+        readers = [reader] if reader else _readers(int(resource_attributes.get("vllm.data_parallel_rank") or 0))
+        self._provider = MeterProvider(resource=resource, metric_readers=readers, views=_views())
         meter = self._provider.get_meter("otel_moe")
         if detail == "experts":
             meter.create_observable_counter(schema.METRIC_EXPERT_TOKENS, [self._observe_tokens], unit="{token}",

@@ -37,6 +37,11 @@ EXPORT_BYTES = 3 << 20  # one export request, under the Collector's 4 MiB gRPC d
 EXPORT_SPANS = 512
 EXPORT_INTERVAL_S = 1.0  # pending spans wait at most this long, so live files stay fresh
 MAX_OPEN_REQUESTS = 8192  # per-request tallies kept at once; the oldest is emitted beyond
+def traces_enabled(env=os.environ) -> bool:
+    """OTEL_TRACES_EXPORTER=none: no spans at all (the metrics alone, say for a Prometheus scrape)."""
+    return env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none"
+
+
 def make_exporter() -> SpanExporter:
     if otlp_protocol() == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -156,7 +161,8 @@ class OtlpSink:
         from importlib.metadata import version
 
         self.tracer = self._provider.get_tracer(schema.INSTRUMENTATION_SCOPE, version("otel-moe"))
-        self.exporter = exporter or make_exporter()
+        self.traces = exporter is not None or traces_enabled()
+        self.exporter = exporter or (make_exporter() if self.traces else None)
         self.requests = RequestTallies()
         self.metrics = open_metrics(resource_attributes, spec.metrics) if exporter is None else None
         self.failed_export_spans = 0
@@ -170,6 +176,8 @@ class OtlpSink:
         self.mode = "counts" if record.ids is None else "tokens"
         if self.metrics is not None:
             self.metrics.add(record)
+        if not self.traces:
+            return
         slots = self._tally(record) if record.request_ids else np.zeros(0, np.int64)
         spans = self._step_spans(record) if record.ids is not None or record.counts is not None else []
         first_span = self.requests.first_span
@@ -273,6 +281,8 @@ class OtlpSink:
         return slots
 
     def finish(self, request_ids: list[str], partial: set[str] = frozenset()) -> None:
+        if not self.traces:
+            return
         for request_id in request_ids:
             tally = self.requests.pop(request_id)
             if tally is not None:
@@ -316,14 +326,15 @@ class OtlpSink:
 
     def close(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        for request_id in list(self.requests.slot_of):
-            self._emit_request(request_id, self.requests.pop(request_id))
-        if time.monotonic() < deadline:
-            self._export()
-        try:
-            self.exporter.shutdown()
-        except Exception:
-            pass
+        if self.traces:
+            for request_id in list(self.requests.slot_of):
+                self._emit_request(request_id, self.requests.pop(request_id))
+            if time.monotonic() < deadline:
+                self._export()
+            try:
+                self.exporter.shutdown()
+            except Exception:
+                pass
         if self.metrics is not None:
             try:
                 self.metrics.close(max(0.5, deadline - time.monotonic()))  # a last export of the totals
