@@ -28,9 +28,9 @@ test: setup prometheus
 	$(VENV)/bin/ruff check otel_moe tests tools
 	$(PY) -m pytest -q
 
-# The tests that start no vLLM engine (seconds; `make test` runs everything).
+# The tests that start no vLLM engine, on every core (`make test` runs everything).
 test-fast: setup
-	$(PY) -m pytest -q -m "not vllm"
+	$(PY) -m pytest -q -m "not vllm" -n auto
 
 # Results are named by date and hardware: bench/2026-12-06-cpu-2core.json
 BENCH_OUT ?= bench/$(shell date -u +%Y-%m-%d)-cpu-$(shell nproc)core.json

@@ -7,7 +7,7 @@ dispatched before the rest of the CLI is imported, so it starts quickly.
 import sys
 
 if len(sys.argv) > 2 and sys.argv[1:3] == ["exporter", "--spec"] and len(sys.argv) == 4:
-    from otel_moe.exporter.process import run
+    from otel_moe.exporter.receiver import run
 
     sys.exit(run(sys.argv[3]))
 

@@ -106,7 +106,7 @@ def build_parser() -> OneLineParser:
     compare.add_arguments(compare_parser)
     compare_parser.set_defaults(handler=compare.run)
 
-    from otel_moe.control import cli as control
+    from otel_moe.control import command as control
 
     control_parser = commands.add_parser("control", help="start, stop or switch recording on a running vLLM (live control file)")
     control.add_arguments(control_parser)

@@ -81,7 +81,7 @@ class Runner:
 def link_to(path, mode: str = "tokens", backlog: int = 64, ring_bytes: int = 1 << 20) -> ExporterLink:
     """``path``: a JSONL file, or ``"discard"``."""
     return ExporterLink({"destinations": [str(path)], "mode": mode, "resource": {}, "top_k": TOP_K,
-                         "num_experts": EXPERTS, "dp_rank": 0, "randomized_request_ids": False},
+                         "num_experts": EXPERTS, "dp_rank": 0, "internal_id_suffix": ""},
                         ring_bytes=ring_bytes, backlog_messages=backlog)
 
 
@@ -106,7 +106,8 @@ def record(tmp_path, mode: str, dummy_runs: bool = False,
         n = out.total_num_scheduled_tokens
         if dummy_runs:  # a data-parallel rank with nothing scheduled runs one between steps
             runner._dummy_run(16)
-        assert recorder.begin_step(out) == index
+        scheduled = binding.scheduled_step(out)
+        assert recorder.begin_step(scheduled) == index
         layers = routed(n + 2, generator)  # the step's forward, padded by 2 rows
         for (write_ids, write_weights), ids in zip(writers, layers):  # as the routers do
             write_ids(ids)
@@ -115,7 +116,7 @@ def record(tmp_path, mode: str, dummy_runs: bool = False,
         steps_routed.append([ids[:n] for ids in layers])
         order = None if recorder.counts_only else list(out.num_scheduled_tokens)  # as the binding hands it
         link.max_message, max_message = (0 if index == unsent_step else link.max_message), link.max_message
-        recorder.on_step(out, order, 1000 * index, 1000 * index + 500)
+        recorder.on_step(scheduled, order, 1000 * index, 1000 * index + 500)
         link.max_message = max_message
     recorder.close(30)
     assert recorder.dropped_steps == link.dropped_messages == (unsent_step >= 0)
@@ -177,8 +178,9 @@ def test_a_discarding_exporter_reads_and_frees_every_step_and_writes_nothing(tmp
     recorder = StepRecorder(buffers, config, link)
     steps = scheduler_outputs() * 40
     for out in steps:
-        recorder.begin_step(out)
-        recorder.on_step(out, list(out.num_scheduled_tokens), 0, 1)
+        scheduled = binding.scheduled_step(out)
+        recorder.begin_step(scheduled)
+        recorder.on_step(scheduled, list(out.num_scheduled_tokens), 0, 1)
         while link.space.held:  # the exporter acknowledges the step: its space is free again
             assert select.select([link.sock], [], [], 30)[0]
             link.free_finished_steps()
@@ -269,9 +271,10 @@ def test_the_recorder_drops_a_step_when_the_exporter_is_behind(tmp_path, mode):
     link = link_to(path, mode)
     recorder = StepRecorder(buffers, config, link)
     out = scheduler_outputs()[0]
-    recorder.begin_step(out)
+    scheduled = binding.scheduled_step(out)
+    recorder.begin_step(scheduled)
     link._backlog_limit = 0  # as if the backlog were full
-    recorder.on_step(out, list(out.num_scheduled_tokens), 0, 1)
+    recorder.on_step(scheduled, list(out.num_scheduled_tokens), 0, 1)
     if mode == "counts":
         recorder.close(30)  # the window closes: it finds no room
     assert recorder.dropped_steps == 1 and recorder.dropped_tokens == out.total_num_scheduled_tokens

@@ -21,7 +21,7 @@ PROMETHEUS = shutil.which("prometheus")
 # otel-moe's metrics and OTLP sinks and the exporter's loop. (The OpenTelemetry SDK itself is
 # there anyway: vLLM's own tracing imports it; and the flag check at start opens a JSONL file
 # with otel_moe.exporter.sinks.jsonl's helper.)
-METRICS_MODULES = ["otel_moe.worker.recorder", "otel_moe.exporter.sinks.metrics", "otel_moe.exporter.sinks.otlp", "otel_moe.exporter.process"]
+METRICS_MODULES = ["otel_moe.worker.recorder", "otel_moe.exporter.sinks.metrics", "otel_moe.exporter.sinks.otlp", "otel_moe.exporter.receiver"]
 
 
 def _free_port() -> int:

@@ -108,8 +108,9 @@ def _check_golden(summary):
 
 def test_golden_jsonl(tmp_path):
     golden_jsonl(tmp_path / "routing.jsonl")
-    summary = build_report([str(tmp_path / "routing.jsonl")], str(tmp_path / "out"))
+    summary = build_report([str(tmp_path / "routing.jsonl")], str(tmp_path / "out"), figures=False)
     _check_golden(summary)
+    assert not list((tmp_path / "out").glob("*.png")) and (tmp_path / "out" / "report.html").exists()
     assert summary["requests"]["a"]["e2e_s"] is None  # no llm_request span in a JSONL log
 
 
@@ -127,7 +128,7 @@ def test_corrupt_and_truncated_lines_are_skipped_and_counted(tmp_path):
     line = golden_otlp_line()
     (tmp_path / "traces-2026-01-01T00-00-00.000.json").write_text("garbage\n" + line)
     (tmp_path / "traces.json").write_text('{"resourceSpans": [' + "\n" + line[: len(line) // 2])  # live, partial
-    summary = build_report([str(tmp_path)], str(tmp_path / "out"))
+    summary = build_report([str(tmp_path)], str(tmp_path / "out"), figures=False)
     assert summary["inputs"]["bad_lines"] == 3 and summary["inputs"]["lines"] == 4
     _check_golden(summary)
 
@@ -169,7 +170,7 @@ def test_golden_analyses(tmp_path):
 def test_several_runs_are_reported_apart_never_pooled(tmp_path):
     (tmp_path / "traces.json").write_text(golden_otlp_line("r1", e2e=(1.0, 2.0)) + golden_otlp_line("r2", e2e=(3.0, 4.0)))
     out = tmp_path / "out"
-    index = build_report([str(tmp_path)], str(out))
+    index = build_report([str(tmp_path)], str(out), figures=False)
     assert sorted(index["runs"]) == ["r1", "r2"]
     for run, e2e in (("r1", {"a": 1.0, "b": 2.0}), ("r2", {"a": 3.0, "b": 4.0})):
         summary = json.loads((out / f"run-{run}" / "summary.json").read_text())
@@ -179,7 +180,7 @@ def test_several_runs_are_reported_apart_never_pooled(tmp_path):
     written = json.loads((out / "summary.json").read_text())
     assert {name: r["folder"] for name, r in written["runs"].items()} == {"r1": "run-r1", "r2": "run-r2"}
     assert "run-r1/report.html" in (out / "report.html").read_text()
-    one = build_report([str(tmp_path)], str(tmp_path / "only-r2"), run="r2")
+    one = build_report([str(tmp_path)], str(tmp_path / "only-r2"), run="r2", figures=False)
     _check_golden(one)
     assert one["run"] == "r2" and (tmp_path / "only-r2" / "report.html").exists()
     proc = _report_cli(str(tmp_path), "--out", str(tmp_path / "o"), "--run", "r9")

@@ -73,7 +73,7 @@ BAD_STEPS = {
 @pytest.mark.parametrize("reason", sorted(BAD_STEPS))
 def test_a_bad_step_is_skipped_alone_and_counted(tmp_path, reason):
     (tmp_path / "traces.json").write_text(tampered(schema.STEP_SPAN, BAD_STEPS[reason]))
-    summary = build_report([str(tmp_path)], str(tmp_path / "out"))
+    summary = build_report([str(tmp_path)], str(tmp_path / "out"), figures=False)
     assert [k for k in summary["inputs"]["skipped_records"]] == [
         reason if reason == "malformed span" else f"moe.step: {reason}"]
     assert summary["layers"]["0"]["counts"] == STEP0_LAYER0  # step 0 of the same line is kept
@@ -87,7 +87,7 @@ def test_bad_latency_is_skipped_and_summary_stays_strict_json(tmp_path, value):
         set_attr(span, schema.VLLM_E2E, RawValue(value))
 
     (tmp_path / "traces.json").write_text(tampered(schema.VLLM_REQUEST_SPAN, change))
-    summary = build_report([str(tmp_path)], str(tmp_path / "out"))
+    summary = build_report([str(tmp_path)], str(tmp_path / "out"), figures=False)
     assert summary["inputs"]["skipped_records"] == {"llm_request: e2e latency not a finite number of seconds": 1}
     assert summary["requests"]["a"]["e2e_s"] is None and summary["requests"]["b"]["e2e_s"] == 0.25
     assert summary["layers"]["0"]["counts"] == LAYER0
@@ -109,7 +109,7 @@ def test_one_bad_jsonl_row_costs_only_itself(tmp_path):
     rows.insert(5, "{not json")
     rows.insert(6, "[" * 100000 + "]" * 100000)  # deeper than the JSON parser goes
     (tmp_path / "routing.jsonl").write_text("\n".join(rows) + "\n")
-    summary = build_report([str(tmp_path / "routing.jsonl")], str(tmp_path / "out"))
+    summary = build_report([str(tmp_path / "routing.jsonl")], str(tmp_path / "out"), figures=False)
     assert summary["inputs"]["bad_lines"] == 2
     assert summary["inputs"]["skipped_records"] == {"expert id out of range": 1}
     assert summary["layers"]["0"]["counts"] == [LAYER0[0] - 1, LAYER0[1], LAYER0[2] - 1, LAYER0[3]]
@@ -132,7 +132,7 @@ def test_jsonl_row_checks(tmp_path, field, value, reason):
     row[field] = value
     rows[-1] = json.dumps(row)
     (tmp_path / "routing.jsonl").write_text("\n".join(rows) + "\n")
-    summary = build_report([str(tmp_path / "routing.jsonl")], str(tmp_path / "out"))
+    summary = build_report([str(tmp_path / "routing.jsonl")], str(tmp_path / "out"), figures=False)
     assert summary["inputs"]["skipped_records"] == {reason: 1}
     assert summary["layers"]["1"]["counts"] == [LAYER1[0], LAYER1[1] - 1, LAYER1[2] - 1, LAYER1[3]]
 
@@ -140,8 +140,8 @@ def test_jsonl_row_checks(tmp_path, field, value, reason):
 def test_report_never_reads_its_own_outputs_or_folders_named_json(tmp_path):
     (tmp_path / "traces.json").write_text(golden_otlp_line())
     (tmp_path / "old.json").mkdir()
-    first = build_report([str(tmp_path)], str(tmp_path))  # written into its own input folder
-    second = build_report([str(tmp_path)], str(tmp_path))
+    first = build_report([str(tmp_path)], str(tmp_path), figures=False)  # written into its own input folder
+    second = build_report([str(tmp_path)], str(tmp_path), figures=False)
     assert first["inputs"]["files"] == second["inputs"]["files"] == [str(tmp_path / "traces.json")]
     assert second["inputs"]["bad_lines"] == 0 and second["layers"]["0"]["counts"] == LAYER0
 

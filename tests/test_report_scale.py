@@ -1,5 +1,5 @@
-"""The report at a large model's shape (94 layers x 128 experts, top-8), and
-``otel-moe compare``."""
+"""The report at a shape larger than any model's in both directions (94 layers, as
+Qwen3-235B; 256 experts, as DeepSeek-V3; top-8), and ``otel-moe compare``."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from test_report_input_checks import cli, one_line_error
 from otel_moe.report.main import build_report
 from tools import synthetic
 
-LAYERS, EXPERTS, TOP_K, STEPS, TOKENS, REQUESTS = 94, 128, 8, 3, 128, 8
+LAYERS, EXPERTS, TOP_K, STEPS, TOKENS, REQUESTS = 94, 256, 8, 3, 128, 8
 
 
 def png_size(path) -> tuple[int, int]:

@@ -94,7 +94,7 @@ def _under(module: str, package: str) -> bool:
 def test_the_graph_is_read():
     """The rules below stand on this graph: it must hold the arrows we know of."""
     assert "otel_moe.wire.messages" in GRAPH["otel_moe.worker.recorder"]
-    assert "otel_moe.wire.messages" in GRAPH["otel_moe.exporter.process"]
+    assert "otel_moe.wire.messages" in GRAPH["otel_moe.exporter.receiver"]
     assert "otel_moe.worker.binding" in GRAPH["otel_moe.plugin"]  # an import inside a function counts
 
 
@@ -129,7 +129,7 @@ def test_only_the_binding_knows_vllm():
 
 def test_the_exporter_process_loads_no_torch_or_vllm():
     code = ("import sys\n"
-            "import otel_moe.exporter.process, otel_moe.exporter.sinks.otlp, otel_moe.exporter.sinks.jsonl\n"
+            "import otel_moe.exporter.receiver, otel_moe.exporter.sinks.otlp, otel_moe.exporter.sinks.jsonl\n"
             "import otel_moe.exporter.sinks.metrics\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm')))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -133,6 +133,7 @@ def rss_kib(pid: int) -> int:
 def bench_exporter_soak(args, work: Path) -> dict:
     """A worker's exporter process under steady serving load (tools/profile_sink.py's
     churning decode steps, OTLP to the embedded collector) for minutes, its memory sampled."""
+    from otel_moe.worker import binding
     from tools.profile_sink import ChurningSteps, synthetic_recorder
 
     collector = CollectorProcess(work / "exporter-soak", "--rotate-mb", "64")
@@ -147,9 +148,10 @@ def bench_exporter_soak(args, work: Path) -> dict:
             samples.append((now - t0, rss_kib(pid)))
             next_sample += 1.0
         out, order = steps.step()
-        index = recorder.begin_step(out)
+        scheduled = binding.scheduled_step(out)
+        index = recorder.begin_step(scheduled)
         if index is not None:
-            recorder.on_step(out, None if recorder.counts_only else order, time.time_ns(), time.time_ns())
+            recorder.on_step(scheduled, None if recorder.counts_only else order, time.time_ns(), time.time_ns())
         count, tokens = count + 1, tokens + out.total_num_scheduled_tokens
         next_step += 1.0 / args.exporter_soak_rate
         time.sleep(max(0.0, next_step - time.monotonic()))  # a steady step rate, as an engine gives

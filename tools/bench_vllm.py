@@ -142,7 +142,7 @@ def _wait_until_quiet(folder: Path, limit_s: float = 60.0) -> None:
     """Until the last engine's telemetry is all written: past the exporter's idle flush
     (it holds spans that long after the last step), then until otel-moe's processes stop
     using CPU and the collector's files stop growing (a bench pause, not a test)."""
-    from otel_moe.exporter.process import IDLE_FLUSH_S
+    from otel_moe.exporter.receiver import IDLE_FLUSH_S
 
     time.sleep(IDLE_FLUSH_S + 0.25)
     deadline = time.monotonic() + limit_s

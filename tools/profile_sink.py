@@ -20,6 +20,7 @@ import time
 import torch
 
 from otel_moe.config import from_env
+from otel_moe.worker import binding
 from otel_moe.worker.capture import RoutingBuffers
 from otel_moe.worker.link import ExporterLink
 from otel_moe.worker.recorder import StepRecorder
@@ -89,7 +90,7 @@ def synthetic_recorder(mode: str, destinations: list[str], max_tokens: int = 819
         buffers.ids_writer(slot)(torch.randint(0, EXPERTS, (max_tokens, TOP_K)))
         buffers.weights_writer(slot)(torch.rand(max_tokens, TOP_K))
     link = ExporterLink({"destinations": list(config.destinations), "mode": mode, "resource": {}, "top_k": TOP_K,
-                         "num_experts": EXPERTS, "dp_rank": 0, "randomized_request_ids": True},
+                         "num_experts": EXPERTS, "dp_rank": 0, "internal_id_suffix": binding.INTERNAL_ID_SUFFIX},
                         ring_bytes=64 << 20, backlog_messages=256)
     return StepRecorder(buffers, config, link)
 
@@ -108,8 +109,9 @@ def engine_thread_us(mode: str, step_ms: float, rounds: int, sink: str = "discar
         spent = 0
         for out in outputs if round_index else outputs[:STEPS // 10]:
             started = time.perf_counter_ns()
-            step = recorder.begin_step(out)  # what the engine thread does per step, the forward aside
-            recorder.on_step(out, None if recorder.counts_only else ids, step, step + 1)
+            scheduled = binding.scheduled_step(out)  # what the engine thread does per step, the forward aside
+            step = recorder.begin_step(scheduled)
+            recorder.on_step(scheduled, None if recorder.counts_only else ids, step, step + 1)
             spent += time.perf_counter_ns() - started
             while time.perf_counter_ns() < started + step_ns:  # the forward's part of the step
                 pass

@@ -13,16 +13,13 @@ from typing import Optional
 
 import numpy as np
 
-# vLLM appends "-" + 8 hex chars to every request id it is given, to keep ids
-# unique inside the engine (v1/engine/input_processor.py: assign_request_id).
-_INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 
-
-def external_request_id(internal_id: str, randomized: bool = True) -> str:
-    """The id the user sees (``RequestOutput.request_id``, ``gen_ai.request.id``)."""
-    if randomized and _INTERNAL_SUFFIX.search(internal_id):
-        return internal_id[:-9]
-    return internal_id
+def external_request_id(internal_id: str, internal_suffix: Optional[re.Pattern]) -> str:
+    """The id the user sees (``RequestOutput.request_id``, ``gen_ai.request.id``): the
+    engine's id less the suffix the engine adds to keep ids unique (the binding says
+    which, in the exporter's spec; ``None``: the ids are the users' own)."""
+    match = internal_suffix.search(internal_id) if internal_suffix is not None else None
+    return internal_id[:match.start()] if match else internal_id
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ import numpy as np
 
 from otel_moe.report import analyses
 from otel_moe.report.aggregate import RunStats
-from otel_moe.report.inputs import Latency, MetricsWindow, RequestTally, StepBatch, input_files, stream, unexpected
+from otel_moe.report.inputs import Latency, MetricsWindow, RequestTally, StepRouting, input_files, stream, unexpected
 from otel_moe.report.profile import ProfileJoin
 from otel_moe.report.read import LineStats, SchemaError
 
@@ -24,7 +24,7 @@ def aggregate(paths: list[str], stats: LineStats, on_bytes: Optional[Callable[[i
     ``profile`` also collects the routing of the steps a profiler trace covers."""
     runs: dict[str, RunStats] = {}
     latencies: list[Latency] = []
-    windows: list[StepBatch] = []
+    windows: list[StepRouting] = []
     tallies: list[RequestTally] = []
     found: set[str] = set()
     for item in stream(paths, stats, on_bytes=on_bytes or (lambda n: None)):
@@ -80,7 +80,7 @@ def _nothing_found(files: list[str], stats: LineStats, found: set[str], only_run
             + ". Point it at the collector's --out folder (or a VLLM_LOG_MOE=file.jsonl log)")
 
 
-def _add_step(run: RunStats, step: StepBatch) -> None:
+def _add_step(run: RunStats, step: StepRouting) -> None:
     if step.layers:  # counts mode: request tallies come in records of their own, without layers
         run.begin_step(step.step, step.layers[0].num_tokens)
     run.add_request_tokens(step.request_ids, step.request_tokens, step.prefill_tokens)

@@ -4,6 +4,7 @@ jumps to each layer's histogram."""
 from __future__ import annotations
 
 import html
+from typing import Optional
 
 STYLE = ("body{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222;padding:0 1em}"
          "img{max-width:100%;border:1px solid #ddd}figure{margin:1em 0}figcaption{color:#777;font-size:small}"
@@ -29,7 +30,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _img(name: str, alt: str) -> str:
+def _img(name: Optional[str], alt: str) -> str:
+    if name is None:  # drawn without figures (--no-figures)
+        return ""
     return f'<figure><img src="{html.escape(name)}" alt="{html.escape(alt)}"><figcaption>{html.escape(name)}</figcaption></figure>'
 
 
@@ -66,7 +69,7 @@ def _layers_section(summary: dict, images: dict) -> list[str]:
     return [
         "<h2 id='usage'>Expert usage across layers</h2>",
         _note("Share of each layer's assignments per expert. A balanced layer is one flat colour; bright cells are hot experts."),
-        _img(images["heatmap"], "layer by expert heatmap"),
+        _img(images.get("heatmap"), "layer by expert heatmap"),
         _table(["layer", "tokens", "max/mean", "CV", "entropy (bits)", "max possible", "mean top-1 weight", "mean top-k weight sum"],
                [[name, v["tokens"], v["imbalance_max_over_mean"], v["imbalance_cv"], v["entropy_bits"], v["max_entropy_bits"],
                  v["mean_top1_weight"], v["mean_topk_weight_sum"]] for name, v in layers.items()], scroll=True),
@@ -80,7 +83,7 @@ def _imbalance_section(images: dict) -> list[str]:
                    "runs are averaged into at most 512 columns.")]
     if images.get("imbalance_heatmap"):
         parts.append(_img(images["imbalance_heatmap"], "imbalance per layer and step"))
-    parts.append(_img(images["imbalance"], "load imbalance per step"))
+    parts.append(_img(images.get("imbalance"), "load imbalance per step"))
     return parts
 
 
@@ -90,7 +93,7 @@ def _histogram_section(summary: dict, images: dict) -> list[str]:
     parts = ["<h2 id='layers'>Per layer</h2>",
              _note("Each layer's expert shares, the uniform share dashed. Jump to a layer:"),
              f"<nav class='layers'>{nav}</nav>"]
-    for image, names in images["grid_pages"]:
+    for image, names in images.get("grid_pages", []):
         parts.append("".join(f"<span id='{layer_anchor[n]}'></span>" for n in names))
         parts.append(_img(image, f"layers {names[0]}-{names[-1]}"))
     singles = [n for n in summary["layers"] if f"hist{n}" in images]

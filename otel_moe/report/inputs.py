@@ -1,5 +1,5 @@
 """Report inputs, streamed: collector files (OTLP/JSON) and JSONL routing logs,
-in any mix, as files or folders. Each step becomes one ``StepBatch``; every
+in any mix, as files or folders. Each step becomes one ``StepRouting``; every
 record is checked (``validate``) and a bad one skipped and counted by reason."""
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ class LayerBatch:
     num_tokens: int
     ids: Optional[np.ndarray] = None  # [n, K]
     weights: Optional[np.ndarray] = None
-    request_of: Optional[np.ndarray] = None  # [n] index into StepBatch.request_ids
+    request_of: Optional[np.ndarray] = None  # [n] index into StepRouting.request_ids
     prefill: Optional[np.ndarray] = None  # [n] bool
     positions: Optional[np.ndarray] = None  # [n] token positions in their requests
 
 
 @dataclasses.dataclass
-class StepBatch:
+class StepRouting:
     run: str
     step: int
     request_ids: list[str]
@@ -73,7 +73,7 @@ def input_files(paths: list[str]) -> list[str]:
     return files
 
 
-def step_from_span(span: read.Span) -> StepBatch:
+def step_from_span(span: read.Span) -> StepRouting:
     a = span.attributes
     validate.num_experts(a.get(schema.NUM_EXPERTS))  # before anything of its size is built
     validate.top_k(a.get(schema.TOP_K))
@@ -86,7 +86,7 @@ def step_from_span(span: read.Span) -> StepBatch:
     _check_step(step)
     if not step.ids:  # counts mode: a window of steps, its tokens not laid out per request
         layers = [LayerBatch(layer, step.num_experts, counts, step.num_tokens) for layer, counts in sorted(step.counts.items())]
-        return StepBatch(step.run, step.step, [], np.zeros(0, np.int64), np.zeros(0, np.int64), layers, step.dp_rank)
+        return StepRouting(step.run, step.step, [], np.zeros(0, np.int64), np.zeros(0, np.int64), layers, step.dp_rank)
     request_of = np.repeat(np.arange(len(step.request_ids)), step.request_tokens)
     positions = step.positions()
     prefill = step.is_prefill()
@@ -97,7 +97,7 @@ def step_from_span(span: read.Span) -> StepBatch:
                    *((request_of, prefill, positions) if layer in step.ids else (None, None, None)))
         for layer in sorted(step.counts)
     ]
-    return StepBatch(step.run, step.step, step.request_ids, step.request_tokens, prefill_tokens, layers, step.dp_rank)
+    return StepRouting(step.run, step.step, step.request_ids, step.request_tokens, prefill_tokens, layers, step.dp_rank)
 
 
 def _check_step(step: read.StepSpan) -> None:
@@ -151,7 +151,7 @@ class JsonlSteps:
         self.rows: list[dict] = []
         self._shape: dict[int, tuple] = {}  # layer -> (top_k or counts length, num_experts) in this step
 
-    def add(self, row: dict) -> Optional[StepBatch]:
+    def add(self, row: dict) -> Optional[StepRouting]:
         validate.jsonl_row(row)
         done = None
         if row["step"] != self.step and self.rows:
@@ -165,7 +165,7 @@ class JsonlSteps:
         self.rows.append(row)
         return done
 
-    def flush(self) -> Optional[StepBatch]:
+    def flush(self) -> Optional[StepRouting]:
         rows, self.rows, self._shape = self.rows, [], {}
         if not rows:
             return None
@@ -175,7 +175,7 @@ class JsonlSteps:
         if "counts" in rows[0]:
             layers = [LayerBatch(layer, len(r[0]["counts"]), np.asarray(r[0]["counts"], np.int64), int(r[0]["num_tokens"]))
                       for layer, r in sorted(by_layer.items())]
-            return StepBatch(self.run, self.step, [], np.zeros(0, np.int64), np.zeros(0, np.int64), layers)
+            return StepRouting(self.run, self.step, [], np.zeros(0, np.int64), np.zeros(0, np.int64), layers)
         index: dict[str, int] = {}
         layers = []
         for layer, layer_rows in sorted(by_layer.items()):
@@ -192,11 +192,11 @@ class JsonlSteps:
         first = layers[0]
         tokens = np.bincount(first.request_of, minlength=len(request_ids))
         prefill_tokens = np.bincount(first.request_of[first.prefill], minlength=len(request_ids))
-        return StepBatch(self.run, self.step, request_ids, tokens, prefill_tokens, layers)
+        return StepRouting(self.run, self.step, request_ids, tokens, prefill_tokens, layers)
 
 
 def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] = lambda n: None
-           ) -> Iterator[StepBatch | Latency | MetricsWindow | RequestTally]:
+           ) -> Iterator[StepRouting | Latency | MetricsWindow | RequestTally]:
     metrics = MetricsDeltas(stats)
     for file in input_files(paths):
         jsonl: Optional[JsonlSteps] = None
@@ -240,7 +240,7 @@ class MetricsWindow:
     """What ``moe.expert.tokens`` grew by between two exports of one process: a window
     of steps without step indices (aggregate() uses it only for runs without moe.step spans)."""
 
-    batch: StepBatch
+    batch: StepRouting
 
 
 class MetricsDeltas:
@@ -283,7 +283,7 @@ class MetricsDeltas:
                     counts[expert] += n
                 batches.append(LayerBatch(layer, len(counts), counts, int(counts.sum())))
             index = self._windows[run] = self._windows.get(run, -1) + 1
-            yield MetricsWindow(StepBatch(run, index, [], np.zeros(0, np.int64), np.zeros(0, np.int64), batches, dp_rank))
+            yield MetricsWindow(StepRouting(run, index, [], np.zeros(0, np.int64), np.zeros(0, np.int64), batches, dp_rank))
 
     def _point(self, run: str, point: dict, grown: dict) -> None:
         a = schema.attributes(point.get("attributes", []))
@@ -302,7 +302,7 @@ class MetricsDeltas:
             experts[expert] = experts.get(expert, 0) + int(delta)
 
 
-def _otlp_items(request: dict, stats: LineStats) -> Iterator[StepBatch | Latency | RequestTally]:
+def _otlp_items(request: dict, stats: LineStats) -> Iterator[StepRouting | Latency | RequestTally]:
     for span in read.iter_spans(request, stats.skip):
         try:
             if span.name == schema.STEP_SPAN:

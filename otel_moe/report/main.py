@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-kernels", default=profile.DEFAULT_MOE_KERNELS, metavar="REGEX", type=_regex,
                         help="GPU kernel names that are MoE work, for CUDA-graph replays (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw the PNGs (default); --no-figures writes summary.json, requests.csv and report.html alone, "
+                             "in a fraction of the time")
 
 
 def _layer_selection(text: str) -> Optional[frozenset[int]]:
@@ -65,10 +68,12 @@ class ReportError(ValueError):
 
 def build_report(inputs: list[str], out_dir: str, progress: bool = False, traces: list[str] = (),
                  moe_kernels: str = profile.DEFAULT_MOE_KERNELS, run: Optional[str] = None,
-                 layers: Optional[frozenset[int]] = None, per_layer_files: Optional[bool] = None) -> dict:
+                 layers: Optional[frozenset[int]] = None, per_layer_files: Optional[bool] = None,
+                 figures: bool = True) -> dict:
     """Returns the run's summary.json content, or for several runs an index
     ({"runs": {name: summary}}); ``traces``: profiler traces to join (also
-    picked out of ``inputs`` by name)."""
+    picked out of ``inputs`` by name); ``figures``: draw the PNGs (else the
+    numbers and the page alone)."""
     from otel_moe.report.build import aggregate, inputs_section, summary
     from otel_moe.report.inputs import input_files
 
@@ -92,7 +97,7 @@ def build_report(inputs: list[str], out_dir: str, progress: bool = False, traces
             result["profile"] = join.summary(set(runs), name)
         folder = os.path.join(out_dir, folders[name])
         os.makedirs(folder, exist_ok=True)
-        _write_run(folder, result, runs[name], layers, per_layer_files, progress)
+        _write_run(folder, result, runs[name], layers, per_layer_files, progress, figures)
         results[name] = result
     if len(names) == 1:
         return results[names[0]]
@@ -125,7 +130,7 @@ def _run_folders(names: list[str]) -> dict[str, str]:
 
 
 def _write_run(folder: str, result: dict, run, layers_wanted: Optional[frozenset[int]],
-               per_layer_files: Optional[bool], progress: bool) -> None:
+               per_layer_files: Optional[bool], progress: bool, figures: bool = True) -> None:
     from otel_moe.report import html, plots
 
     layer_names = list(result["layers"])
@@ -149,6 +154,8 @@ def _write_run(folder: str, result: dict, run, layers_wanted: Optional[frozenset
         if sum(layer["prefill_counts"]) + sum(layer["decode_counts"]):
             tasks.append((f"phase{name}", lambda name=name, layer=layer: plots.phase_histogram(
                 folder, name, layer["prefill_counts"], layer["decode_counts"])))
+    if not figures:
+        tasks = []
     meter = Progress("drawing", progress)
     meter.total(len(tasks))
     images = {}
@@ -156,7 +163,7 @@ def _write_run(folder: str, result: dict, run, layers_wanted: Optional[frozenset
         images[key] = draw()
         meter.add(1)
     meter.done()
-    images["grid_pages"] = [(images[f"grid{page}"], names) for page, names in enumerate(pages)]
+    images["grid_pages"] = [(images[f"grid{page}"], names) for page, names in enumerate(pages) if f"grid{page}" in images]
     _write_json(os.path.join(folder, "summary.json"), result)
     _write_requests_csv(os.path.join(folder, "requests.csv"), result)
     with open(os.path.join(folder, "report.html"), "w") as f:
@@ -231,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = build_report(args.inputs, args.out, progress=not args.no_progress and sys.stderr.isatty(),
                               traces=args.profile, moe_kernels=args.moe_kernels, run=args.run, layers=args.layers,
-                              per_layer_files=args.per_layer_files)
+                              per_layer_files=args.per_layer_files, figures=args.figures)
     except (EmptyInput, SchemaError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError,
             ReportError, profile.TraceError) as err:
         print(f"otel-moe report: error: {err}", file=sys.stderr)

@@ -7,7 +7,9 @@ to 0.33; Model Runner V1, V2 and the CPU runner):
     buffers and bind every selected router to them.
   - ``execute_model``: before a real step's forward (a scheduler output with
     tokens; never a profile, warm-up, dummy or capture run) tell the recorder
-    (counts mode: how many of its rows count), after it hand the step on.
+    (counts mode: how many of its rows count), after it hand the step on. The
+    recorder gets plain data: a ``ScheduledStep`` read off the scheduler output,
+    the batch's row order, and what the exporter must know of request ids.
   - ``_dummy_run`` (and ``execute_model`` of a dummy or warm-up run): tell the
     recorder that the forward's rows do not count.
   - ``shutdown``: flush the recorder while the engine goes down.
@@ -29,6 +31,8 @@ from otel_moe.config import NUM_MOE_LAYERS, Config, from_env
 from otel_moe.config import RUN_ID as RUN_ID_VARIABLE
 from otel_moe.worker import profiler_ranges
 from otel_moe.worker.capture import RoutingBuffers
+from otel_moe.worker.link import ExporterLink
+from otel_moe.worker.recorder import ScheduledStep, StepRecorder
 
 logger = logging.getLogger("vllm.otel_moe")
 
@@ -47,6 +51,10 @@ _WARMING = "_otel_moe_warming"
 _WRAPPED = "_otel_moe_wrapped"
 _RECORDER = "_otel_moe_recorder"
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+# vLLM appends "-" + 8 hex chars to every request id it is given, to keep ids unique
+# inside the engine (v1/engine/input_processor.py: assign_request_id); the exporter
+# takes it off again, so records carry the ids users see.
+INTERNAL_ID_SUFFIX = r"-[0-9a-f]{8}$"
 
 
 def install() -> int:
@@ -127,19 +135,47 @@ def _wrap_execute_model(original: Callable) -> Callable:
         if kwargs.get("dummy_run") or scheduler_output is None or getattr(self, _WARMING, False):
             _telemetry(recorder, recorder.before_other_forward)
             return original(self, scheduler_output, *args, **kwargs)
-        step = _telemetry(recorder, recorder.begin_step, scheduler_output)
-        if step is None:  # no tokens, or recording is off
+        began = _telemetry(recorder, _begin_step, recorder, scheduler_output)
+        if began is None or began[1] is None:  # no tokens, or recording is off
             return original(self, scheduler_output, *args, **kwargs)
-        tokens, requests = scheduler_output.total_num_scheduled_tokens, len(scheduler_output.num_scheduled_tokens)
+        scheduled, step = began
         start_ns = time.time_ns()
-        with profiler_ranges.step_range(step, tokens, requests, recorder.model_moe_layers, recorder.dp_rank, recorder.run_id):
+        with profiler_ranges.step_range(step, scheduled.tokens, len(scheduled.scheduled), recorder.model_moe_layers,
+                                        recorder.dp_rank, recorder.run_id):
             result = original(self, scheduler_output, *args, **kwargs)
         end_ns = time.time_ns()
         order = None if recorder.counts_only else batch_order(self)  # counts need no row order
-        _telemetry(recorder, recorder.on_step, scheduler_output, order, start_ns, end_ns)
+        _telemetry(recorder, recorder.on_step, scheduled, order, start_ns, end_ns)
         return result
 
     return execute_model
+
+
+def _begin_step(recorder: Any, scheduler_output: Any) -> tuple:
+    scheduled = scheduled_step(scheduler_output)
+    return scheduled, recorder.begin_step(scheduled)
+
+
+def scheduled_step(scheduler_output: Any) -> ScheduledStep:
+    """The recorder's plain view of a SchedulerOutput (vLLM's lists, not copied)."""
+    new_requests = scheduler_output.scheduled_new_reqs
+    running = scheduler_output.scheduled_cached_reqs
+    return ScheduledStep(
+        scheduler_output.total_num_scheduled_tokens,
+        scheduler_output.num_scheduled_tokens,
+        list(getattr(scheduler_output, "finished_req_ids", None) or ()),
+        [(r.req_id, _prompt_len(r)) for r in new_requests],
+        [(r.req_id, r.num_computed_tokens) for r in new_requests],
+        running.req_ids,
+        running.num_computed_tokens,
+    )
+
+
+def _prompt_len(new_request: Any) -> int:
+    if new_request.prompt_token_ids is not None:
+        return len(new_request.prompt_token_ids)
+    embeds = getattr(new_request, "prompt_embeds", None)
+    return int(embeds.shape[0]) if embeds is not None else 0
 
 
 def _wrap_dummy_run(original: Callable) -> Callable:
@@ -256,11 +292,8 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
     for slot, layer in enumerate(selected):
         bind_router(moe_layers[layer], buffers, slot)
     for layer, module in moe_layers.items():  # recorded or not: the profiler trace shows every MoE layer
-        if not profiler_ranges.wrap_layer(module, layer):
+        if not _wrap_layer_forward(module, layer):
             logger.debug("otel-moe: layer %d has no per-layer forward to put a profiler range around", layer)
-
-    from otel_moe.worker.link import ExporterLink
-    from otel_moe.worker.recorder import StepRecorder
 
     resource = {
         schema.RUN_ID: os.environ.get(RUN_ID_VARIABLE, ""),
@@ -272,7 +305,7 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
     exporter = ExporterLink(
         {"destinations": list(config.destinations), "mode": config.mode, "metrics": config.metrics, "resource": resource,
          "top_k": buffers.top_k, "num_experts": buffers.num_experts, "dp_rank": dp_rank,
-         "randomized_request_ids": not _request_id_randomization_disabled()},
+         "internal_id_suffix": "" if _request_id_randomization_disabled() else INTERNAL_ID_SUFFIX},
         ring_bytes=config.ring_mb << 20, backlog_messages=config.queue_steps,
     )
     recorder = StepRecorder(
@@ -294,6 +327,18 @@ def attach(runner: Any, config: Config) -> Optional[Any]:
         f"; live control through {config.control_path} ({'on' if recorder.recording else 'off'} now)" if control else "",
     )
     return recorder
+
+
+def _wrap_layer_forward(moe_module: Any, layer: int) -> bool:
+    """Put this MoE module's per-layer forward (``_forward_impl``, which vLLM's opaque
+    ``moe_forward`` custom op calls at run time) in a profiler layer range. False when
+    the module has no such method (an unknown vLLM layout)."""
+    for attribute in ("_forward_impl", "forward_impl"):
+        forward = getattr(moe_module, attribute, None)
+        if callable(forward):
+            setattr(moe_module, attribute, profiler_ranges.in_layer_range(forward, layer))
+            return True
+    return False
 
 
 def bind_router(moe_module: Any, buffers: RoutingBuffers, slot: int) -> None:

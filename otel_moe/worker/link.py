@@ -42,7 +42,7 @@ COMMAND = "exporter"  # ``python -m otel_moe exporter ...``: what `ps` shows
 class ExporterLink:
     def __init__(self, spec: dict, ring_bytes: int, backlog_messages: int) -> None:
         """Called on the engine thread (its CPUs are the ones the exporter leaves).
-        ``spec``: what the exporter process needs to know (see exporter.process);
+        ``spec``: what the exporter process needs to know (see exporter.receiver);
         ``backlog_messages``: how many messages may wait for room in the socket."""
         self.ring = SharedRing(ring_bytes)
         self.space = FifoSpace(ring_bytes)

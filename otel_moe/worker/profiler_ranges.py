@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, ContextManager
+from typing import Callable, ContextManager
 
 import torch
 
@@ -50,19 +50,11 @@ def _step_range(name: str):
         _in_step = False
 
 
-def wrap_layer(moe_module: Any, layer: int) -> bool:
-    """Wrap this MoE module's per-layer forward (the runner's ``_forward_impl``,
-    which vLLM's opaque ``moe_forward`` custom op calls at run time) in a layer
-    range. False when the module has no such method (an unknown vLLM layout)."""
-    for attribute in ("_forward_impl", "forward_impl"):
-        forward = getattr(moe_module, attribute, None)
-        if callable(forward):
-            setattr(moe_module, attribute, _with_layer_range(forward, schema.layer_range_name(layer)))
-            return True
-    return False
+def in_layer_range(forward: Callable, layer: int) -> Callable:
+    """``forward`` (one MoE layer's), run in the layer's range inside a recorded step
+    while the profiler runs."""
+    name = schema.layer_range_name(layer)
 
-
-def _with_layer_range(forward: Callable, name: str) -> Callable:
     @functools.wraps(forward)
     def forward_in_range(*args, **kwargs):
         # is_compiling first: should Dynamo ever trace this, it stops there and

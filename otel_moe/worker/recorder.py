@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -28,6 +28,19 @@ DROP_WARNING_INTERVAL_S = 60.0
 # Steps between reads of the exporter's acknowledgements (one small message a step or window):
 # the exporter's socket buffer holds a few hundred, so it never waits on an unread one.
 READ_ACKS_EVERY = 64
+
+
+class ScheduledStep(NamedTuple):
+    """What the recorder needs of one engine step, as plain data: the binding reads it
+    off vLLM's scheduler output (its lists as they are, not copied)."""
+
+    tokens: int  # real tokens in the step's forward
+    scheduled: dict  # request id -> its tokens in this step
+    finished: list  # requests that finished since the previous step
+    new: list  # (request id, prompt length) of each request scheduled for the first time
+    new_computed: list  # (request id, tokens computed before the step) of the same
+    running_ids: list  # requests scheduled before, still running
+    running_computed: list  # their tokens computed before the step
 
 
 class StepRecorder:
@@ -77,13 +90,13 @@ class StepRecorder:
         # live when recording stopped or switched layers or mode, or began while it was off.
         self._partial: set[str] = set()
 
-    def begin_step(self, scheduler_output: Any) -> Optional[int]:
+    def begin_step(self, scheduled: ScheduledStep) -> Optional[int]:
         """Before every real step's forward, tokens or not: pass on finishes, take
         a live-control change, pass on new requests. Returns the index the step
         will be recorded under (``on_step`` follows), or ``None``: not recorded."""
         if not self.exporter.alive:
             return None
-        finished = list(getattr(scheduler_output, "finished_req_ids", None) or ())
+        finished = scheduled.finished
         partial = [r for r in finished if r in self._partial]
         if finished:
             self._live.difference_update(finished)
@@ -92,7 +105,7 @@ class StepRecorder:
             self._partial.update(self._live)
             self._close_window()  # counted under the old layers
             self._apply(self.control.state)
-        new = [(r.req_id, _prompt_len(r)) for r in scheduler_output.scheduled_new_reqs]
+        new = scheduled.new
         if new:  # learned while paused too: recording may resume mid-request
             self._live.update(r for r, _ in new)
         if finished or new:
@@ -100,7 +113,7 @@ class StepRecorder:
         if not self.recording:
             self._partial.update(r for r, _ in new)
             return None
-        n = scheduler_output.total_num_scheduled_tokens
+        n = scheduled.tokens
         if not n:
             return None
         if self.counts_only:  # the forward adds the step's real tokens to the device counters
@@ -126,7 +139,7 @@ class StepRecorder:
         self._columns = None if everything else torch.tensor(columns, device=self.buffers.device)
         self.control_version = self.control.version if self.control else 0
 
-    def on_step(self, scheduler_output: Any, batch_order: Optional[list[str]], start_ns: int, end_ns: int) -> None:
+    def on_step(self, scheduled: ScheduledStep, batch_order: Optional[list[str]], start_ns: int, end_ns: int) -> None:
         """Called after the forward of each step ``begin_step`` gave an index, with the
         request ids in the order the batch laid out its rows (tokens mode; ``None`` in
         counts mode, whose records need no row order)."""
@@ -134,11 +147,11 @@ class StepRecorder:
         self.steps += 1
         if step % READ_ACKS_EVERY == 0:
             self.exporter.free_finished_steps()
-        n = scheduler_output.total_num_scheduled_tokens
+        n = scheduled.tokens
         if not self._checked_capture:
             self._check_capture(n)
         if self.counts_only:
-            self._count(step, n, start_ns, end_ns, self._layout(scheduler_output, None, self._window.layouts))
+            self._count(step, n, start_ns, end_ns, self._layout(scheduled, None, self._window.layouts))
             return
         if not self.exporter.has_room():
             self._drop(n, "the exporter is behind (the link's backlog is full)")
@@ -149,18 +162,16 @@ class StepRecorder:
             return
         if not self._send(Step(snapshot.offset, snapshot.arrays, snapshot.mark, step, start_ns, end_ns, self.layers,
                                False, self.control_version, self.dropped_steps, self.dropped_tokens, self.engine_thread_ns,
-                               *self._layout(scheduler_output, batch_order, self.layouts)), n, holds_space=True):
+                               *self._layout(scheduled, batch_order, self.layouts)), n, holds_space=True):
             self.layouts.forget()
 
     @staticmethod
-    def _layout(scheduler_output: Any, batch_order: Optional[list[str]], encoder: LayoutEncoder) -> tuple:
+    def _layout(scheduled: ScheduledStep, batch_order: Optional[list[str]], encoder: LayoutEncoder) -> tuple:
         """The scheduler's own per-request structures, copied as they are by marshal (C),
         less what the previous step's said already (tokens: the previous step sent; counts:
         the previous step of the window, no batch order): the exporter lays them out."""
-        cached = scheduler_output.scheduled_cached_reqs
-        return encoder.encode(scheduler_output.total_num_scheduled_tokens, batch_order,
-                              scheduler_output.num_scheduled_tokens, cached.req_ids, cached.num_computed_tokens,
-                              [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs])
+        return encoder.encode(scheduled.tokens, batch_order, scheduled.scheduled, scheduled.running_ids,
+                              scheduled.running_computed, scheduled.new_computed)
 
     def _count(self, step: int, n: int, start_ns: int, end_ns: int, layout: tuple) -> None:
         """Counts mode: the forward added the step to the device counters; its layout
@@ -288,9 +299,3 @@ class _Window:
         self.last, self.end_ns = step, end_ns
         self.tokens += tokens
 
-
-def _prompt_len(new_request: Any) -> int:
-    if new_request.prompt_token_ids is not None:
-        return len(new_request.prompt_token_ids)
-    embeds = getattr(new_request, "prompt_embeds", None)
-    return int(embeds.shape[0]) if embeds is not None else 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -45,7 +46,10 @@ class WorkerGone(Exception):
     """The worker exited while a step's device copy was awaited."""
 
 
-class Exporter:
+class Receiver:
+    """Reads one worker's messages in order, lays each step out as a ``StepRecord`` and
+    hands it to the sinks; acknowledges ring space once a step is done with it."""
+
     def __init__(self, spec: dict, sink: Sink) -> None:
         self.sink = sink
         self.ring = SharedRing(spec["ring_bytes"], fd=spec["ring_fd"])
@@ -53,7 +57,7 @@ class Exporter:
         self.parent_pid = spec["parent_pid"]
         self.top_k, self.num_experts = spec["top_k"], spec["num_experts"]
         self.dp_rank = spec["dp_rank"]
-        self.randomized_request_ids = spec["randomized_request_ids"]
+        self.internal_suffix = re.compile(spec["internal_id_suffix"]) if spec.get("internal_id_suffix") else None
         self.prompt_lens: dict[str, int] = {}  # internal id -> prompt length, while live
         self.external_ids: dict[str, str] = {}
         self.steps = self.layout_drops = self.failed_steps = 0
@@ -111,10 +115,10 @@ class Exporter:
 
     def _external(self, internal_id: str, forget: bool = False) -> str:
         if forget:
-            return self.external_ids.pop(internal_id, None) or external_request_id(internal_id, self.randomized_request_ids)
+            return self.external_ids.pop(internal_id, None) or external_request_id(internal_id, self.internal_suffix)
         external = self.external_ids.get(internal_id)
         if external is None:
-            external = self.external_ids[internal_id] = external_request_id(internal_id, self.randomized_request_ids)
+            external = self.external_ids[internal_id] = external_request_id(internal_id, self.internal_suffix)
         return external
 
     def _step(self, message: Step, layouts: Optional[LayoutDecoder] = None) -> None:
@@ -242,13 +246,13 @@ def run(spec_json: str) -> int:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     sinks = SinkSpec(tuple(spec["destinations"]), spec["mode"], spec.get("metrics", DEFAULT_METRICS))
-    exporter = Exporter(spec, open_sinks(sinks, spec["resource"]))
+    receiver = Receiver(spec, open_sinks(sinks, spec["resource"]))
     try:
-        exporter.run()
+        receiver.run()
     except WorkerGone:
         pass
     finally:
-        exporter.close()
+        receiver.close()
     return 0
 
 
