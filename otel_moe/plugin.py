@@ -34,9 +34,11 @@ def register() -> None:
         extra = f"{RUN_ID_ATTRIBUTE}={os.environ[RUN_ID]}"
         previous = os.environ.get(RESOURCE_ATTRIBUTES, "").strip().strip(",")
         os.environ[RESOURCE_ATTRIBUTES] = f"{previous},{extra}" if previous else extra
-    from otel_moe.worker.binding import install
+    from otel_moe.frontend import binding as frontend
+    from otel_moe.worker import binding as worker
 
-    install()
+    frontend.install()  # in the process requests come into: each gets a trace context
+    worker.install()
 
 
 def _declare_variables() -> None:

@@ -7,8 +7,8 @@ weights as float32 without naming their dtype):
   span ``moe.step`` (one per engine step, or per chunk of one when a step is
   too large for one export): timed over the step's model execution.
   event ``moe.routing`` on it, one per logged layer.
-  span ``moe.request`` (one per finished request), ``gen_ai.request.id`` as on
-  vLLM's own ``llm_request`` span.
+  span ``moe.request`` (one per finished, sampled request), ``gen_ai.request.id`` as
+  on vLLM's own ``llm_request`` span, in the request's own trace.
 """
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ DROPPED_TOKENS = "otel_moe.dropped_tokens"
 FAILED_EXPORT_SPANS = "otel_moe.failed_export_spans"
 CONTROL_VERSION = "otel_moe.control.version"  # live-control changes applied before this step
 ENGINE_THREAD_NS = "otel_moe.engine_thread_ns"  # cumulative: recording's time on vLLM's engine thread before this step
+# Tokens of the step whose routing is not in the span: their requests were not sampled
+# (OTEL_TRACES_SAMPLER). On a step's first chunk only; absent: none.
+STEP_UNSAMPLED_TOKENS = "moe.step.unsampled_tokens"
 
 # moe.routing event
 LAYER = "moe.layer"
@@ -75,6 +78,7 @@ REQUEST_INCOMPLETE = "moe.request.incomplete"  # true: evicted before vLLM repor
 # true: live control paused recording or switched layers/mode while the request ran,
 # so its token and expert counts cover only part of it
 REQUEST_PARTIAL = "moe.request.partial"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"  # as vLLM's llm_request names the model
 
 WEIGHTS_DTYPE = "<f2"
 VERSION_1_WEIGHTS_DTYPE = "<f4"  # what a routing event without EXPERT_WEIGHTS_DTYPE holds

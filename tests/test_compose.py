@@ -49,9 +49,10 @@ def test_file_exporter_writes_otlp_json_into_the_mounted_folder():
 
 def test_jaeger_gets_slim_spans():
     assert CONFIG["exporters"]["otlp/jaeger"]["endpoint"].split(":")[0] in COMPOSE["services"]
-    statements = " ".join(CONFIG["processors"]["transform/slim"]["trace_statements"][0]["statements"])
+    statements = {group["context"]: " ".join(group["statements"]) for group in CONFIG["processors"]["transform/slim"]["trace_statements"]}
     for payload in (schema.EXPERT_IDS, schema.EXPERT_WEIGHTS):
-        assert f'delete_key(attributes, "{payload}")' in statements
+        assert f'delete_key(attributes, "{payload}")' in statements["spanevent"]
+    assert f'delete_key(attributes, "{schema.REQUEST_EXPERT_COUNTS}")' in statements["span"]
     assert "16686:16686" in COMPOSE["services"]["jaeger"]["ports"]
     assert COMPOSE["services"]["jaeger"]["image"].startswith("jaegertracing/jaeger:2")
 

@@ -5,24 +5,16 @@ running, recording to JSONL and through OTLP to a real collector."""
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
-import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import CollectorProcess, clean_env, otlp_env
+from conftest import CollectorProcess, otlp_env
+from serving import Server
 
 from otel_moe import schema
 from otel_moe.report import read
-
-VLLM_SERVE = Path(__file__).parent / "vllm_serve.py"
 
 API_KEY = "test-key"
 PROMPTS = {  # request id -> (prompt, max_tokens); sent one after another
@@ -35,80 +27,22 @@ PROMPTS = {  # request id -> (prompt, max_tokens); sent one after another
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ControlledServer(Server):
+    """``vllm serve`` with the live-control endpoints, recording to JSONL and OTLP."""
 
-
-class Server:
     def __init__(self, model: str, workdir: Path, otlp_endpoint: str) -> None:
-        self.model = model
-        self.workdir = workdir
         self.routing = workdir / "routing.jsonl"
         self.control = workdir / "control.json"
-        self.port = _free_port()
-        self.log = workdir / "serve.log"
-        env = clean_env(VLLM_LOG_MOE=f"otlp,{self.routing}", VLLM_LOG_MOE_CONTROL=str(self.control),
-                        **otlp_env(otlp_endpoint))
-        self.proc = subprocess.Popen(
-            [sys.executable, str(VLLM_SERVE), "serve", model, "--port", str(self.port),
-             "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "8",
-             "--max-num-batched-tokens", "64", "--gpu-memory-utilization", "0.2", "--seed", "0",
-             "--api-key", API_KEY, "--middleware", "otel_moe.control.http.middleware",
-             "--shutdown-timeout", "30"],  # let the workers flush telemetry at exit (README)
-            env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.lines: list[str] = []
-        self._started = threading.Event()
-        threading.Thread(target=self._read_log, daemon=True).start()
-        if not self._started.wait(600) or not self._listening():
-            self.stop()
-            raise RuntimeError("vllm serve did not start; log tail:\n" + "".join(self.lines[-60:]))
-
-    def _listening(self, timeout_s: float = 30) -> bool:
-        # uvicorn logs "startup complete" a moment before its socket listens
-        deadline = time.monotonic() + timeout_s
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return True
-            except OSError:
-                time.sleep(0.05)
-        return False
-
-    def _read_log(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "Application startup complete" in line:
-                self._started.set()
-        self._started.set()  # exited: let the waiter look
-
-    def _request(self, method: str, path: str, body: dict | bytes | None, key: str | None,
-                 headers: dict | None) -> urllib.request.Request:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
-        request.add_header("Content-Type", "application/json")
-        if key:
-            request.add_header("Authorization", f"Bearer {key}")
-        for name, value in (headers or {}).items():
-            request.add_header(name, value)
-        return request
-
-    def call(self, method: str, path: str, body: dict | bytes | None = None, key: str | None = API_KEY,
-             headers: dict | None = None) -> tuple[int, dict]:
-        try:
-            with urllib.request.urlopen(self._request(method, path, body, key, headers), timeout=120) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
+        super().__init__(model, workdir, {"VLLM_LOG_MOE": f"otlp,{self.routing}", "VLLM_LOG_MOE_CONTROL": str(self.control),
+                                          **otlp_env(otlp_endpoint)},
+                         ["--api-key", API_KEY, "--middleware", "otel_moe.control.http.middleware"], api_key=API_KEY)
 
     def _completion(self, request_id: str, stream: bool = False) -> urllib.request.Request:
         prompt, max_tokens = PROMPTS[request_id]
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
-        return self._request("POST", "/v1/completions", body, API_KEY, {"X-Request-Id": request_id})
+        return self._request("POST", "/v1/completions", body, self.api_key, {"X-Request-Id": request_id})
 
     def complete(self, request_id: str) -> dict:
         with urllib.request.urlopen(self._completion(request_id), timeout=120) as response:
@@ -128,17 +62,6 @@ class Server:
                     answer = self.call("POST", "/otel_moe/recording", switch)
         return usage, answer
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        (self.log).write_text("".join(self.lines))
-        return self.proc.returncode
-
 
 @pytest.fixture(scope="session")
 def controlled_serve(models, tmp_path_factory):
@@ -147,7 +70,7 @@ def controlled_serve(models, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("serve_control")
     collector = CollectorProcess(workdir / "collected")
     try:
-        server = Server(models["qwen2_moe"], workdir, collector.grpc_endpoint)
+        server = ControlledServer(models["qwen2_moe"], workdir, collector.grpc_endpoint)
     except Exception:
         collector.stop()
         raise

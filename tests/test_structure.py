@@ -4,6 +4,7 @@ alone, and an exporter process that never loads torch or vLLM."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ FORBIDDEN = [
     ("otel_moe.collector", "otel_moe.exporter"),  # the collector knows only OTLP
     ("otel_moe.collector", "otel_moe.worker"),
     ("otel_moe.control", "otel_moe.worker"),
+    ("otel_moe.frontend", "otel_moe.worker"),  # the front end hands the engine a trace context, nothing more
+    ("otel_moe.frontend", "otel_moe.exporter"),
+    ("otel_moe.trace_context", "otel_moe.config"),
 ]
 
 
@@ -96,6 +100,7 @@ def test_the_graph_is_read():
     assert "otel_moe.wire.messages" in GRAPH["otel_moe.worker.recorder"]
     assert "otel_moe.wire.messages" in GRAPH["otel_moe.exporter.receiver"]
     assert "otel_moe.worker.binding" in GRAPH["otel_moe.plugin"]  # an import inside a function counts
+    assert "otel_moe.frontend.binding" in GRAPH["otel_moe.plugin"]
 
 
 def test_no_import_cycles():
@@ -114,17 +119,22 @@ def test_the_wire_imports_only_the_wire():
             if not _under(b, "otel_moe.wire")} == set()
 
 
-def test_only_the_binding_knows_vllm():
-    """(and the plugin, which declares otel-moe's variables to vLLM)"""
+def test_only_the_bindings_know_vllm():
+    """(and the plugin, which declares otel-moe's variables to vLLM). A module named in a
+    string (``importlib.import_module("vllm.v1.engine...")``, three parts or more: "vllm.model"
+    is an attribute name, "vllm.otel_moe" a logger's) counts as imported."""
+    module_name = re.compile(r"^vllm(\.\w+){2,}$")
     knowing = set()
     for name, path in MODULES.items():
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            if any(n == "vllm" or n.startswith("vllm.") for n in names):
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [node.value] if isinstance(node, ast.Constant) and isinstance(node.value, str) else [])
+            if any(n == "vllm" or n.startswith("vllm.") if not isinstance(node, ast.Constant) else module_name.match(n)
+                   for n in names):
                 knowing.add(name)
-    assert knowing == {"otel_moe.worker.binding", "otel_moe.plugin"}
+    assert knowing == {"otel_moe.worker.binding", "otel_moe.frontend.binding", "otel_moe.plugin"}
 
 
 def test_the_exporter_process_loads_no_torch_or_vllm():

@@ -110,8 +110,10 @@ class Receiver:
             for request_id in finished:
                 self.prompt_lens.pop(request_id, None)
             self.sink.finish(list(external.values()), {external[r] for r in partial})
-        for request_id, prompt_len in new:
+        for request_id, prompt_len, *_ in new:
             self.prompt_lens[request_id] = prompt_len
+        if new:
+            self.sink.begin([(self._external(request_id), *trace) for request_id, _, *trace in new])
 
     def _external(self, internal_id: str, forget: bool = False) -> str:
         if forget:

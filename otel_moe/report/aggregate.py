@@ -173,6 +173,7 @@ class RequestStats:
     ttft_s: Optional[float] = None
     queue_s: Optional[float] = None
     completion_tokens: Optional[int] = None
+    trace_id: str = ""  # of vLLM's llm_request: where the request's spans are
 
 
 class RequestRouting:
@@ -231,6 +232,7 @@ class RunStats:
         self.routing = RequestRouting()
         self.grid = StepGrid()
         self.steps = 0  # steps, or windows of steps (counts mode), or metrics exports
+        self.unsampled_tokens = 0  # tokens the traces leave out: their requests were not sampled
         self.modes: set[str] = set()  # "tokens": ids per token; "counts": counts per step or window
         self.top_k = 0
         self._step_key = None

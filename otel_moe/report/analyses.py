@@ -86,6 +86,7 @@ def requests_section(run: RunStats) -> dict[str, dict]:
         out[request_id] = {
             "tokens": r.tokens, "prefill_tokens": r.prefill, "decode_tokens": r.decode,
             "e2e_s": r.e2e_s, "ttft_s": r.ttft_s, "queue_s": r.queue_s, "tpot_s": finite(tpot_s(r)),
+            "trace_id": r.trace_id or None,
             "expert_entropy_bits": spread,
             "hot_expert_share_mean": round(float(np.mean(shares)), 4) if shares else None,
             "hot_expert_share_by_layer": hot if shares else None,
@@ -167,3 +168,11 @@ def position_section(run: RunStats) -> dict:
             entry[phase] = rows
         layers[str(layer)] = entry
     return {"buckets": position_buckets(), "layers": layers}
+
+
+def sampling_line(summary: dict) -> str:
+    """What sampling left out of the traces, in one line (empty: nothing)."""
+    if not summary.get("unsampled_tokens"):
+        return ""
+    return (f"{summary['unsampled_tokens']} tokens of unsampled requests (OTEL_TRACES_SAMPLER) are not in the traces: "
+            f"the {len(summary['requests'])} requests here are the sampled ones; the metrics count every token")

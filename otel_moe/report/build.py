@@ -81,6 +81,9 @@ def _nothing_found(files: list[str], stats: LineStats, found: set[str], only_run
 
 
 def _add_step(run: RunStats, step: StepRouting) -> None:
+    run.unsampled_tokens += step.unsampled_tokens
+    if step.layers and not step.layers[0].num_tokens and step.unsampled_tokens:
+        return  # every request of the step went unsampled: no routing here, and none missing
     if step.layers:  # counts mode: request tallies come in records of their own, without layers
         run.begin_step(step.step, step.layers[0].num_tokens)
     run.add_request_tokens(step.request_ids, step.request_tokens, step.prefill_tokens)
@@ -98,6 +101,7 @@ def _attach_latencies(runs: dict[str, RunStats], latencies: list[Latency], stats
             continue  # a request of a run without routing in the input
         r = run.requests[lat.request_id]
         r.e2e_s, r.ttft_s, r.queue_s, r.completion_tokens = lat.e2e_s, lat.ttft_s, lat.queue_s, lat.completion_tokens
+        r.trace_id = lat.trace_id
 
 
 def inputs_section(stats: LineStats, files: list[str]) -> dict:
@@ -122,6 +126,7 @@ def summary(name: str, run: RunStats, stats: LineStats, files: list[str], runs_f
         "runs_found": runs_found,
         "inputs": inputs_section(stats, files),
         "steps": run.steps,
+        "unsampled_tokens": run.unsampled_tokens,  # of requests not sampled: counted by the metrics alone
         "modes": sorted(run.modes),
         "top_k": run.top_k,
         "layers": {str(layer): analyses.layer_entry(ls) for layer, ls in sorted(run.layers.items())},

@@ -6,6 +6,8 @@ from __future__ import annotations
 import html
 from typing import Optional
 
+from otel_moe.report.analyses import sampling_line
+
 STYLE = ("body{font-family:sans-serif;max-width:1150px;margin:2em auto;color:#222;padding:0 1em}"
          "img{max-width:100%;border:1px solid #ddd}figure{margin:1em 0}figcaption{color:#777;font-size:small}"
          "table{border-collapse:collapse;font-size:small;margin:.5em 0}"
@@ -58,6 +60,8 @@ def _overview(summary: dict) -> list[str]:
     if len(summary["runs_found"]) > 1:
         others = ", ".join(f"<code>{html.escape(r)}</code>" for r in summary["runs_found"] if r != summary["run"])
         parts.append(_note(f"<b>The input holds other runs too ({others}); they are reported apart, never pooled.</b>"))
+    if sampling_line(summary):
+        parts.append(_note(f"<b>{html.escape(sampling_line(summary))}.</b>"))
     if inputs["skipped_records"]:
         parts.append(_note("<b>Records skipped (each counted by reason, its neighbours kept):</b>"))
         parts.append(_table(["reason", "records"], [[k, v] for k, v in inputs["skipped_records"].items()]))

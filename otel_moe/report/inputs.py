@@ -38,6 +38,7 @@ class StepRouting:
     prefill_tokens: np.ndarray
     layers: list[LayerBatch]
     dp_rank: int = 0
+    unsampled_tokens: int = 0  # tokens of requests not sampled: in no layer's counts here
 
 
 @dataclasses.dataclass
@@ -59,6 +60,7 @@ class Latency:
     ttft_s: Optional[float]
     queue_s: Optional[float]
     completion_tokens: Optional[int]
+    trace_id: str = ""  # the request's trace (otel-moe's moe.request is in it too, when sampled)
 
 
 def input_files(paths: list[str]) -> list[str]:
@@ -97,7 +99,8 @@ def step_from_span(span: read.Span) -> StepRouting:
                    *((request_of, prefill, positions) if layer in step.ids else (None, None, None)))
         for layer in sorted(step.counts)
     ]
-    return StepRouting(step.run, step.step, step.request_ids, step.request_tokens, prefill_tokens, layers, step.dp_rank)
+    return StepRouting(step.run, step.step, step.request_ids, step.request_tokens, prefill_tokens, layers, step.dp_rank,
+                       step.unsampled_tokens)
 
 
 def _check_step(step: read.StepSpan) -> None:
@@ -108,6 +111,7 @@ def _check_step(step: read.StepSpan) -> None:
             raise BadRecord("expert counts not num_experts long")
     if step.window_tokens is not None:
         validate.whole(step.window_tokens, "num_tokens")
+    validate.whole(step.unsampled_tokens, "unsampled_tokens")
     if not step.ids:
         return
     lengths = {len(step.request_ids), len(step.request_tokens), len(step.first_positions), len(step.prompt_lens)}
@@ -128,7 +132,8 @@ def latency_from_span(span: read.Span) -> Latency:
     return Latency(run, str(a.get(schema.REQUEST_ID)), validate.seconds(a.get(schema.VLLM_E2E), "e2e latency"),
                    validate.seconds(a.get(schema.VLLM_TTFT), "time to first token"),
                    validate.seconds(a.get(schema.VLLM_QUEUE), "time in queue"),
-                   validate.whole(tokens, "completion tokens") if tokens is not None else None)
+                   validate.whole(tokens, "completion tokens") if tokens is not None else None,
+                   span.trace_id if isinstance(span.trace_id, str) else "")
 
 
 def tally_from_span(span: read.Span) -> RequestTally:

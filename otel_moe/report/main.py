@@ -219,12 +219,12 @@ def _write_requests_csv(path: str, result: dict) -> None:
     layers = result["request_layers"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["request_id", "tokens", "prefill_tokens", "decode_tokens", "ttft_ms", "tpot_ms", "e2e_ms",
+        writer.writerow(["request_id", "tokens", "prefill_tokens", "decode_tokens", "ttft_ms", "tpot_ms", "e2e_ms", "trace_id",
                          "expert_entropy_bits", "hot_expert_share_mean"] + [f"hot_expert_share_layer{n}" for n in layers])
         for request_id, r in result["requests"].items():
             hot = r["hot_expert_share_by_layer"] or [None] * len(layers)
             writer.writerow([request_id, r["tokens"], r["prefill_tokens"], r["decode_tokens"],
-                             *(_csv(r[k], 1000) for k in ("ttft_s", "tpot_s", "e2e_s")),
+                             *(_csv(r[k], 1000) for k in ("ttft_s", "tpot_s", "e2e_s")), r["trace_id"] or "",
                              _csv(r["expert_entropy_bits"]), _csv(r["hot_expert_share_mean"]), *(_csv(h) for h in hot)])
 
 
@@ -233,6 +233,7 @@ def _csv(value: Optional[float], scale: float = 1.0) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from otel_moe.report.analyses import sampling_line
     from otel_moe.report.build import EmptyInput, SchemaError, input_warnings
 
     try:
@@ -254,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
                   f"(its layers: {format_ranges(sorted(int(n) for n in r['layers']))})", file=sys.stderr)
         where = os.path.join(args.out, folders[name], "report.html")
         print(f"otel-moe report: run {name}: {len(r['layers'])} layers, {len(r['requests'])} requests -> {where}")
+        if sampling_line(r):
+            print(f"otel-moe report: run {name}: {sampling_line(r)}")
         if "profile" in r:
             p = r["profile"]
             print(f"otel-moe report: profiler trace: {p['steps_joined']} of {p['steps_in_trace']} profiled steps joined "

@@ -41,6 +41,7 @@ class Span:
     events: list  # [(name, attributes)]
     trace_id: str = ""
     span_id: str = ""
+    parent_span_id: str = ""  # "": a root span
 
 
 @dataclasses.dataclass
@@ -65,6 +66,7 @@ class StepSpan:
     dp_rank: int = 0
     last_step: Optional[int] = None  # counts mode: the span covers steps step..last_step
     window_tokens: Optional[int] = None
+    unsampled_tokens: int = 0  # the step's tokens of unsampled requests, not in the span
 
     @property
     def num_tokens(self) -> int:
@@ -138,6 +140,7 @@ def _span(span: dict, resource: dict) -> Span:
         events=[(e.get("name", ""), schema.attributes(e.get("attributes", []))) for e in span.get("events", [])],
         trace_id=span.get("traceId", ""),
         span_id=span.get("spanId", ""),
+        parent_span_id=span.get("parentSpanId", ""),
     )
 
 
@@ -180,6 +183,7 @@ def decode_step(span: Span) -> StepSpan:
         dp_rank=int(a.get(schema.DP_RANK, 0)),
         last_step=int(a[schema.STEP_LAST_INDEX]) if schema.STEP_LAST_INDEX in a else None,
         window_tokens=int(a[schema.NUM_TOKENS]) if schema.STEP_LAST_INDEX in a else None,
+        unsampled_tokens=int(a.get(schema.STEP_UNSAMPLED_TOKENS, 0)),
     )
 
 

@@ -28,6 +28,10 @@ def print_summary(summary: dict) -> None:
     requests = summary["requests"].values()
     with_latency = [r for r in requests if r["e2e_s"] is not None]
     print(f"{len(summary['requests'])} requests, {len(with_latency)} with vLLM latency spans")
+    from otel_moe.report.analyses import sampling_line
+
+    if sampling_line(summary):
+        print(sampling_line(summary))
     print(f"{'layer':>5} {'tokens':>7}  {'top experts (share)':<34} {'max/mean':>8} {'entropy':>8}")
     for layer, stats in summary["layers"].items():
         counts = stats["counts"]

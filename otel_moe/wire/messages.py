@@ -30,11 +30,12 @@ MAX_MESSAGE = 1 << 21  # bytes of one message, at most
 
 class Begin(NamedTuple):
     """Before a step: requests vLLM reported finished, those of them live control left
-    recorded in part, and the newly scheduled ones with their prompt lengths."""
+    recorded in part, and the newly scheduled ones with their prompt lengths and trace
+    context (what vLLM's front end handed the engine; "" and 0 where it handed none)."""
 
     finished: list  # internal request ids
     partial: list
-    new: list  # [(internal request id, prompt length)]
+    new: list  # [(internal request id, prompt length, traceparent, tracestate, arrival time in ns)]
 
 
 class Step(NamedTuple):

@@ -48,6 +48,8 @@ WORKER_CLASSES = (("vllm.v1.worker.gpu_worker", "Worker"),)
 CPU_RUNNER_CLASSES = (("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),)
 CPU_WORKER_CLASSES = (("vllm.v1.worker.cpu_worker", "CPUWorker"),)
 _WARMING = "_otel_moe_warming"
+_TRACE = "_otel_moe_trace"  # on vLLM's NewRequestData: (traceparent, tracestate, arrival ns)
+NO_TRACE = ("", "", 0)
 _WRAPPED = "_otel_moe_wrapped"
 _RECORDER = "_otel_moe_recorder"
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -72,6 +74,7 @@ def install() -> int:
     wrapped = sum(_wrap_class(m, c, runner_methods) for m, c in runners)
     for module_name, class_name in workers:
         _wrap_class(module_name, class_name, (("compile_or_warm_up_model", _wrap_warm_up),))
+    _wrap_new_request_data()
     if wrapped == 0:
         logger.warning("otel-moe: no vLLM model runner found; routing will not be recorded")
     return wrapped
@@ -102,6 +105,37 @@ def _wrap_class(module_name: str, class_name: str, methods) -> int:
             setattr(cls, method, patched)
             wrapped += 1
     return wrapped
+
+
+def _wrap_new_request_data() -> bool:
+    """The scheduler tells the workers of a new request with a ``NewRequestData``, which
+    has no field for its trace context: the engine core's ``Request`` has one (what
+    the front end handed it). Copied on as one attribute, it reaches the recorder in
+    this process or, pickled with the scheduler's output, in a worker process."""
+    try:
+        from vllm.v1.core.sched.output import NewRequestData
+    except Exception as err:
+        logger.debug("otel-moe: no NewRequestData in this vLLM: %s", err)
+        return False
+    original = NewRequestData.__dict__.get("from_request")
+    if not isinstance(original, classmethod) or getattr(original.__func__, _WRAPPED, False):
+        return False
+    build = original.__func__
+
+    def from_request(cls, request, *args, **kwargs):
+        data = build(cls, request, *args, **kwargs)
+        try:
+            headers = getattr(request, "trace_headers", None) or {}
+            setattr(data, _TRACE, (headers.get("traceparent", ""), headers.get("tracestate", ""),
+                                   int(request.arrival_time * 1e9)))
+        except Exception:  # telemetry never fails a step: the request goes without its context
+            pass
+        return data
+
+    from_request.__wrapped__ = build
+    setattr(from_request, _WRAPPED, True)
+    NewRequestData.from_request = classmethod(from_request)
+    return True
 
 
 def _wrap_warm_up(original: Callable) -> Callable:
@@ -164,7 +198,7 @@ def scheduled_step(scheduler_output: Any) -> ScheduledStep:
         scheduler_output.total_num_scheduled_tokens,
         scheduler_output.num_scheduled_tokens,
         list(getattr(scheduler_output, "finished_req_ids", None) or ()),
-        [(r.req_id, _prompt_len(r)) for r in new_requests],
+        [(r.req_id, _prompt_len(r), *getattr(r, _TRACE, NO_TRACE)) for r in new_requests],
         [(r.req_id, r.num_computed_tokens) for r in new_requests],
         running.req_ids,
         running.num_computed_tokens,

@@ -37,7 +37,7 @@ class ScheduledStep(NamedTuple):
     tokens: int  # real tokens in the step's forward
     scheduled: dict  # request id -> its tokens in this step
     finished: list  # requests that finished since the previous step
-    new: list  # (request id, prompt length) of each request scheduled for the first time
+    new: list  # (request id, prompt length, traceparent, tracestate, arrival ns) of each request scheduled anew
     new_computed: list  # (request id, tokens computed before the step) of the same
     running_ids: list  # requests scheduled before, still running
     running_computed: list  # their tokens computed before the step
@@ -107,11 +107,11 @@ class StepRecorder:
             self._apply(self.control.state)
         new = scheduled.new
         if new:  # learned while paused too: recording may resume mid-request
-            self._live.update(r for r, _ in new)
+            self._live.update(r[0] for r in new)
         if finished or new:
             self._post(Begin(finished, partial, new))
         if not self.recording:
-            self._partial.update(r for r, _ in new)
+            self._partial.update(r[0] for r in new)
             return None
         n = scheduled.tokens
         if not n:

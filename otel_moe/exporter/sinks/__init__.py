@@ -20,6 +20,10 @@ class SinkSpec:
 
 
 class Sink(Protocol):
+    def begin(self, requests: list[tuple[str, str, str, int]]) -> None:
+        """Requests scheduled anew: (external id, traceparent, tracestate, arrival time
+        in ns), the trace context vLLM's front end gave each ("" and 0: none)."""
+
     def write(self, record: StepRecord) -> None: ...
 
     def finish(self, request_ids: list[str], partial: set[str] = frozenset()) -> None:
@@ -54,6 +58,9 @@ class Discard:
     as usual, and its record goes nowhere (what otel-moe costs vLLM's process without
     any sink's work: no spans, metrics, files or collector)."""
 
+    def begin(self, requests: list[tuple[str, str, str, int]]) -> None:
+        pass
+
     def write(self, record: StepRecord) -> None:
         pass
 
@@ -72,6 +79,9 @@ class Tee:
 
     def __init__(self, sinks: list[Sink]) -> None:
         self.sinks = sinks
+
+    def begin(self, requests: list[tuple[str, str, str, int]]) -> None:
+        self._each(lambda s: s.begin(requests))
 
     def write(self, record: StepRecord) -> None:
         self._each(lambda s: s.write(record))

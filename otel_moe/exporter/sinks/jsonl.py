@@ -62,6 +62,9 @@ class JsonlSink:
         self.fd = open_append(path)
         self.failed_writes = 0
 
+    def begin(self, requests: list[tuple[str, str, str, int]]) -> None:
+        pass  # a log of every token: sampling is the traces' (OTEL_TRACES_SAMPLER)
+
     def write(self, record: StepRecord) -> None:
         if record.ids is None and record.counts is None:
             return  # a counts-mode step's layout: its tokens are in a window's counts

@@ -2,6 +2,13 @@
 the OpenTelemetry SDK's own OTLP exporters (gRPC or HTTP/protobuf), configured
 only by the standard ``OTEL_*`` variables.
 
+A request's ``moe.request`` span goes into the request's own trace (the context
+vLLM's front end handed the engine: ``otel_moe.trace_context``), and only when the
+request is sampled (``OTEL_TRACES_SAMPLER``); an unsampled request's tokens are
+left out of the ``moe.step`` spans too, which count them instead
+(``moe.step.unsampled_tokens``). ``moe.step`` spans, the engine's steps, are always
+recorded, and the metrics count every token.
+
 It keeps a tracer provider of its own (vLLM's, if any, is left alone) whose
 processor hands ended spans back to this sink; the sink exports them from the
 exporter process in batches cut to stay under receivers' message limits. A slow
@@ -11,6 +18,7 @@ later spans.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -20,9 +28,11 @@ import numpy as np
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Link
 
-from otel_moe import schema
+from otel_moe import schema, trace_context
 from otel_moe.config import otlp_protocol
 from otel_moe.exporter.records import StepRecord
 from otel_moe.exporter.sinks.metrics import open_metrics
@@ -37,6 +47,7 @@ EXPORT_BYTES = 3 << 20  # one export request, under the Collector's 4 MiB gRPC d
 EXPORT_SPANS = 512
 EXPORT_INTERVAL_S = 1.0  # pending spans wait at most this long, so live files stay fresh
 MAX_OPEN_REQUESTS = 8192  # per-request tallies kept at once; the oldest is emitted beyond
+MAX_STEP_LINKS = 64  # a moe.step links to (at most this many of) the sampled requests that begin in it
 def traces_enabled(env=os.environ) -> bool:
     """OTEL_TRACES_EXPORTER=none: no spans at all (the metrics alone, say for a Prometheus scrape)."""
     return env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none"
@@ -48,6 +59,23 @@ def make_exporter() -> SpanExporter:
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     return OTLPSpanExporter()  # endpoint, headers, timeout, TLS: all from OTEL_* variables
+
+
+class _PresetIds(RandomIdGenerator):
+    """Random ids, unless the next span's were fixed in advance: a request whose trace
+    the front end started has its ``moe.request`` span's ids in its traceparent."""
+
+    def __init__(self) -> None:
+        self.trace_id: Optional[int] = None
+        self.span_id: Optional[int] = None
+
+    def generate_trace_id(self) -> int:
+        preset, self.trace_id = self.trace_id, None
+        return preset or super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        preset, self.span_id = self.span_id, None
+        return preset or super().generate_span_id()
 
 
 class _Pending(SpanProcessor):
@@ -130,7 +158,7 @@ class RequestTallies:
 
 def payload_bytes(span: ReadableSpan) -> int:
     """A cheap upper estimate of a span's encoded size (never walks list elements)."""
-    size = 256
+    size = 256 + 80 * len(span.links)
     for value in (span.attributes or {}).values():
         if isinstance(value, (bytes, str)):
             size += 56 + len(value)
@@ -150,24 +178,61 @@ class OtlpSink:
         self.mode = spec.mode  # of the latest step (live control may switch it)
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "vllm", **resource_attributes})
         self._pending = _Pending()
+        self._ids = _PresetIds()
+        # Sampling is decided per request (RequestTrace.sampled), once, before its tokens
+        # are written: the provider records what it is given.
         self._provider = TracerProvider(
+            sampler=ALWAYS_ON,
+            id_generator=self._ids,
             resource=resource,
             span_limits=SpanLimits(
                 max_span_attributes=128, max_events=4096, max_event_attributes=16,
-                max_links=8, max_attribute_length=None,
+                max_links=MAX_STEP_LINKS, max_attribute_length=None,
             ),
         )
         self._provider.add_span_processor(self._pending)
         from importlib.metadata import version
 
         self.tracer = self._provider.get_tracer(schema.INSTRUMENTATION_SCOPE, version("otel-moe"))
-        self.traces = exporter is not None or traces_enabled()
-        self.exporter = exporter or (make_exporter() if self.traces else None)
+        self.traces_on = exporter is not None or traces_enabled()
+        self.exporter = exporter or (make_exporter() if self.traces_on else None)
         self.requests = RequestTallies()
+        self.sampler = trace_context.sampler_from_env()
+        self.traces: dict[str, trace_context.RequestTrace] = {}  # external id -> its trace, while live
+        self.unsampled: set[str] = set()  # live requests whose routing is not sampled
+        self.model = resource_attributes.get("vllm.model")
         self.metrics = open_metrics(resource_attributes, spec.metrics) if exporter is None else None
         self.failed_export_spans = 0
         self.evicted_requests = 0
         self._last_export = time.monotonic()
+
+    # ---- requests' traces -------------------------------------------------
+    def begin(self, requests: list[tuple[str, str, str, int]]) -> None:
+        if not self.traces_on:
+            return
+        for request_id, traceparent, tracestate, arrival_ns in requests:
+            trace = trace_context.request_trace(traceparent, tracestate, arrival_ns, self.sampler, schema.REQUEST_SPAN)
+            self.traces[request_id] = trace
+            if not trace.sampled:
+                self.unsampled.add(request_id)
+        while len(self.traces) > 2 * MAX_OPEN_REQUESTS:  # requests never reported finished
+            forgotten = next(iter(self.traces))
+            del self.traces[forgotten]
+            self.unsampled.discard(forgotten)
+
+    def _sampled_only(self, record: StepRecord) -> tuple[StepRecord, int]:
+        """The record less the tokens of unsampled requests; and how many tokens that left out."""
+        if not self.unsampled or not record.request_ids:
+            return record, 0
+        keep = np.fromiter((r not in self.unsampled for r in record.request_ids), bool, len(record.request_ids))
+        if keep.all():
+            return record, 0
+        rows = np.repeat(keep, record.request_tokens)
+        return dataclasses.replace(
+            record, request_ids=[r for r, k in zip(record.request_ids, keep.tolist()) if k],
+            request_tokens=record.request_tokens[keep], positions=record.positions[rows], prompt_lens=record.prompt_lens[keep],
+            ids=None if record.ids is None else record.ids[rows],
+            weights=None if record.weights is None else record.weights[rows]), int(record.request_tokens[~keep].sum())
 
     # ---- steps ----------------------------------------------------------
     def write(self, record: StepRecord) -> None:
@@ -175,17 +240,22 @@ class OtlpSink:
         totals only) or a counts-mode window (counts, no requests)."""
         self.mode = "counts" if record.ids is None else "tokens"
         if self.metrics is not None:
-            self.metrics.add(record)
-        if not self.traces:
+            self.metrics.add(record)  # every token, sampled or not
+        if not self.traces_on:
             return
+        record, unsampled_tokens = self._sampled_only(record)
         slots = self._tally(record) if record.request_ids else np.zeros(0, np.int64)
-        spans = self._step_spans(record) if record.ids is not None or record.counts is not None else []
-        first_span = self.requests.first_span
-        context = None
-        for slot in slots.tolist() if spans else ():  # a moe.request links to the step that began it
-            if slot not in first_span:
-                context = context or spans[0].get_span_context()
-                first_span[slot] = context
+        if record.ids is not None or record.counts is not None:
+            # A step and the requests that begin in it link each other: a step links to their
+            # moe.request spans (ids fixed in advance), each of those to the step.
+            first_span = self.requests.first_span
+            beginning = [(slot, request_id) for slot, request_id in zip(slots.tolist(), record.request_ids)
+                         if slot not in first_span]
+            links = [Link(trace.span_context()) for _, request_id in beginning[:MAX_STEP_LINKS]
+                     if (trace := self.traces.get(request_id)) is not None]
+            spans = self._step_spans(record, unsampled_tokens, links)
+            for slot, _ in beginning:
+                first_span[slot] = spans[0].get_span_context()
         if (self._pending.bytes >= EXPORT_BYTES or len(self._pending.spans) >= EXPORT_SPANS
                 or time.monotonic() - self._last_export >= EXPORT_INTERVAL_S):
             self._export()
@@ -207,13 +277,15 @@ class OtlpSink:
             **({schema.STEP_LAST_INDEX: record.last_step} if record.is_window else {}),
         }
 
-    def _step_spans(self, record: StepRecord) -> list:
+    def _step_spans(self, record: StepRecord, unsampled_tokens: int = 0, links: list = ()) -> list:
         common = self._common_attributes(record)
+        if unsampled_tokens:  # on the step's first span only: readers sum them over spans
+            common[schema.STEP_UNSAMPLED_TOKENS] = unsampled_tokens
         if record.ids is None:  # counts mode: one small span per window of steps
             counts = record.layer_counts()
             events = [{schema.LAYER: layer, schema.EXPERT_COUNTS: schema.encode_u32(counts[c])}
                       for c, layer in enumerate(record.layers)]
-            return [self._emit_step(record, common, 0, record.num_tokens, 0, 1, events)]
+            return [self._emit_step(record, common, 0, record.num_tokens, 0, 1, events, links)]
         per_token = len(record.layers) * record.top_k * (schema.ids_dtype(record.num_experts).itemsize
                                                          + np.dtype(schema.WEIGHTS_DTYPE).itemsize)
         chunk_tokens = max(1, SPAN_PAYLOAD_BYTES // per_token)
@@ -233,10 +305,12 @@ class OtlpSink:
                     schema.EXPERT_WEIGHTS: weights,
                     schema.EXPERT_WEIGHTS_DTYPE: weights_dtype,
                 })
-            spans.append(self._emit_step(record, common, lo, hi, chunk, chunks, events))
+            spans.append(self._emit_step(record, common, lo, hi, chunk, chunks, events, links if chunk == 0 else ()))
+            common.pop(schema.STEP_UNSAMPLED_TOKENS, None)
         return spans
 
-    def _emit_step(self, record: StepRecord, common: dict, lo: int, hi: int, chunk: int, chunks: int, events: list):
+    def _emit_step(self, record: StepRecord, common: dict, lo: int, hi: int, chunk: int, chunks: int, events: list,
+                   links=()):
         request_of = record.token_request_index()[lo:hi]
         present, first_index, tokens = np.unique(request_of, return_index=True, return_counts=True)
         order = np.argsort(first_index)  # keep batch order
@@ -252,7 +326,7 @@ class OtlpSink:
             schema.REQUEST_FIRST_POSITIONS: schema.encode_u32(record.positions[lo + first_index]),
             schema.REQUEST_PROMPT_LENS: schema.encode_u32(record.prompt_lens[present]),
         })
-        span = self.tracer.start_span(schema.STEP_SPAN, start_time=record.start_ns, attributes=attributes)
+        span = self.tracer.start_span(schema.STEP_SPAN, start_time=record.start_ns, attributes=attributes, links=links)
         for event in events:
             span.add_event(schema.ROUTING_EVENT, event, timestamp=record.end_ns)
         span.end(end_time=record.end_ns)
@@ -265,6 +339,7 @@ class OtlpSink:
             self.evicted_requests += 1
             oldest = next(iter(self.requests.slot_of))
             self._emit_request(oldest, self.requests.pop(oldest), incomplete=True)
+            self.traces.pop(oldest, None)  # its span is out: a later part goes into a trace of its own
         t = self.requests
         slots = t.slots(record.request_ids, record.start_ns, record.layers, record.num_experts)
         request_of = record.token_request_index()
@@ -281,12 +356,14 @@ class OtlpSink:
         return slots
 
     def finish(self, request_ids: list[str], partial: set[str] = frozenset()) -> None:
-        if not self.traces:
+        if not self.traces_on:
             return
         for request_id in request_ids:
             tally = self.requests.pop(request_id)
             if tally is not None:
                 self._emit_request(request_id, tally, partial=request_id in partial)
+            self.traces.pop(request_id, None)
+            self.unsampled.discard(request_id)
 
     def _emit_request(self, request_id: str, tally: dict, incomplete: bool = False, partial: bool = False) -> None:
         attributes = {
@@ -304,8 +381,21 @@ class OtlpSink:
             attributes[schema.REQUEST_INCOMPLETE] = True
         if partial:
             attributes[schema.REQUEST_PARTIAL] = True
+        if self.model:
+            attributes[schema.GEN_AI_REQUEST_MODEL] = self.model
         links = [Link(tally["link"])] if tally["link"] is not None else []
-        span = self.tracer.start_span(schema.REQUEST_SPAN, start_time=tally["start_ns"], attributes=attributes, links=links)
+        start_ns, context = tally["start_ns"], None
+        trace = self.traces.get(request_id)
+        if trace is not None:
+            context = trace.parent_context()
+            self._ids.span_id = trace.span_id  # what the steps that link to it know it by
+            if trace.parent is None:  # the trace's root: its trace id is its own
+                self._ids.trace_id = trace.trace_id
+            if trace.start_ns:  # from the request's arrival, as vLLM's llm_request, its child
+                start_ns = min(start_ns, trace.start_ns)
+        span = self.tracer.start_span(schema.REQUEST_SPAN, context=context, start_time=start_ns, attributes=attributes,
+                                      links=links)
+        self._ids.trace_id = self._ids.span_id = None
         span.end(end_time=tally["end_ns"])
 
     # ---- export ---------------------------------------------------------
@@ -326,7 +416,7 @@ class OtlpSink:
 
     def close(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        if self.traces:
+        if self.traces_on:
             for request_id in list(self.requests.slot_of):
                 self._emit_request(request_id, self.requests.pop(request_id))
             if time.monotonic() < deadline:
