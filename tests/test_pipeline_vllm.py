@@ -48,6 +48,19 @@ def test_every_request_has_llm_request_and_moe_request_spans(name, request):
         assert (counts.sum(axis=1) == computed_tokens(out) * 2).all()  # top_k 2 in every layer
 
 
+def test_offline_each_requests_trace_holds_its_routing_and_vllms_span(grpc_pipeline):
+    """LLM.generate passes no trace context: otel-moe's front end starts each request's
+    trace, whose root is the request's moe.request and vLLM's llm_request its child."""
+    spans = _spans(grpc_pipeline)
+    vllm = {s.attributes[schema.REQUEST_ID]: s for s in spans if s.name == schema.VLLM_REQUEST_SPAN}
+    moe = {s.attributes[schema.REQUEST_ID]: s for s in spans if s.name == schema.REQUEST_SPAN}
+    assert set(moe) == set(vllm) and moe
+    for request_id, root in moe.items():
+        assert root.parent_span_id == "" and root.attributes[schema.GEN_AI_REQUEST_MODEL]
+        assert (vllm[request_id].trace_id, vllm[request_id].parent_span_id) == (root.trace_id, root.span_id)
+    assert len({s.trace_id for s in moe.values()}) == len(moe)  # a trace per request
+
+
 def test_run_id_is_shared_by_vllm_spans_and_ours(grpc_pipeline):
     spans = _spans(grpc_pipeline)
     runs = {s.resource.get(schema.RUN_ID) for s in spans if s.name in (schema.VLLM_REQUEST_SPAN, schema.STEP_SPAN)}
