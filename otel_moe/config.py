@@ -127,6 +127,17 @@ def otlp_protocol(env: Mapping[str, str] = os.environ) -> str:
     return "grpc"
 
 
+PROMETHEUS_PORT = "OTEL_EXPORTER_PROMETHEUS_PORT"
+
+
+def _prometheus_port(env: Mapping[str, str]) -> None:
+    """Checked at start, in vLLM's process, rather than failing the exporter later
+    (the port it serves on is this plus the worker's data-parallel rank)."""
+    text = env.get(PROMETHEUS_PORT, "").strip()
+    if text and not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
+        raise _refuse(PROMETHEUS_PORT, env[PROMETHEUS_PORT], "a TCP port, 1 to 65535")
+
+
 def from_env(env: Mapping[str, str] = os.environ) -> Optional[Config]:
     """The configuration, or ``None`` when recording is off (VLLM_LOG_MOE unset or empty)."""
     text = env.get(LOG_MOE, "").strip()
@@ -137,6 +148,7 @@ def from_env(env: Mapping[str, str] = os.environ) -> Optional[Config]:
         if destination.lower() == OTLP:
             destination = OTLP
             otlp_protocol(env)
+            _prometheus_port(env)
         elif destination.lower() == DISCARD:
             destination = DISCARD
         elif not destination or os.path.isdir(destination) or destination.endswith(os.sep):

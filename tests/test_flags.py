@@ -54,6 +54,8 @@ def test_layer_syntax(text, layers):
     ({"VLLM_LOG_MOE": "discard,otlp", }, "VLLM_LOG_MOE"),  # it records nothing: with a sink it is a mistake
     ({"VLLM_LOG_MOE": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
     ({"VLLM_LOG_MOE": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "udp"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+    ({"VLLM_LOG_MOE": "otlp", "OTEL_EXPORTER_PROMETHEUS_PORT": "metrics"}, "OTEL_EXPORTER_PROMETHEUS_PORT"),
+    ({"VLLM_LOG_MOE": "otlp", "OTEL_EXPORTER_PROMETHEUS_PORT": "70000"}, "OTEL_EXPORTER_PROMETHEUS_PORT"),
 ])
 def test_invalid_values_are_refused_by_name(env, var):
     with pytest.raises(ConfigError) as err:  # "0-1000000000000" is refused before a set of that size is built

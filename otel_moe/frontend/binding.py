@@ -16,15 +16,13 @@ from otel_moe import schema, trace_context
 
 logger = logging.getLogger("vllm.otel_moe")
 
-PROCESSOR_CLASSES = (
-    ("vllm.v1.engine.input_processor", "InputProcessor"),  # vLLM 0.27+
-    ("vllm.v1.engine.processor", "Processor"),  # vLLM 0.26
-)
+PROCESSOR_CLASSES = (("vllm.v1.engine.input_processor", "InputProcessor"),)  # vLLM 0.26 to 0.33
 _WRAPPED = "_otel_moe_wrapped"
 
 
 def install() -> int:
     """Wrap every input processor class this vLLM has; returns how many were wrapped."""
+    # (a vLLM without one still records; its requests' traces are then started by the exporter)
     wrapped = 0
     for module_name, class_name in PROCESSOR_CLASSES:
         try:
