@@ -116,7 +116,7 @@ def input_warnings(inputs: dict) -> list[str]:
     return lines + [f"skipped {n} records: {reason}" for reason, n in inputs["skipped_records"].items()]
 
 
-def summary(name: str, run: RunStats, stats: LineStats, files: list[str], runs_found: list[str]) -> dict:
+def run_summary(name: str, run: RunStats, stats: LineStats, files: list[str], runs_found: list[str]) -> dict:
     """summary.json of one run."""
     requests = analyses.requests_section(run)
     layers = sorted(run.routing.slots)
@@ -140,4 +140,4 @@ def summary(name: str, run: RunStats, stats: LineStats, files: list[str], runs_f
     }
 
 
-__all__ = ["aggregate", "summary", "input_warnings", "EmptyInput", "SchemaError", "SUMMARY_SCHEMA"]
+__all__ = ["aggregate", "run_summary", "input_warnings", "EmptyInput", "SchemaError", "SUMMARY_SCHEMA"]

@@ -74,7 +74,7 @@ def build_report(inputs: list[str], out_dir: str, progress: bool = False, traces
     ({"runs": {name: summary}}); ``traces``: profiler traces to join (also
     picked out of ``inputs`` by name); ``figures``: draw the PNGs (else the
     numbers and the page alone)."""
-    from otel_moe.report.build import aggregate, inputs_section, summary
+    from otel_moe.report.build import aggregate, inputs_section, run_summary
     from otel_moe.report.inputs import input_files
 
     _check_out(out_dir)
@@ -92,7 +92,7 @@ def build_report(inputs: list[str], out_dir: str, progress: bool = False, traces
     folders = _run_folders(names) if len(names) > 1 else {names[0]: ""}
     results = {}
     for name in names:
-        result = summary(name, runs[name], stats, files, names)
+        result = run_summary(name, runs[name], stats, files, names)
         if join is not None:
             result["profile"] = join.summary(set(runs), name)
         folder = os.path.join(out_dir, folders[name])

@@ -7,14 +7,14 @@ import sys
 
 def summarize(inputs: list[str], only_run: str | None = None) -> list[dict]:
     """Each run's summary.json content for these inputs (collector files or JSONL logs), without images."""
-    from otel_moe.report.build import aggregate, summary
+    from otel_moe.report.build import aggregate, run_summary
     from otel_moe.report.inputs import input_files
     from otel_moe.report.read import LineStats
 
     stats = LineStats()
     runs = aggregate(inputs, stats, only_run=only_run)
     files = input_files(inputs)
-    return [summary(name, runs[name], stats, files, sorted(runs)) for name in sorted(runs)]
+    return [run_summary(name, runs[name], stats, files, sorted(runs)) for name in sorted(runs)]
 
 
 def print_summary(summary: dict) -> None:
