@@ -2,8 +2,9 @@
 encodings of per-token arrays. Sinks encode with it, the report and the tests
 decode with it; nothing else spells these names.
 
-Schema version 2 (documented in docs/schema.md; version 1, still read, wrote the
-weights as float32 without naming their dtype):
+Schema version 3 (documented in docs/schema.md; still read: version 2, which wrote a
+step's request ids as a string array, and version 1, which also wrote the weights as
+float32 without naming their dtype):
   span ``moe.step`` (one per engine step, or per chunk of one when a step is
   too large for one export): timed over the step's model execution.
   event ``moe.routing`` on it, one per logged layer.
@@ -20,8 +21,8 @@ import numpy as np
 
 from otel_moe.layer_ranges import format_ranges, parse_ranges
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 SCHEMA = "otel_moe.schema_version"
 INSTRUMENTATION_SCOPE = "otel_moe"
 RUN_ID = "otel_moe.run_id"  # resource attribute: one run of vLLM (all its processes)
@@ -40,7 +41,10 @@ STEP_CHUNKS = "moe.step.chunks"
 MODE = "moe.mode"  # "tokens" | "counts"
 NUM_TOKENS = "moe.step.num_tokens"  # tokens in this span (this chunk)
 NUM_REQUESTS = "moe.step.num_requests"
-REQUEST_IDS = "moe.step.request_ids"  # string[], batch order (a request may be split over chunks)
+# The ids in batch order (a request may be split over chunks), as one string, "\n" between
+# ids (version 3; encode_request_ids): a string array of 256 ids cost the SDK a check and the
+# exporter an AnyValue per id. A string array where an id holds a newline, and in versions 1-2.
+REQUEST_IDS = "moe.step.request_ids"
 # Per-request arrays are bytes ("<u4", one per request id): hundreds of requests per step
 # would otherwise cost an attribute check per element in the SDK, on the engine's host.
 REQUEST_TOKENS = "moe.step.request_tokens"  # tokens of each request in this span
@@ -158,6 +162,18 @@ def decode_weights(data: Union[bytes, str], dtype: str, top_k: int) -> np.ndarra
     if dtype not in READABLE_WEIGHTS_DTYPES:
         raise ValueError(f"expert weights dtype {dtype!r} is not one of {READABLE_WEIGHTS_DTYPES}")
     return decode_array(data, dtype, top_k).astype(np.float32)
+
+
+def encode_request_ids(ids: list[str]) -> Union[str, list[str]]:
+    joined = "\n".join(ids)
+    if not ids or joined.count("\n") != len(ids) - 1 or "" in ids:
+        return list(ids)  # (none, or an id the joined form could not give back)
+    return joined
+
+
+def decode_request_ids(value: Any) -> list:
+    """A step's request ids from either form (readers check that each is a string)."""
+    return value.split("\n") if isinstance(value, str) else list(value)
 
 
 def encode_u32(values: np.ndarray) -> bytes:

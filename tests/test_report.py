@@ -78,7 +78,7 @@ def golden_otlp_line(run="run-1", version=schema.SCHEMA_VERSION, e2e=(0.5, 0.25)
                 _attr(schema.EXPERT_WEIGHTS, weights), *named]})
         attrs = {schema.SCHEMA: version, schema.STEP_INDEX: step, schema.MODE: "tokens", schema.LAYERS: [0, 1],
                  schema.TOP_K: 2, schema.NUM_EXPERTS: 4, schema.NUM_TOKENS: len(rows),
-                 schema.REQUEST_IDS: requests,
+                 schema.REQUEST_IDS: schema.encode_request_ids(requests) if version >= 3 else requests,
                  schema.REQUEST_TOKENS: u32([sum(r[1] == q for r in rows) for q in requests]),
                  schema.REQUEST_FIRST_POSITIONS: u32([min(r[2] for r in rows if r[1] == q) for q in requests]),
                  schema.REQUEST_PROMPT_LENS: u32([{"a": 2, "b": 1}[q] for q in requests])}
@@ -114,7 +114,8 @@ def test_golden_jsonl(tmp_path):
     assert summary["requests"]["a"]["e2e_s"] is None  # no llm_request span in a JSONL log
 
 
-@pytest.mark.parametrize("version", [2, 1])  # 1: what otel-moe wrote before weights went as float16
+# 2: request ids as a string array; 1: weights as float32 too
+@pytest.mark.parametrize("version", [3, 2, 1])
 def test_golden_collector_file(tmp_path, version):
     (tmp_path / "traces.json").write_text(golden_otlp_line(version=version))
     summary = build_report([str(tmp_path)], str(tmp_path / "out"))

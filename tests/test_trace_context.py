@@ -116,7 +116,7 @@ def test_steps_hold_only_sampled_tokens_and_count_the_rest(written):
     steps = [s for s in spans if s.name == schema.STEP_SPAN]
     assert len(steps) == 2  # the engine's steps are always recorded
     for span, record in zip(sorted(steps, key=lambda s: s.attributes[schema.STEP_INDEX]), records):
-        assert list(span.attributes[schema.REQUEST_IDS]) == ["client-on", "root-on"]
+        assert schema.decode_request_ids(span.attributes[schema.REQUEST_IDS]) == ["client-on", "root-on"]
         assert span.attributes[schema.STEP_UNSAMPLED_TOKENS] == 6
         kept = np.r_[0:3, 6:9]
         for event in span.events:

@@ -117,6 +117,8 @@ def _check_step(step: read.StepSpan) -> None:
     lengths = {len(step.request_ids), len(step.request_tokens), len(step.first_positions), len(step.prompt_lens)}
     if len(lengths) != 1:
         raise BadRecord("per-request arrays differ in length")
+    if not all(isinstance(r, str) for r in step.request_ids):
+        raise BadRecord("request id not a string")
     rows = int(step.request_tokens.sum())
     for layer, ids in step.ids.items():
         if ids.shape != (rows, step.top_k) or step.weights[layer].shape != ids.shape:

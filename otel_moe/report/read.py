@@ -175,7 +175,7 @@ def decode_step(span: Span) -> StepSpan:
     return StepSpan(
         run=run_key(span.resource), step=int(a[schema.STEP_INDEX]), chunk=int(a.get(schema.STEP_CHUNK, 0)),
         start_ns=span.start_ns, end_ns=span.end_ns, top_k=top_k, num_experts=int(a[schema.NUM_EXPERTS]),
-        request_ids=list(a.get(schema.REQUEST_IDS, [])),
+        request_ids=schema.decode_request_ids(a.get(schema.REQUEST_IDS, [])),
         request_tokens=schema.decode_u32(a.get(schema.REQUEST_TOKENS, b"")),
         first_positions=schema.decode_u32(a.get(schema.REQUEST_FIRST_POSITIONS, b"")),
         prompt_lens=schema.decode_u32(a.get(schema.REQUEST_PROMPT_LENS, b"")),

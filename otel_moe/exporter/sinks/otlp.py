@@ -291,13 +291,17 @@ class OtlpSink:
         chunk_tokens = max(1, SPAN_PAYLOAD_BYTES // per_token)
         n = record.num_tokens
         chunks = max(1, -(-n // chunk_tokens))
+        # Layer-major once for the step, in the wire's dtypes: each layer's bytes are then one
+        # contiguous slice (a [tokens, layers, top_k] record would need a gather per layer).
+        by_layer_ids = np.ascontiguousarray(record.ids.transpose(1, 0, 2), dtype=schema.ids_dtype(record.num_experts))
+        by_layer_weights = np.ascontiguousarray(record.weights.transpose(1, 0, 2), dtype=schema.WEIGHTS_DTYPE)
         spans = []
         for chunk in range(chunks):
             lo, hi = chunk * chunk_tokens, min(n, (chunk + 1) * chunk_tokens)
             events = []
             for column, layer in enumerate(record.layers):
-                ids, ids_dtype = schema.encode_ids(record.ids[lo:hi, column], record.num_experts)
-                weights, weights_dtype = schema.encode_weights(record.weights[lo:hi, column])
+                ids, ids_dtype = schema.encode_ids(by_layer_ids[column, lo:hi], record.num_experts)
+                weights, weights_dtype = schema.encode_weights(by_layer_weights[column, lo:hi])
                 events.append({
                     schema.LAYER: layer,
                     schema.EXPERT_IDS: ids,
@@ -321,7 +325,7 @@ class OtlpSink:
             schema.STEP_CHUNKS: chunks,
             schema.NUM_TOKENS: hi - lo,
             schema.NUM_REQUESTS: len(present),
-            schema.REQUEST_IDS: [record.request_ids[r] for r in present],
+            schema.REQUEST_IDS: schema.encode_request_ids([record.request_ids[r] for r in present]),
             schema.REQUEST_TOKENS: schema.encode_u32(tokens),
             schema.REQUEST_FIRST_POSITIONS: schema.encode_u32(record.positions[lo + first_index]),
             schema.REQUEST_PROMPT_LENS: schema.encode_u32(record.prompt_lens[present]),
