@@ -56,13 +56,13 @@ def lines(c: CollectorProcess) -> int:
 
 @pytest.fixture()
 def small(tmp_path):
-    c = CollectorProcess(tmp_path / "out", "--memory-mb", "64", "--timeout-s", "1", "--max-connections", "8")
+    c = CollectorProcess(tmp_path / "out", "--memory-mb", "64", "--max-request-mb", "32", "--timeout-s", "1", "--max-connections", "8")
     yield c
     c.stop()
 
 
 def test_a_gzip_bomb_of_empty_spans_is_refused_before_it_is_built(tmp_path):
-    c = CollectorProcess(tmp_path / "out")
+    c = CollectorProcess(tmp_path / "out", "--max-request-mb", "64")  # the bomb's size passes: its cost must not
     try:
         before = status_of(c.proc.pid, "VmRSS")
         bomb = empty_spans(30_000_000)  # 60 MiB of protobuf, ~8 GiB once parsed and converted
@@ -191,6 +191,48 @@ def test_ids_of_the_wrong_length_are_refused_naming_the_field(small):
     assert status == 400 and b"nested too deeply" in text
     assert lines(small) == 0
     assert not [line for line in small.output if "Traceback" in line]
+
+
+@pytest.mark.parametrize("memory_mb,max_request_mb,taken", [("512", "8", 64), ("512", "64", 8), ("16", "8", 4)])
+def test_grpc_takes_as_many_exports_at_once_as_the_memory_budget_holds(memory_mb, max_request_mb, taken):
+    from otel_moe.collector.server import grpc_concurrency
+
+    assert grpc_concurrency(int(memory_mb) << 20, int(max_request_mb) << 20) == taken
+
+
+def test_fifty_exporters_at_once_are_all_acknowledged(tmp_path):
+    """50 gRPC and 50 HTTP exports started together, within the default budget: every one
+    answered OK / 200 and written, none refused for want of a thread."""
+    c = CollectorProcess(tmp_path / "out")
+    body = valid_request(256 << 10, spans=4)
+    start = threading.Barrier(100)
+    answers: list[str] = []
+
+    def grpc_export() -> None:
+        with grpc.insecure_channel(f"{c.host}:{c.grpc_port}") as channel:
+            channel_ready = grpc.channel_ready_future(channel)
+            channel_ready.result(timeout=30)
+            start.wait()
+            try:
+                channel.unary_unary(EXPORT)(body, timeout=60)
+                answers.append("OK")
+            except grpc.RpcError as err:
+                answers.append(err.code().name)
+
+    def http_export() -> None:
+        start.wait()
+        answers.append(str(post(c, body)[0]))
+
+    try:
+        threads = [threading.Thread(target=grpc_export) for _ in range(50)] + [threading.Thread(target=http_export) for _ in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sorted(answers) == ["200"] * 50 + ["OK"] * 50
+        assert lines(c) == 100
+    finally:
+        assert c.stop() == 0
 
 
 def test_sigterm_with_a_request_in_flight(tmp_path):

@@ -40,7 +40,17 @@ from otel_moe.collector.otlp_json import BadRequest, parse_protobuf, to_json_lin
 from otel_moe.collector.prometheus import PrometheusState  # noqa: E402
 from otel_moe.scheduling import never_preempt_on_wakeup  # noqa: E402
 
-GRPC_WORKERS = 4  # concurrent gRPC exports; more get RESOURCE_EXHAUSTED from gRPC itself
+GRPC_CONCURRENCY = (4, 64)  # concurrent gRPC exports, at least and at most
+
+
+def grpc_concurrency(memory_bytes: int, max_request_bytes: int) -> int:
+    """gRPC reads a whole message before the handler (and admission) sees it, so what bounds
+    the messages of the exports in flight is how many it lets in at once: as many as the
+    memory budget holds at the largest size accepted. One more gets RESOURCE_EXHAUSTED from
+    gRPC itself (OpenTelemetry's exporters retry it); admission then answers UNAVAILABLE
+    (retry) when the conversions in flight would pass the budget."""
+    low, high = GRPC_CONCURRENCY
+    return max(low, min(high, memory_bytes // max(1, max_request_bytes)))
 
 
 class StartError(RuntimeError):
@@ -63,8 +73,9 @@ class Collector:
         self._inflight = 0
         self._idle = threading.Condition()
         self.stopping = False
+        concurrency = grpc_concurrency(memory_bytes, max_request_bytes)
         self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS), maximum_concurrent_rpcs=GRPC_WORKERS,
+            futures.ThreadPoolExecutor(max_workers=concurrency), maximum_concurrent_rpcs=concurrency,
             # no SO_REUSEPORT: a second collector on a taken port must fail, not split the data
             options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0)],
         )
@@ -218,8 +229,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=_port, default=4317, help="OTLP/gRPC port (default: %(default)s; 0 picks a free one)")
     parser.add_argument("--http-port", type=_port, default=4318, help="OTLP/HTTP port (default: %(default)s; 0 picks a free one)")
     parser.add_argument("--rotate-mb", type=_positive, default=None, help="rotate traces.json past this size")
-    parser.add_argument("--max-request-mb", type=_positive, default=64.0,
-                        help="largest request accepted, compressed or not (default: %(default)s)")
+    parser.add_argument("--max-request-mb", type=_positive, default=8.0,
+                        help="largest request accepted, compressed or not (default: %(default)s; the OpenTelemetry "
+                             "Collector's gRPC receiver takes 4, otel-moe's exporter sends at most 3). gRPC takes "
+                             "--memory-mb / this many exports at once (4 to 64)")
     parser.add_argument("--memory-mb", type=_positive, default=512.0,
                         help="memory budget for requests in flight, their conversion included; a request that would "
                              "pass it waits its turn (HTTP 429 / gRPC UNAVAILABLE) or is refused if too large alone "
