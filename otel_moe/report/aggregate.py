@@ -122,17 +122,17 @@ class LayerStats:
             self.cooccurrence = np.pad(self.cooccurrence, ((0, pad), (0, pad))) if num_experts <= COOCCURRENCE_MAX_EXPERTS else None
         self.num_experts = num_experts
 
-    def add_tokens(self, ids: np.ndarray, weights: Optional[np.ndarray], prefill: Optional[np.ndarray],
-                   positions: Optional[np.ndarray]) -> None:
-        """ids, weights: [n, K]; prefill, positions: [n]."""
+    def add_tokens(self, ids: np.ndarray, weights: Optional[np.ndarray], position_rows: Optional[np.ndarray]) -> None:
+        """ids, weights: [n, K]; position_rows: [n], each token's row of by_position (position_rows())."""
         e = self.num_experts
-        if prefill is not None and positions is not None:
-            bucket = np.minimum(np.frexp(positions.astype(np.float64))[1], POSITION_BUCKETS - 1)
-            row = (np.where(prefill, 0, POSITION_BUCKETS) + bucket).astype(np.int64)
-            self.by_position += np.bincount((row[:, None] * e + ids).ravel(),
+        if position_rows is not None:
+            self.by_position += np.bincount((position_rows[:, None] * e + ids).ravel(),
                                             minlength=self.by_position.size).reshape(self.by_position.shape)
         if weights is not None and len(weights):
-            top1, total = weights.max(axis=1), weights.sum(axis=1)
+            # token-major [n, K] reduced along K is one short reduction per token; K rows of n
+            # reduce as whole vectors (~7x faster at K = 4)
+            by_rank = np.ascontiguousarray(weights.T, dtype=np.float32)
+            top1, total = by_rank.max(axis=0), by_rank.sum(axis=0)
             self.top1_weight_sum += float(top1.sum())
             self.weight_sum += float(total.sum())
             self.weighted_tokens += len(weights)
@@ -156,6 +156,13 @@ class LayerStats:
             e = self.num_experts
             self.cooccurrence += np.bincount(np.concatenate(self._pairs), minlength=e * e).reshape(e, e)
         self._pairs, self._pairs_len = [], 0
+
+
+def position_rows(prefill: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Each token's row of LayerStats.by_position: its phase, then its position's
+    power-of-two bucket."""
+    bucket = np.minimum(np.frexp(positions.astype(np.float64))[1], POSITION_BUCKETS - 1)
+    return (np.where(prefill, 0, POSITION_BUCKETS) + bucket).astype(np.int64)
 
 
 def _weight_histogram(values: np.ndarray) -> np.ndarray:
@@ -238,6 +245,7 @@ class RunStats:
         self._step_key = None
         self._step_tokens = 0
         self._step_counts: dict[int, np.ndarray] = {}
+        self._rows_of: tuple = (None, None)  # (a step's positions, their position_rows)
 
     def layer(self, layer: int, num_experts: int) -> LayerStats:
         stats = self.layers.get(layer)
@@ -268,7 +276,12 @@ class RunStats:
         self.modes.add("counts" if ids is None else "tokens")
         if ids is not None:
             self.top_k = max(self.top_k, ids.shape[1])
-            stats.add_tokens(ids, weights, prefill, positions)
+            rows = None
+            if prefill is not None and positions is not None:
+                if self._rows_of[0] is not positions:  # a step's layers share its positions: once a step
+                    self._rows_of = (positions, position_rows(prefill, positions))
+                rows = self._rows_of[1]
+            stats.add_tokens(ids, weights, rows)
             if request_of is not None and request_rows is not None and len(request_rows):
                 e, r = stats.num_experts, len(request_rows)
                 per_request = np.bincount((request_of[:, None] * e + ids).ravel(), minlength=r * e).reshape(r, e)
