@@ -8,37 +8,21 @@ so its ``moe.request`` span and vLLM's ``llm_request`` share one trace.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Callable
 
 from otel_moe import schema, trace_context
+from otel_moe.wrapping import wrap_methods
 
 logger = logging.getLogger("vllm.otel_moe")
 
 PROCESSOR_CLASSES = (("vllm.v1.engine.input_processor", "InputProcessor"),)  # vLLM 0.26 to 0.33
-_WRAPPED = "_otel_moe_wrapped"
 
 
 def install() -> int:
-    """Wrap every input processor class this vLLM has; returns how many were wrapped."""
-    # (a vLLM without one still records; its requests' traces are then started by the exporter)
-    wrapped = 0
-    for module_name, class_name in PROCESSOR_CLASSES:
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except Exception as err:  # absent in this version
-            logger.debug("otel-moe: %s.%s not available: %s", module_name, class_name, err)
-            continue
-        original = cls.__dict__.get("process_inputs")
-        if original is None or getattr(original, _WRAPPED, False):
-            continue
-        patched = _with_trace_context(original)
-        patched.__wrapped__ = original
-        setattr(patched, _WRAPPED, True)
-        cls.process_inputs = patched
-        wrapped += 1
-    return wrapped
+    """Wrap every input processor class this vLLM has; returns how many were wrapped.
+    (A vLLM without one still records: the exporter then starts its requests' traces.)"""
+    return sum(wrap_methods(m, c, (("process_inputs", _with_trace_context),)) for m, c in PROCESSOR_CLASSES)
 
 
 def _with_trace_context(original: Callable) -> Callable:

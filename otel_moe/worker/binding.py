@@ -1,4 +1,5 @@
-"""Binding to vLLM: the only module that knows vLLM's internals.
+"""Binding to vLLM's workers: with the front end's (``otel_moe.frontend.binding``), the
+only modules that know vLLM's internals.
 
 Wraps on the model runner classes, found by feature detection (vLLM 0.26
 to 0.33; Model Runner V1, V2 and the CPU runner):
@@ -14,11 +15,12 @@ to 0.33; Model Runner V1, V2 and the CPU runner):
     recorder that the forward's rows do not count.
   - ``shutdown``: flush the recorder while the engine goes down.
 And one on the workers: ``compile_or_warm_up_model`` marks the warm-up, whose
-made-up requests go through the real execute_model in Model Runner V2.
+made-up requests go through the real execute_model in Model Runner V2. And the
+scheduler's ``NewRequestData.from_request``, which carries each new request's trace
+context to the recorder.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing.util
 import os
@@ -33,6 +35,7 @@ from otel_moe.worker import profiler_ranges
 from otel_moe.worker.capture import RoutingBuffers
 from otel_moe.worker.link import ExporterLink
 from otel_moe.worker.recorder import ScheduledStep, StepRecorder
+from otel_moe.wrapping import WRAPPED, wrap_methods
 
 logger = logging.getLogger("vllm.otel_moe")
 
@@ -50,7 +53,6 @@ CPU_WORKER_CLASSES = (("vllm.v1.worker.cpu_worker", "CPUWorker"),)
 _WARMING = "_otel_moe_warming"
 _TRACE = "_otel_moe_trace"  # on vLLM's NewRequestData: (traceparent, tracestate, arrival ns)
 NO_TRACE = ("", "", 0)
-_WRAPPED = "_otel_moe_wrapped"
 _RECORDER = "_otel_moe_recorder"
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 # vLLM appends "-" + 8 hex chars to every request id it is given, to keep ids unique
@@ -71,9 +73,9 @@ def install() -> int:
     runners, workers = RUNNER_CLASSES, WORKER_CLASSES
     if _on_cpu():
         runners, workers = runners + CPU_RUNNER_CLASSES, workers + CPU_WORKER_CLASSES
-    wrapped = sum(_wrap_class(m, c, runner_methods) for m, c in runners)
+    wrapped = sum(wrap_methods(m, c, runner_methods) for m, c in runners)
     for module_name, class_name in workers:
-        _wrap_class(module_name, class_name, (("compile_or_warm_up_model", _wrap_warm_up),))
+        wrap_methods(module_name, class_name, (("compile_or_warm_up_model", _wrap_warm_up),))
     _wrap_new_request_data()
     if wrapped == 0:
         logger.warning("otel-moe: no vLLM model runner found; routing will not be recorded")
@@ -89,24 +91,6 @@ def _on_cpu() -> bool:
         return False
 
 
-def _wrap_class(module_name: str, class_name: str, methods) -> int:
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except Exception as err:  # absent in this version or platform
-        logger.debug("otel-moe: %s.%s not available: %s", module_name, class_name, err)
-        return 0
-    wrapped = 0
-    for method, wrapper in methods:
-        original = cls.__dict__.get(method)  # only what this class defines itself
-        if original is not None and not getattr(original, _WRAPPED, False):
-            patched = wrapper(original)
-            patched.__wrapped__ = original
-            setattr(patched, _WRAPPED, True)
-            setattr(cls, method, patched)
-            wrapped += 1
-    return wrapped
-
-
 def _wrap_new_request_data() -> bool:
     """The scheduler tells the workers of a new request with a ``NewRequestData``, which
     has no field for its trace context: the engine core's ``Request`` has one (what
@@ -118,7 +102,7 @@ def _wrap_new_request_data() -> bool:
         logger.debug("otel-moe: no NewRequestData in this vLLM: %s", err)
         return False
     original = NewRequestData.__dict__.get("from_request")
-    if not isinstance(original, classmethod) or getattr(original.__func__, _WRAPPED, False):
+    if not isinstance(original, classmethod) or getattr(original.__func__, WRAPPED, False):
         return False
     build = original.__func__
 
@@ -133,7 +117,7 @@ def _wrap_new_request_data() -> bool:
         return data
 
     from_request.__wrapped__ = build
-    setattr(from_request, _WRAPPED, True)
+    setattr(from_request, WRAPPED, True)
     NewRequestData.from_request = classmethod(from_request)
     return True
 
