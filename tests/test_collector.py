@@ -87,7 +87,7 @@ def _post(c: CollectorProcess, body: bytes, content_type: str, path="/v1/traces"
 def _valid_request_bytes() -> bytes:
     line = to_json_line(parse_json(json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [{
         "traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174", "name": "ok"}]}]}]}).encode()))
-    return parse_json(line.encode()).SerializeToString()
+    return parse_json(line).SerializeToString()
 
 
 def test_bad_http_input_is_refused_and_serving_goes_on(collector):

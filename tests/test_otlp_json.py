@@ -9,10 +9,9 @@ import math
 from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace.export import SpanExportResult
+from otlp_memory import MemoryTransport
 
 from otel_moe.collector import otlp_json
 from otel_moe.collector.otlp_json import BadRequest, parse_protobuf, to_json_line
@@ -22,28 +21,16 @@ from otel_moe.exporter.sinks.otlp import OtlpSink
 from tools import synthetic
 
 
-def reference_line(request) -> str:
-    """What the collector wrote before: protobuf's generic mapping, then the ids to hex."""
+def reference_line(request) -> bytes:
+    """protobuf's generic mapping, then the ids to hex, through json.dumps."""
     as_dict = json_format.MessageToDict(request, use_integers_for_enums=True)
-    return json.dumps(otlp_json._convert_ids(as_dict, otlp_json._b64_to_hex), separators=(",", ":")) + "\n"
-
-
-class _Keep:
-    def __init__(self) -> None:
-        self.requests = []
-
-    def export(self, spans):
-        self.requests.append(encode_spans(spans))
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
+    return (json.dumps(otlp_json._convert_ids(as_dict, otlp_json._b64_to_hex), separators=(",", ":")) + "\n").encode()
 
 
 def test_otel_moe_spans_are_written_as_protobuf_would():
     """Step spans of both modes and request spans, as the sink makes them."""
-    keep = _Keep()
-    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {"otel_moe.run_id": "r"}, exporter=keep)
+    keep = MemoryTransport()
+    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {"otel_moe.run_id": "r"}, transport=keep)
     for record in synthetic.records(steps=6, tokens=64, layers=3, top_k=2, experts=300, requests=4):
         sink.write(record)
         sink.finish(record.request_ids[:2])
@@ -105,8 +92,8 @@ def test_fuzz_whatever_parses_is_written_as_protobuf_would(body):
 @given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**63, 2**63 - 1),
                           st.text(max_size=8), st.booleans(), st.binary(max_size=8)), max_size=12))
 def test_fuzz_attribute_values(values):
-    keep = _Keep()
-    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {"v": "x"}, exporter=keep)
+    keep = MemoryTransport()
+    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {"v": "x"}, transport=keep)
     span = sink.tracer.start_span("s", attributes={f"a{i}": v for i, v in enumerate(values)})
     span.end()
     sink.close(5)
@@ -133,4 +120,4 @@ def test_a_map_or_well_known_type_is_left_to_protobuf():
 
     message = struct_pb2.Struct()
     message.update({"a": 1.5, "b": [True, None]})
-    assert to_json_line(message) == json.dumps(json_format.MessageToDict(message), separators=(",", ":")) + "\n"
+    assert to_json_line(message) == (json.dumps(json_format.MessageToDict(message), separators=(",", ":")) + "\n").encode()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+from otlp_memory import MemoryTransport
 from test_otlp_sink import make_record
 
 from otel_moe import schema, trace_context
@@ -69,8 +69,8 @@ def test_the_exporter_follows_the_parent_or_the_front_ends_decision():
 def written(tmp_path):
     """Four requests through the real sink: a client's sampled and unsampled, a
     sampled and an unsampled root the front end made; two steps, then all finish."""
-    memory = InMemorySpanExporter()
-    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {"vllm.model": "tiny-moe", schema.RUN_ID: "r"}, exporter=memory)
+    memory = MemoryTransport()
+    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {"vllm.model": "tiny-moe", schema.RUN_ID: "r"}, transport=memory)
     records = [make_record(step, requests=4, tokens_each=3, layers=2, top_k=2, experts=8) for step in range(2)]
     names = ["client-on", "client-off", "root-on", "root-off"]
     for record in records:
@@ -81,11 +81,12 @@ def written(tmp_path):
         sink.write(record)
     sink.finish(names)
     sink.close(10)
-    return memory.get_finished_spans(), records
+    return memory, records
 
 
 def test_sampled_requests_alone_get_spans_in_their_own_traces(written):
-    spans, records = written
+    memory, records = written
+    spans = memory.spans()
     requests = {s.attributes[schema.REQUEST_ID]: s for s in spans if s.name == schema.REQUEST_SPAN}
     assert set(requests) == {"client-on", "root-on"}
     on = requests["client-on"]
@@ -101,7 +102,8 @@ def test_sampled_requests_alone_get_spans_in_their_own_traces(written):
 
 
 def test_a_step_and_the_requests_that_begin_in_it_link_each_other(written):
-    spans, _ = written
+    memory, _ = written
+    spans = memory.spans()
     steps = sorted((s for s in spans if s.name == schema.STEP_SPAN), key=lambda s: s.attributes[schema.STEP_INDEX])
     requests = [s for s in spans if s.name == schema.REQUEST_SPAN]
     assert {(link.context.trace_id, link.context.span_id) for link in steps[0].links} == {
@@ -112,7 +114,8 @@ def test_a_step_and_the_requests_that_begin_in_it_link_each_other(written):
 
 
 def test_steps_hold_only_sampled_tokens_and_count_the_rest(written):
-    spans, records = written
+    memory, records = written
+    spans = memory.spans()
     steps = [s for s in spans if s.name == schema.STEP_SPAN]
     assert len(steps) == 2  # the engine's steps are always recorded
     for span, record in zip(sorted(steps, key=lambda s: s.attributes[schema.STEP_INDEX]), records):
@@ -127,12 +130,10 @@ def test_steps_hold_only_sampled_tokens_and_count_the_rest(written):
 
 def test_the_report_says_what_sampling_left_out(written, tmp_path):
     """(the spans as the collector writes them)"""
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
     from otel_moe.collector.otlp_json import to_json_line
 
-    spans, _ = written
-    (tmp_path / "traces.json").write_text(to_json_line(encode_spans(spans)))
+    memory, _ = written
+    (tmp_path / "traces.json").write_bytes(b"".join(to_json_line(request) for request in memory.requests))
     summary = build_report([str(tmp_path)], str(tmp_path / "out"), figures=False)
     assert summary["unsampled_tokens"] == 12
     assert set(summary["requests"]) == {"client-on", "root-on"}

@@ -34,19 +34,18 @@ def records(steps: int, tokens: int, layers: int, top_k: int, experts: int, requ
 
 
 class _ToFile:
-    """An OpenTelemetry span exporter that writes what the collector would write."""
+    """A transport for the OTLP sink that writes what the collector would write."""
 
     def __init__(self, path: Path) -> None:
-        self.f = open(path, "w")
+        self.f = open(path, "wb")
 
-    def export(self, spans):
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-        from opentelemetry.sdk.trace.export import SpanExportResult
+    def send(self, body: bytes, spans: int) -> bool:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
         from otel_moe.collector.otlp_json import to_json_line
 
-        self.f.write(to_json_line(encode_spans(spans)))
-        return SpanExportResult.SUCCESS
+        self.f.write(to_json_line(ExportTraceServiceRequest.FromString(body)))
+        return True
 
     def shutdown(self) -> None:
         self.f.close()
@@ -58,7 +57,7 @@ def write_collector_file(path: Path, step_records, run_id: str = "synthetic") ->
     from otel_moe.exporter.sinks.otlp import OtlpSink
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {"otel_moe.run_id": run_id}, exporter=_ToFile(path))
+    sink = OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {"otel_moe.run_id": run_id}, transport=_ToFile(path))
     for record in step_records:
         sink.write(record)
         sink.finish(record.request_ids)

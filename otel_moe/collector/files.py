@@ -33,8 +33,7 @@ class RotatingFile:
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def write_line(self, line: str) -> None:
-        data = line.encode()
+    def write_line(self, data: bytes) -> None:
         with self._lock:
             if self._closed:
                 raise Closed()

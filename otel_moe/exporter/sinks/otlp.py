@@ -1,6 +1,10 @@
-"""OTLP sink: step records as ``moe.step`` / ``moe.request`` spans, exported by
-the OpenTelemetry SDK's own OTLP exporters (gRPC or HTTP/protobuf), configured
-only by the standard ``OTEL_*`` variables.
+"""OTLP sink: step records as ``moe.step`` / ``moe.request`` spans, sent by the
+OpenTelemetry SDK's own OTLP exporters (gRPC or HTTP/protobuf), configured only by
+the standard ``OTEL_*`` variables (``otlp_transport``).
+
+``moe.step`` spans, one or more per engine step, are written straight to protobuf
+(``otlp_protobuf``): a step's routing goes from its arrays into the request bytes.
+``moe.request`` spans, one per request, are the SDK's own spans and encoding.
 
 A request's ``moe.request`` span goes into the request's own trace (the context
 vLLM's front end handed the engine: ``otel_moe.trace_context``), and only when the
@@ -9,9 +13,10 @@ left out of the ``moe.step`` spans too, which count them instead
 (``moe.step.unsampled_tokens``). ``moe.step`` spans, the engine's steps, are always
 recorded, and the metrics count every token.
 
-It keeps a tracer provider of its own (vLLM's, if any, is left alone) whose
-processor hands ended spans back to this sink; the sink exports them from the
-exporter process in batches cut to stay under receivers' message limits. A slow
+It keeps a tracer provider of its own for ``moe.request`` spans (vLLM's, if any, is
+left alone) whose processor hands ended spans back to this sink; the sink exports
+both kinds from the exporter process in batches cut to stay under receivers'
+message limits. A slow
 or dead collector slows only that process: the shared ring between it and the
 worker then fills, the worker drops and counts steps, and the counts ride on
 later spans.
@@ -25,17 +30,18 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import Link
+from opentelemetry.trace import Link, SpanContext, TraceFlags
 
+import otel_moe.exporter.sinks.otlp_protobuf as pb
 from otel_moe import schema, trace_context
-from otel_moe.config import otlp_protocol
 from otel_moe.exporter.records import StepRecord
 from otel_moe.exporter.sinks.metrics import open_metrics
+from otel_moe.exporter.sinks.otlp_transport import Transport, make_transport
 
 if TYPE_CHECKING:  # open_sinks makes this sink from its spec
     from otel_moe.exporter.sinks import SinkSpec
@@ -48,17 +54,12 @@ EXPORT_SPANS = 512
 EXPORT_INTERVAL_S = 1.0  # pending spans wait at most this long, so live files stay fresh
 MAX_OPEN_REQUESTS = 8192  # per-request tallies kept at once; the oldest is emitted beyond
 MAX_STEP_LINKS = 64  # a moe.step links to (at most this many of) the sampled requests that begin in it
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
 def traces_enabled(env=os.environ) -> bool:
     """OTEL_TRACES_EXPORTER=none: no spans at all (the metrics alone, say for a Prometheus scrape)."""
     return env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none"
-
-
-def make_exporter() -> SpanExporter:
-    if otlp_protocol() == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter()  # endpoint, headers, timeout, TLS: all from OTEL_* variables
 
 
 class _PresetIds(RandomIdGenerator):
@@ -79,8 +80,8 @@ class _PresetIds(RandomIdGenerator):
 
 
 class _Pending(SpanProcessor):
-    """Ended spans, each sized once, wait here for the sink's next export.
-    They end on the sink's own thread: no lock."""
+    """Ended ``moe.request`` spans, each sized once, wait here for the sink's next
+    export. They end on the sink's own thread: no lock."""
 
     def __init__(self) -> None:
         self.spans: list[tuple[ReadableSpan, int]] = []
@@ -157,7 +158,7 @@ class RequestTallies:
 
 
 def payload_bytes(span: ReadableSpan) -> int:
-    """A cheap upper estimate of a span's encoded size (never walks list elements)."""
+    """A cheap upper estimate of an SDK span's encoded size (never walks list elements)."""
     size = 256 + 80 * len(span.links)
     for value in (span.attributes or {}).values():
         if isinstance(value, (bytes, str)):
@@ -174,7 +175,7 @@ def payload_bytes(span: ReadableSpan) -> int:
 
 
 class OtlpSink:
-    def __init__(self, spec: SinkSpec, resource_attributes: dict, exporter: Optional[SpanExporter] = None) -> None:
+    def __init__(self, spec: SinkSpec, resource_attributes: dict, transport: Optional[Transport] = None) -> None:
         self.mode = spec.mode  # of the latest step (live control may switch it)
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "vllm", **resource_attributes})
         self._pending = _Pending()
@@ -194,14 +195,21 @@ class OtlpSink:
         from importlib.metadata import version
 
         self.tracer = self._provider.get_tracer(schema.INSTRUMENTATION_SCOPE, version("otel-moe"))
-        self.traces_on = exporter is not None or traces_enabled()
-        self.exporter = exporter or (make_exporter() if self.traces_on else None)
+        self.traces_on = transport is not None or traces_enabled()
+        self.transport = transport or (make_transport() if self.traces_on else None)
+        # moe.step spans, encoded here: the request's heads are made once
+        self._resource_head = pb.resource(dict(resource.attributes))
+        self._scope_head = pb.scope_spans_head(schema.INSTRUMENTATION_SCOPE, version("otel-moe"))
+        self._ids_key, self._weights_key = pb.key_field(schema.EXPERT_IDS), pb.key_field(schema.EXPERT_WEIGHTS)
+        self._constant_attributes: dict = {}  # (key, value) -> an event's attribute field, for values few and repeated
+        self._steps: list[bytes] = []  # encoded moe.step spans awaiting export
+        self._steps_bytes = 0
         self.requests = RequestTallies()
         self.sampler = trace_context.sampler_from_env()
         self.traces: dict[str, trace_context.RequestTrace] = {}  # external id -> its trace, while live
         self.unsampled: set[str] = set()  # live requests whose routing is not sampled
         self.model = resource_attributes.get("vllm.model")
-        self.metrics = open_metrics(resource_attributes, spec.metrics) if exporter is None else None
+        self.metrics = open_metrics(resource_attributes, spec.metrics) if transport is None else None
         self.failed_export_spans = 0
         self.evicted_requests = 0
         self._last_export = time.monotonic()
@@ -251,12 +259,13 @@ class OtlpSink:
             first_span = self.requests.first_span
             beginning = [(slot, request_id) for slot, request_id in zip(slots.tolist(), record.request_ids)
                          if slot not in first_span]
-            links = [Link(trace.span_context()) for _, request_id in beginning[:MAX_STEP_LINKS]
+            links = [pb.link(trace.trace_id, trace.span_id) for _, request_id in beginning[:MAX_STEP_LINKS]
                      if (trace := self.traces.get(request_id)) is not None]
-            spans = self._step_spans(record, unsampled_tokens, links)
+            first = self._step_spans(record, unsampled_tokens, links)
             for slot, _ in beginning:
-                first_span[slot] = spans[0].get_span_context()
-        if (self._pending.bytes >= EXPORT_BYTES or len(self._pending.spans) >= EXPORT_SPANS
+                first_span[slot] = first
+        if (self._pending.bytes + self._steps_bytes >= EXPORT_BYTES
+                or len(self._pending.spans) + len(self._steps) >= EXPORT_SPANS
                 or time.monotonic() - self._last_export >= EXPORT_INTERVAL_S):
             self._export()
 
@@ -277,15 +286,17 @@ class OtlpSink:
             **({schema.STEP_LAST_INDEX: record.last_step} if record.is_window else {}),
         }
 
-    def _step_spans(self, record: StepRecord, unsampled_tokens: int = 0, links: list = ()) -> list:
+    def _step_spans(self, record: StepRecord, unsampled_tokens: int = 0, links: list = ()) -> SpanContext:
+        """The step's spans, encoded and pending; returns the first one's context."""
         common = self._common_attributes(record)
         if unsampled_tokens:  # on the step's first span only: readers sum them over spans
             common[schema.STEP_UNSAMPLED_TOKENS] = unsampled_tokens
         if record.ids is None:  # counts mode: one small span per window of steps
             counts = record.layer_counts()
-            events = [{schema.LAYER: layer, schema.EXPERT_COUNTS: schema.encode_u32(counts[c])}
+            head = pb.event_head(schema.ROUTING_EVENT, record.end_ns)
+            events = [head + pb.attributes(3, {schema.LAYER: layer, schema.EXPERT_COUNTS: schema.encode_u32(counts[c])})
                       for c, layer in enumerate(record.layers)]
-            return [self._emit_step(record, common, 0, record.num_tokens, 0, 1, events, links)]
+            return self._emit_step(record, common, 0, record.num_tokens, 0, 1, events, links)
         per_token = len(record.layers) * record.top_k * (schema.ids_dtype(record.num_experts).itemsize
                                                          + np.dtype(schema.WEIGHTS_DTYPE).itemsize)
         chunk_tokens = max(1, SPAN_PAYLOAD_BYTES // per_token)
@@ -295,26 +306,31 @@ class OtlpSink:
         # contiguous slice (a [tokens, layers, top_k] record would need a gather per layer).
         by_layer_ids = np.ascontiguousarray(record.ids.transpose(1, 0, 2), dtype=schema.ids_dtype(record.num_experts))
         by_layer_weights = np.ascontiguousarray(record.weights.transpose(1, 0, 2), dtype=schema.WEIGHTS_DTYPE)
-        spans = []
+        head = pb.event_head(schema.ROUTING_EVENT, record.end_ns)
+        ids_dtype = self._constant(schema.EXPERT_IDS_DTYPE, by_layer_ids.dtype.str)
+        weights_dtype = self._constant(schema.EXPERT_WEIGHTS_DTYPE, by_layer_weights.dtype.str)
+        first = None
         for chunk in range(chunks):
             lo, hi = chunk * chunk_tokens, min(n, (chunk + 1) * chunk_tokens)
-            events = []
-            for column, layer in enumerate(record.layers):
-                ids, ids_dtype = schema.encode_ids(by_layer_ids[column, lo:hi], record.num_experts)
-                weights, weights_dtype = schema.encode_weights(by_layer_weights[column, lo:hi])
-                events.append({
-                    schema.LAYER: layer,
-                    schema.EXPERT_IDS: ids,
-                    schema.EXPERT_IDS_DTYPE: ids_dtype,
-                    schema.EXPERT_WEIGHTS: weights,
-                    schema.EXPERT_WEIGHTS_DTYPE: weights_dtype,
-                })
-            spans.append(self._emit_step(record, common, lo, hi, chunk, chunks, events, links if chunk == 0 else ()))
+            events = [b"".join((head, self._constant(schema.LAYER, layer),
+                                pb.bytes_attribute(3, self._ids_key, by_layer_ids[column, lo:hi].tobytes()), ids_dtype,
+                                pb.bytes_attribute(3, self._weights_key, by_layer_weights[column, lo:hi].tobytes()),
+                                weights_dtype))
+                      for column, layer in enumerate(record.layers)]
+            context = self._emit_step(record, common, lo, hi, chunk, chunks, events, links if chunk == 0 else ())
+            first = first or context
             common.pop(schema.STEP_UNSAMPLED_TOKENS, None)
-        return spans
+        return first
 
-    def _emit_step(self, record: StepRecord, common: dict, lo: int, hi: int, chunk: int, chunks: int, events: list,
-                   links=()):
+    def _constant(self, key: str, value) -> bytes:
+        """An event attribute whose values are few (a layer, a dtype), encoded once."""
+        field = self._constant_attributes.get((key, value))
+        if field is None:
+            field = self._constant_attributes[(key, value)] = pb.attributes(3, {key: value})
+        return field
+
+    def _emit_step(self, record: StepRecord, common: dict, lo: int, hi: int, chunk: int, chunks: int,
+                   events: list[bytes], links: list[bytes] = ()) -> SpanContext:
         request_of = record.token_request_index()[lo:hi]
         present, first_index, tokens = np.unique(request_of, return_index=True, return_counts=True)
         order = np.argsort(first_index)  # keep batch order
@@ -330,11 +346,11 @@ class OtlpSink:
             schema.REQUEST_FIRST_POSITIONS: schema.encode_u32(record.positions[lo + first_index]),
             schema.REQUEST_PROMPT_LENS: schema.encode_u32(record.prompt_lens[present]),
         })
-        span = self.tracer.start_span(schema.STEP_SPAN, start_time=record.start_ns, attributes=attributes, links=links)
-        for event in events:
-            span.add_event(schema.ROUTING_EVENT, event, timestamp=record.end_ns)
-        span.end(end_time=record.end_ns)
-        return span
+        trace_id, span_id = self._ids.generate_trace_id(), self._ids.generate_span_id()
+        span = pb.span(trace_id, span_id, schema.STEP_SPAN, record.start_ns, record.end_ns, attributes, events, links)
+        self._steps.append(span)
+        self._steps_bytes += len(span)
+        return SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
 
     # ---- requests -------------------------------------------------------
     def _tally(self, record: StepRecord) -> np.ndarray:
@@ -404,19 +420,25 @@ class OtlpSink:
 
     # ---- export ---------------------------------------------------------
     def idle(self) -> None:
-        if self._pending.spans:
+        if self._pending.spans or self._steps:
             self._export()
 
     def _export(self) -> None:
         self._last_export = time.monotonic()
+        steps, self._steps, self._steps_bytes = self._steps, [], 0
+        for batch in _batches([(span, len(span)) for span in steps]):
+            self._send(lambda: pb.export_request(self._resource_head, self._scope_head, batch), len(batch))
         for batch in _batches(self._pending.take()):
-            try:
-                ok = self.exporter.export(batch) == SpanExportResult.SUCCESS
-            except Exception:
-                ok = False
-            if not ok:
-                self.failed_export_spans += len(batch)
-                logger.warning("otel-moe: OTLP export of %d spans failed (%d so far)", len(batch), self.failed_export_spans)
+            self._send(lambda: encode_spans(batch).SerializeToString(), len(batch))
+
+    def _send(self, encode, spans: int) -> None:
+        try:
+            ok = self.transport.send(encode(), spans)
+        except Exception:
+            ok = False
+        if not ok:
+            self.failed_export_spans += spans
+            logger.warning("otel-moe: OTLP export of %d spans failed (%d so far)", spans, self.failed_export_spans)
 
     def close(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -426,7 +448,7 @@ class OtlpSink:
             if time.monotonic() < deadline:
                 self._export()
             try:
-                self.exporter.shutdown()
+                self.transport.shutdown()
             except Exception:
                 pass
         if self.metrics is not None:
@@ -436,7 +458,7 @@ class OtlpSink:
                 logger.warning("otel-moe: the last metrics export failed")
 
 
-def _batches(sized_spans: list[tuple[ReadableSpan, int]]) -> list[list]:
+def _batches(sized_spans: list[tuple[Any, int]]) -> list[list]:
     """Cut spans into export requests of at most EXPORT_BYTES / EXPORT_SPANS."""
     batches, batch, size = [], [], 0
     for span, span_size in sized_spans:
