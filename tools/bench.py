@@ -47,7 +47,7 @@ def bench_profile(args, work: Path) -> dict:
     from otel_moe.report.main import build_report
     from otel_moe.report.profile import load_events, profiled_steps, trace_files
 
-    model, model_info = make_model(work, args.device, args.layers)
+    model, model_info = make_model(work, args.device, args.layers, args.shape)
     prompts = [{"prompt_token_ids": [(5 * i + j) % 500 + 1 for j in range(48)]} for i in range(16)]
     params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0, detokenize=False)
     results = {"model": model_info["name"]}
@@ -308,6 +308,8 @@ def main() -> int:
     parser.add_argument("--soak-seconds", type=float, default=120)
     parser.add_argument("--modes", default=None)
     parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--shape", choices=["qwen1.5-moe", "deepseek-v3"], default="qwen1.5-moe",
+                        help="the model of a GPU run (random weights; see tools/bench_vllm.py's GPU_SHAPES)")
     parser.add_argument("--prompts", type=int, default=None)
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--gen-len", type=int, default=None)

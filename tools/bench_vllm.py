@@ -60,7 +60,33 @@ def qwen15_moe_a27b_config(layers: int) -> dict:
     }
 
 
-def make_model(work: Path, device: str, layers: int) -> tuple[str, dict]:
+def deepseek_v3_routing_config(layers: int) -> dict:
+    """DeepSeek-V3's routing shape (256 routed experts, top-8; 58 MoE layers in the real
+    model) on Qwen3-MoE's architecture, narrow (hidden 512, experts of 256) so that three
+    engines of 58 layers fit one H100: ~12 GB of random weights each. Narrow layers make
+    short steps, which leaves otel-moe's fixed cost per step the least room."""
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 512,
+        "intermediate_size": 1024, "moe_intermediate_size": 256, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "head_dim": 64, "num_hidden_layers": layers, "num_experts": 256, "num_experts_per_tok": 8,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "vocab_size": 151936,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "attention_bias": False,
+        "bos_token_id": 0, "eos_token_id": 0,
+    }
+
+
+GPU_SHAPES = {  # --shape: the model a GPU bench runs
+    "qwen1.5-moe": (qwen15_moe_a27b_config, "Qwen1.5-MoE-A2.7B shapes, {layers} layers, 60 experts, top-4"),
+    "deepseek-v3": (deepseek_v3_routing_config, "DeepSeek-V3's routing, {layers} layers, 256 experts, top-8, hidden 512"),
+}
+
+
+def gpu_config(shape: str, layers: int) -> dict:
+    return GPU_SHAPES[shape][0](layers)
+
+
+def make_model(work: Path, device: str, layers: int, shape: str = "qwen1.5-moe") -> tuple[str, dict]:
     from otel_moe import tiny_model
 
     model = work / "model"
@@ -68,9 +94,8 @@ def make_model(work: Path, device: str, layers: int) -> tuple[str, dict]:
         tiny_model.build(str(model), "qwen2_moe", layers=layers)
         return str(model), {"name": f"tiny qwen2_moe, {layers} layers, 8 experts, top-2 (random weights)"}
     tiny_model.build_tokenizer(str(model))
-    (model / "config.json").write_text(json.dumps(qwen15_moe_a27b_config(layers)))
-    return str(model), {"name": f"Qwen1.5-MoE-A2.7B shapes, {layers} layers, 60 experts, top-4 (random weights)",
-                        "load_format": "dummy"}
+    (model / "config.json").write_text(json.dumps(gpu_config(shape, layers)))
+    return str(model), {"name": GPU_SHAPES[shape][1].format(layers=layers) + " (random weights)", "load_format": "dummy"}
 
 
 def engine_env(mode: str, work: Path) -> dict:
@@ -169,7 +194,7 @@ def bench_vllm(args, work: Path) -> dict:
 
     modes = args.modes.split(",")
     processes = list(dict.fromkeys(engine_of(m) for m in modes))  # engine processes, in the modes' order
-    model, model_info = make_model(work, args.device, args.layers)
+    model, model_info = make_model(work, args.device, args.layers, args.shape)
     collector = CollectorProcess(work / "collected")
     os.environ.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.grpc_endpoint, OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc")
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the default: engine core in its own process
@@ -180,7 +205,7 @@ def bench_vllm(args, work: Path) -> dict:
     if args.device == "cuda" and _engine_accepts("kv_cache_memory_bytes"):
         # Every engine the same KV cache, not whatever its memory profile found beside the
         # others: a smaller one runs fewer sequences at a time, a difference otel-moe did not make.
-        engine["kv_cache_memory_bytes"] = kv_cache_bytes(qwen15_moe_a27b_config(args.layers), args.max_num_seqs,
+        engine["kv_cache_memory_bytes"] = kv_cache_bytes(gpu_config(args.shape, args.layers), args.max_num_seqs,
                                                          engine["max_model_len"])
     prompts = [[(7 * i + 3 * j) % 500 + 1 for j in range(args.prompt_len)] for i in range(args.prompts)]
     samples: dict[str, list[float]] = {m: [] for m in modes}
@@ -514,7 +539,7 @@ def _engine_accepts(field: str) -> bool:
 
 def kv_cache_bytes(config: dict, sequences: int, max_model_len: int) -> int:
     """Room for every sequence at full length, a quarter more for block rounding."""
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2  # K and V, bf16
     return int(per_token * sequences * max_model_len * 1.25)
 
