@@ -201,6 +201,7 @@ class OtlpSink:
         self._resource_head = pb.resource(dict(resource.attributes))
         self._scope_head = pb.scope_spans_head(schema.INSTRUMENTATION_SCOPE, version("otel-moe"))
         self._ids_key, self._weights_key = pb.key_field(schema.EXPERT_IDS), pb.key_field(schema.EXPERT_WEIGHTS)
+        self._layers_encoded: tuple = (None, b"")  # (layers, their AnyValue)
         self._constant_attributes: dict = {}  # (key, value) -> an event's attribute field, for values few and repeated
         self._steps: list[bytes] = []  # encoded moe.step spans awaiting export
         self._steps_bytes = 0
@@ -274,7 +275,7 @@ class OtlpSink:
             schema.SCHEMA: schema.SCHEMA_VERSION,
             schema.STEP_INDEX: record.step,
             schema.MODE: self.mode,
-            schema.LAYERS: list(record.layers),
+            schema.LAYERS: self._layers_value(record.layers),
             schema.TOP_K: record.top_k,
             schema.NUM_EXPERTS: record.num_experts,
             schema.DP_RANK: record.dp_rank,
@@ -285,6 +286,12 @@ class OtlpSink:
             schema.ENGINE_THREAD_NS: record.engine_thread_ns,
             **({schema.STEP_LAST_INDEX: record.last_step} if record.is_window else {}),
         }
+
+    def _layers_value(self, layers: list) -> pb.EncodedValue:
+        """The step's layers, encoded once while they stay the same (live control may switch them)."""
+        if self._layers_encoded[0] != layers:
+            self._layers_encoded = (list(layers), pb.EncodedValue(pb.any_value(list(layers))))
+        return self._layers_encoded[1]
 
     def _step_spans(self, record: StepRecord, unsampled_tokens: int = 0, links: list = ()) -> SpanContext:
         """The step's spans, encoded and pending; returns the first one's context."""

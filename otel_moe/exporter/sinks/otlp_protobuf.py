@@ -28,11 +28,16 @@ FLAGS_HAS_IS_REMOTE = 0x100  # SpanFlags: the SDK always says whether the parent
 FLAGS_IS_REMOTE = 0x200
 
 
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+
+
 def varint(n: int) -> bytes:
+    if 0 <= n < 0x80:  # tags, flags, short keys' lengths
+        return _ONE_BYTE[n]
     if n < 0:
         n += 1 << 64  # int64 as protobuf writes it: ten bytes
-    if n < 0x80:
-        return bytes((n,))
+    if n < 0x4000:  # most lengths
+        return bytes((n & 0x7F | 0x80, n >> 7))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -58,8 +63,14 @@ def _fixed32(number: int, value: int) -> bytes:
 
 
 # ---- common.proto: AnyValue, KeyValue ---------------------------------------------
+class EncodedValue(bytes):
+    """An AnyValue encoded once, for a value repeated span after span (a step's layers)."""
+
+
 def any_value(value: Any) -> bytes:
     """An attribute value as the SDK's encoder types it (bool before int: a bool is an int)."""
+    if type(value) is EncodedValue:
+        return value
     if isinstance(value, bool):
         return b"\x10" + (b"\x01" if value else b"\x00")  # bool_value = 2
     if isinstance(value, str):
