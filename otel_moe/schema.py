@@ -142,15 +142,6 @@ def ids_dtype(num_experts: int) -> np.dtype:
     return np.dtype("|u1") if num_experts <= 256 else np.dtype("<u2")
 
 
-def encode_ids(ids: np.ndarray, num_experts: int) -> tuple[bytes, str]:
-    dtype = ids_dtype(num_experts)
-    return np.ascontiguousarray(ids, dtype=dtype).tobytes(), dtype.str
-
-
-def encode_weights(weights: np.ndarray) -> tuple[bytes, str]:
-    return np.ascontiguousarray(weights, dtype=WEIGHTS_DTYPE).tobytes(), WEIGHTS_DTYPE
-
-
 def decode_ids(data: Union[bytes, str], dtype: str, top_k: int) -> np.ndarray:
     if dtype not in READABLE_IDS_DTYPES:
         raise ValueError(f"expert ids dtype {dtype!r} is not one of {READABLE_IDS_DTYPES}")

@@ -16,10 +16,9 @@ recorded, and the metrics count every token.
 It keeps a tracer provider of its own for ``moe.request`` spans (vLLM's, if any, is
 left alone) whose processor hands ended spans back to this sink; the sink exports
 both kinds from the exporter process in batches cut to stay under receivers'
-message limits. A slow
-or dead collector slows only that process: the shared ring between it and the
-worker then fills, the worker drops and counts steps, and the counts ride on
-later spans.
+message limits. A slow or dead collector slows only that process: the shared ring
+between it and the worker then fills, the worker drops and counts steps, and the
+counts ride on later spans.
 """
 from __future__ import annotations
 

@@ -24,8 +24,7 @@ _FIXED32 = struct.Struct("<I")
 _DOUBLE = struct.Struct("<d")
 
 SPAN_KIND_INTERNAL = 1
-FLAGS_HAS_IS_REMOTE = 0x100  # SpanFlags: the SDK always says whether the parent was remote
-FLAGS_IS_REMOTE = 0x200
+FLAGS_HAS_IS_REMOTE = 0x100  # SpanFlags: the SDK always says whether the parent (or linked span) was remote
 
 
 _ONE_BYTE = [bytes((n,)) for n in range(0x80)]
@@ -133,11 +132,12 @@ def event_head(name: str, time_ns: int) -> bytes:
     return _fixed64(1, time_ns) + length_delimited(2, name.encode())
 
 
-def link(trace_id: int, span_id: int, remote: bool = False) -> bytes:
+def link(trace_id: int, span_id: int) -> bytes:
+    """A link to a span of this process (a ``moe.request``): not remote."""
     return b"".join((
         length_delimited(1, trace_id.to_bytes(16, "big")),
         length_delimited(2, span_id.to_bytes(8, "big")),
-        _fixed32(6, FLAGS_HAS_IS_REMOTE | (FLAGS_IS_REMOTE if remote else 0)),
+        _fixed32(6, FLAGS_HAS_IS_REMOTE),
     ))
 
 
