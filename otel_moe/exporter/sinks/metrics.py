@@ -123,8 +123,13 @@ class ExpertMetrics:
         self._dp_rank = record.dp_rank
         if record.ids is not None:
             prefill = record.is_prefill()
-            for phase, rows in (("prefill", prefill), ("decode", ~prefill)):
-                if rows.any():
+            some = prefill.any()
+            if some and prefill.all():
+                self._add(record.dp_rank, "prefill", record.layers, record.num_experts, record.layer_counts())
+            elif not some:  # a decode step: every row, without a copy of them
+                self._add(record.dp_rank, "decode", record.layers, record.num_experts, record.layer_counts())
+            else:
+                for phase, rows in (("prefill", prefill), ("decode", ~prefill)):
                     self._add(record.dp_rank, phase, record.layers, record.num_experts, record.layer_counts(rows))
         elif record.counts is not None:
             self._add(record.dp_rank, "all", record.layers, record.counts.shape[1], record.counts.astype(np.int64))
