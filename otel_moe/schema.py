@@ -21,8 +21,8 @@ import numpy as np
 
 from otel_moe.layer_ranges import format_ranges, parse_ranges
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 SCHEMA = "otel_moe.schema_version"
 INSTRUMENTATION_SCOPE = "otel_moe"
 RUN_ID = "otel_moe.run_id"  # resource attribute: one run of vLLM (all its processes)
@@ -75,8 +75,10 @@ EXPERT_COUNTS = "moe.expert_counts"  # bytes: [num_experts] "<u4" (counts mode)
 REQUEST_ID = "gen_ai.request.id"
 PREFILL_TOKENS = "moe.request.prefill_tokens"
 DECODE_TOKENS = "moe.request.decode_tokens"
-REQUEST_EXPERT_COUNTS = "moe.request.expert_counts"  # bytes: [L, E] "<u4", L = moe.layers, E = moe.num_experts
-COUNTS_DTYPE = "<u4"
+REQUEST_EXPERT_COUNTS = "moe.request.expert_counts"  # bytes: [L, E], L = moe.layers, E = moe.num_experts
+REQUEST_EXPERT_COUNTS_DTYPE = "moe.request.expert_counts.dtype"  # the narrowest of COUNTS_DTYPES for its largest count
+COUNTS_DTYPES = ("|u1", "<u2", "<u4")
+COUNTS_DTYPE = "<u4"  # a moe.request's counts before version 4 (which named no dtype)
 U32 = "<u4"
 REQUEST_INCOMPLETE = "moe.request.incomplete"  # true: evicted before vLLM reported it finished
 # true: live control paused recording or switched layers/mode while the request ran,
@@ -177,13 +179,20 @@ def decode_u32(data: Union[bytes, str]) -> np.ndarray:
     return np.frombuffer(data, dtype=U32).astype(np.int64)
 
 
-def encode_counts(counts: np.ndarray) -> bytes:
-    return np.ascontiguousarray(counts, dtype=COUNTS_DTYPE).tobytes()
+def encode_counts(counts: np.ndarray) -> tuple[bytes, str]:
+    """A moe.request's counts in the narrowest dtype that holds them: a request's counts are
+    at most its tokens, so a short one's [58, 256] go in 15 KB of uint8, not 59 KB of uint32."""
+    largest = int(counts.max()) if counts.size else 0
+    dtype = next(d for d in COUNTS_DTYPES if largest <= np.iinfo(np.dtype(d)).max)
+    return np.ascontiguousarray(counts, dtype=dtype).tobytes(), dtype
 
 
-def decode_counts(data: Union[bytes, str], num_experts: int) -> np.ndarray:
-    """A moe.request's counts -> [L, E]."""
-    return decode_array(data, COUNTS_DTYPE, num_experts)
+def decode_counts(attributes: dict) -> np.ndarray:
+    """A moe.request's counts -> [L, E] int64, from its attributes (any readable version)."""
+    dtype = attributes.get(REQUEST_EXPERT_COUNTS_DTYPE, COUNTS_DTYPE)
+    if dtype not in COUNTS_DTYPES:
+        raise ValueError(f"request counts dtype {dtype!r} is not one of {COUNTS_DTYPES}")
+    return decode_array(attributes[REQUEST_EXPERT_COUNTS], dtype, int(attributes[NUM_EXPERTS])).astype(np.int64)
 
 
 def decode_array(data: Union[bytes, str], dtype: str, top_k: int) -> np.ndarray:

@@ -203,7 +203,7 @@ def test_request_spans_say_which_requests_control_cut(controlled_serve):
     assert [n for n, a in requests.items() if a.get(schema.REQUEST_PARTIAL)] == ["across-switch"]
     across = requests["across-switch"]
     assert across[schema.LAYERS] == [0, 2]  # the layers recorded at the end, their counts whole
-    counts = schema.decode_counts(across[schema.REQUEST_EXPERT_COUNTS], across[schema.NUM_EXPERTS])
+    counts = schema.decode_counts(across)
     assert counts.sum(axis=1).tolist() == [2 * _tokens(usage["across-switch"])] * 2
     modes = {read.decode_step(s).step: s.attributes[schema.MODE] for s in spans if s.name == schema.STEP_SPAN}
     jsonl_modes = {r["step"]: "counts" if "counts" in r else "tokens" for r in _rows(server)}

@@ -57,7 +57,7 @@ def test_a_huge_step_is_cut_under_the_4_mib_grpc_limit(tmp_path, monkeypatch):
     requests = [s for s in spans if s.name == schema.REQUEST_SPAN]
     assert sorted(s.attributes[schema.REQUEST_ID] for s in requests) == sorted(record.request_ids)
     for s in requests:
-        counts = schema.decode_counts(s.attributes[schema.REQUEST_EXPERT_COUNTS], 64)
+        counts = schema.decode_counts(s.attributes)
         assert counts.shape == (24, 64) and (counts.sum(axis=1) == 512 * 8).all()
     lines = (tmp_path / "out" / "traces.json").read_bytes().splitlines()
     assert len(lines) > 2  # several export requests
@@ -97,3 +97,20 @@ def test_counts_mode_spans(tmp_path, monkeypatch, protocol):
     step = read.decode_step(span)
     assert all(np.array_equal(step.counts[layer], expected[layer]) for layer in range(3))
     assert step.num_tokens == 10 and step.step == 3
+
+
+def test_request_counts_go_in_the_narrowest_dtype_and_version_3_still_reads():
+    import base64
+
+    for largest, dtype in ((255, "|u1"), (256, "<u2"), (65535, "<u2"), (65536, "<u4")):
+        counts = np.zeros((2, 3), np.int64)
+        counts[1, 2] = largest
+        data, named = schema.encode_counts(counts)
+        assert named == dtype and len(data) == 6 * np.dtype(dtype).itemsize
+        read_back = {schema.REQUEST_EXPERT_COUNTS: base64.b64encode(data).decode(),  # as OTLP/JSON carries bytes
+                     schema.REQUEST_EXPERT_COUNTS_DTYPE: dtype, schema.NUM_EXPERTS: 3}
+        assert schema.decode_counts(read_back).tolist() == counts.tolist()
+    version_3 = {schema.REQUEST_EXPERT_COUNTS: np.arange(6, dtype="<u4").tobytes(), schema.NUM_EXPERTS: 3}
+    assert schema.decode_counts(version_3).tolist() == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(ValueError, match="request counts dtype"):
+        schema.decode_counts({**version_3, schema.REQUEST_EXPERT_COUNTS_DTYPE: "<f4"})

@@ -43,7 +43,7 @@ def test_every_request_has_llm_request_and_moe_request_spans(name, request):
         out = outputs[request_id]
         assert span.attributes[schema.PREFILL_TOKENS] == len(out["prompt_token_ids"])
         assert span.attributes[schema.DECODE_TOKENS] == len(out["output_token_ids"]) - 1
-        counts = schema.decode_counts(span.attributes[schema.REQUEST_EXPERT_COUNTS], span.attributes[schema.NUM_EXPERTS])
+        counts = schema.decode_counts(span.attributes)
         assert counts.shape == (4, 8) and span.attributes[schema.LAYERS] == [0, 1, 2, 3]
         assert (counts.sum(axis=1) == computed_tokens(out) * 2).all()  # top_k 2 in every layer
 

@@ -114,8 +114,8 @@ def test_golden_jsonl(tmp_path):
     assert summary["requests"]["a"]["e2e_s"] is None  # no llm_request span in a JSONL log
 
 
-# 2: request ids as a string array; 1: weights as float32 too
-@pytest.mark.parametrize("version", [3, 2, 1])
+# 3: a moe.request's counts always uint32 (its steps as in 4); 2: request ids as a string array; 1: weights as float32 too
+@pytest.mark.parametrize("version", [4, 3, 2, 1])
 def test_golden_collector_file(tmp_path, version):
     (tmp_path / "traces.json").write_text(golden_otlp_line(version=version))
     summary = build_report([str(tmp_path)], str(tmp_path / "out"))

@@ -402,7 +402,9 @@ class OtlpSink:
         if self.mode == "tokens":
             attributes[schema.LAYERS] = list(self.requests.layers)
             attributes[schema.NUM_EXPERTS] = tally["counts"].shape[1]
-            attributes[schema.REQUEST_EXPERT_COUNTS] = schema.encode_counts(tally["counts"])
+            counts, dtype = schema.encode_counts(tally["counts"])
+            attributes[schema.REQUEST_EXPERT_COUNTS] = counts
+            attributes[schema.REQUEST_EXPERT_COUNTS_DTYPE] = dtype
         if incomplete:
             attributes[schema.REQUEST_INCOMPLETE] = True
         if partial:
