@@ -114,3 +114,23 @@ def test_request_counts_go_in_the_narrowest_dtype_and_version_3_still_reads():
     assert schema.decode_counts(version_3).tolist() == [[0, 1, 2], [3, 4, 5]]
     with pytest.raises(ValueError, match="request counts dtype"):
         schema.decode_counts({**version_3, schema.REQUEST_EXPERT_COUNTS_DTYPE: "<f4"})
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_gzip_exports_of_encoded_spans_arrive_whole(tmp_path, monkeypatch, protocol):
+    """The step spans go to the SDK's exporters as bytes: its compression still applies."""
+    c = CollectorProcess(tmp_path / "out")
+    try:
+        endpoint = c.grpc_endpoint if protocol == "grpc" else c.http_endpoint
+        sink = _sink(monkeypatch, endpoint, protocol, OTEL_EXPORTER_OTLP_TRACES_COMPRESSION="gzip")
+        record = make_record(0, requests=4, tokens_each=3, layers=2, top_k=2, experts=8)
+        sink.write(record)
+        sink.finish(record.request_ids)
+        sink.close(10)
+        assert sink.failed_export_spans == 0
+    finally:
+        assert c.stop() == 0
+    spans = list(read.iter_collector_spans([str(tmp_path / "out")]))
+    [step] = [read.decode_step(s) for s in spans if s.name == schema.STEP_SPAN]
+    assert all(np.array_equal(step.ids[layer], record.ids[:, layer]) for layer in range(2))
+    assert sorted(s.attributes[schema.REQUEST_ID] for s in spans if s.name == schema.REQUEST_SPAN) == sorted(record.request_ids)
