@@ -35,19 +35,25 @@ def _sink(monkeypatch, endpoint: str, protocol: str = "grpc", **env) -> OtlpSink
     return OtlpSink(from_env({"VLLM_LOG_MOE": "otlp"}), {schema.RUN_ID: "sink-test"})
 
 
-def test_a_huge_step_is_cut_under_the_4_mib_grpc_limit(tmp_path, monkeypatch):
-    # 8192 tokens x 24 layers x top-8 of 64 experts: ~7.9 MB of ids and weights in one step.
-    c = CollectorProcess(tmp_path / "out", "--max-request-mb", "4")
+def _through_collector(tmp_path, monkeypatch, record: StepRecord, *collector_args: str, protocol: str = "grpc",
+                       **env) -> list:
+    """The record's step and request spans through the real sink and collector, as read back."""
+    c = CollectorProcess(tmp_path / "out", *collector_args)
     try:
-        sink = _sink(monkeypatch, c.grpc_endpoint)
-        record = make_record(0, requests=16, tokens_each=512, layers=24, top_k=8, experts=64)
+        sink = _sink(monkeypatch, c.grpc_endpoint if protocol == "grpc" else c.http_endpoint, protocol, **env)
         sink.write(record)
         sink.finish(record.request_ids)
         sink.close(30)
         assert sink.failed_export_spans == 0
     finally:
         assert c.stop() == 0
-    spans = list(read.iter_collector_spans([str(tmp_path / "out")]))
+    return list(read.iter_collector_spans([str(tmp_path / "out")]))
+
+
+def test_a_huge_step_is_cut_under_the_4_mib_grpc_limit(tmp_path, monkeypatch):
+    # 8192 tokens x 24 layers x top-8 of 64 experts: ~7.9 MB of ids and weights in one step.
+    record = make_record(0, requests=16, tokens_each=512, layers=24, top_k=8, experts=64)
+    spans = _through_collector(tmp_path, monkeypatch, record, "--max-request-mb", "4")
     steps = sorted((read.decode_step(s) for s in spans if s.name == schema.STEP_SPAN), key=lambda s: s.chunk)
     assert len(steps) > 1 and {s.chunk for s in steps} == set(range(len(steps)))
     for layer in range(24):
@@ -119,18 +125,8 @@ def test_request_counts_go_in_the_narrowest_dtype_and_version_3_still_reads():
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_gzip_exports_of_encoded_spans_arrive_whole(tmp_path, monkeypatch, protocol):
     """The step spans go to the SDK's exporters as bytes: its compression still applies."""
-    c = CollectorProcess(tmp_path / "out")
-    try:
-        endpoint = c.grpc_endpoint if protocol == "grpc" else c.http_endpoint
-        sink = _sink(monkeypatch, endpoint, protocol, OTEL_EXPORTER_OTLP_TRACES_COMPRESSION="gzip")
-        record = make_record(0, requests=4, tokens_each=3, layers=2, top_k=2, experts=8)
-        sink.write(record)
-        sink.finish(record.request_ids)
-        sink.close(10)
-        assert sink.failed_export_spans == 0
-    finally:
-        assert c.stop() == 0
-    spans = list(read.iter_collector_spans([str(tmp_path / "out")]))
+    record = make_record(0, requests=4, tokens_each=3, layers=2, top_k=2, experts=8)
+    spans = _through_collector(tmp_path, monkeypatch, record, protocol=protocol, OTEL_EXPORTER_OTLP_TRACES_COMPRESSION="gzip")
     [step] = [read.decode_step(s) for s in spans if s.name == schema.STEP_SPAN]
     assert all(np.array_equal(step.ids[layer], record.ids[:, layer]) for layer in range(2))
     assert sorted(s.attributes[schema.REQUEST_ID] for s in spans if s.name == schema.REQUEST_SPAN) == sorted(record.request_ids)
