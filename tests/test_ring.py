@@ -85,9 +85,9 @@ def test_snapshot_lays_narrow_arrays_out_where_the_exporter_reads_them():
     buffers.enable_counts()
     ids = torch.randint(0, 8, (5, 3, 2), dtype=torch.uint8)
     for real_tokens in (3, 5):  # two steps' forwards of 5 rows: 3 of them real, then all 5
-        buffers.set_real_tokens(real_tokens)
         for slot in range(3):  # as the routers do in the forward
             buffers.ids_writer(slot)(ids[:, slot].to(torch.int32))
+        buffers.count_rows(real_tokens)  # as the recorder does after a counted step's forward
     buffers.weights[:5] = torch.rand(5, 3, 2, dtype=torch.float16)
     shared = SharedRing(1 << 16)
     snapshotter = Snapshotter(buffers, shared, FifoSpace(1 << 16))
@@ -170,14 +170,48 @@ def test_only_the_real_rows_of_real_steps_count():
 
 
 def test_counts_of_more_than_256_experts():
-    buffers = RoutingBuffers([0], max_tokens=4, top_k=2, num_experts=300, device="cpu")
-    assert buffers.ids.dtype == torch.int16
+    buffers = RoutingBuffers([0], max_tokens=4, top_k=2, num_experts=300, device="cpu", tokens=False)
     buffers.enable_counts()
     buffers.set_real_tokens(2)  # the third token is padding
     buffers.ids_writer(0)(torch.tensor([[299, 0], [299, 257], [3, 299]]))
     expected = torch.zeros(300, dtype=torch.int64)
     expected[[299, 0, 257]] = torch.tensor([2, 1, 1])
     assert torch.equal(buffers.counts[0, :300], expected)
+
+
+ON_GPU = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+@pytest.mark.parametrize("num_experts", [8, 256, 300])
+def test_with_ids_kept_the_forward_only_writes_and_each_counted_step_adds_its_real_rows(num_experts, device):
+    # live control keeps ids and counters both: the forward writes ids alone (no counting
+    # kernels in it, paused or not), and count_rows adds a counted step's real rows
+    buffers = RoutingBuffers([0, 3, 5], max_tokens=6, top_k=2, num_experts=num_experts, device=device)
+    buffers.enable_counts()
+    assert buffers.real_tokens is None
+    writers = [buffers.ids_writer(slot) for slot in range(3)]
+    generator = torch.Generator().manual_seed(num_experts)
+    expected = torch.zeros(3, num_experts, dtype=torch.int64)
+
+    def forward(rows: int) -> torch.Tensor:
+        ids = torch.randint(0, num_experts, (rows, 3, 2), generator=generator)
+        for slot, write in enumerate(writers):
+            write(ids[:, slot].to(device))
+        return ids
+
+    forward(6)  # a warm-up or paused forward: never counted
+    buffers.set_real_tokens(4)  # what the recorder asks before a step: nothing here
+    for real, padded in ((4, 6), (1, 3), (6, 6)):
+        ids = forward(padded)
+        buffers.count_rows(real)
+        for slot in range(3):
+            expected[slot] += torch.bincount(ids[:real, slot].reshape(-1), minlength=num_experts)
+    forward(5)  # a dummy run between steps
+    assert torch.equal(buffers.counts[:, :num_experts].cpu(), expected)
+    assert int(buffers.counts[:, num_experts].sum()) == 0 and int(expected.sum()) == (4 + 1 + 6) * 3 * 2
+    buffers.restart_counts()
+    assert int(buffers.counts.sum()) == 0
 
 
 def test_messages_with_numpy_ints_or_container_subclasses_arrive_as_plain_values(monkeypatch):
@@ -196,7 +230,6 @@ def test_messages_with_numpy_ints_or_container_subclasses_arrive_as_plain_values
     monkeypatch.setattr(link, "_convert_all", False)
     message = (2, np.int64(7), OrderedDict(a=np.int32(1)), ["x", np.uint8(3)], {"b": True})
     assert decode(link.encode_message(message)) == [2, 7, {"a": 1}, ["x", 3], {"b": True}]
-
 
 
 

@@ -27,16 +27,24 @@ Invariants:
     alone only adds to its counters, tokens mode alone writes ids and weights.
   - Counts mode keeps per-layer expert counters on the device (``counts``, int64,
     ``(num_layers, num_experts + 1)``; columns ``0..num_experts-1`` are read, the
-    last one takes every row that must not count). The forward adds each layer's
-    ids into them itself (``index_add_``, which CUDA graphs replay), masked by
-    ``real_tokens``, a device scalar: rows at or past it (CUDA-graph padding) go to
-    the last column. The engine thread sets it before each recorded step's forward,
-    with a call only when the step's token count differs from the last one it set
-    (none in a run of full decode steps: on a GPU vLLM's engine thread is busy
-    nearly all of a step, so each call it makes costs throughput), and to 0 before
-    any forward that is not a real step (dummy, profile, warm-up, capture runs), so
-    those add nothing. The counters are zeroed when a window of steps opens and
-    read once when it closes.
+    last one takes every row that must not count). They are zeroed when a window of
+    steps opens and read once when it closes. Who adds to them depends on whether
+    the ids are kept too:
+      - counts alone (no ``ids``): the forward adds each layer's ids itself
+        (``index_add_``, which CUDA graphs replay), masked by ``real_tokens``, a
+        device scalar: rows at or past it (CUDA-graph padding) go to the last column.
+        The engine thread sets it before each recorded step's forward, with a call
+        only when the step's token count differs from the last one it set (none in a
+        run of full decode steps: on a GPU vLLM's engine thread is busy nearly all of
+        a step, so each call it makes costs throughput), and to 0 before any forward
+        that is not a real step (dummy, profile, warm-up, capture runs), so those add
+        nothing.
+      - with ``ids`` (live control, which may switch between the forms): the forward
+        writes the ids alone, and the engine thread adds a counted step's real rows
+        to the counters after its forward (``count_rows``: a few kernels a step, on
+        the same stream). A layer's forward is then tokens mode's two copies,
+        recording or paused: counting in it would add ~3 kernels to every layer of
+        every step CUDA graphs replay, paused steps included.
 """
 from __future__ import annotations
 
@@ -83,18 +91,36 @@ class RoutingBuffers:
         self._real_tokens_set = 0  # the value real_tokens was last given (host side: no read)
 
     def enable_counts(self) -> None:
-        """Before the forward is traced or captured: from then on it adds to ``counts``."""
+        """Before the forward is traced or captured (and after ``ids``, if any, exist):
+        counts mode may be recorded."""
         layers, device = len(self.layers), self.device
         self.counts = torch.zeros((layers, self.num_experts + 1), dtype=torch.int64, device=device)
-        self.real_tokens = torch.zeros(1, dtype=torch.int64, device=device)  # 0: nothing counts
-        self._rows = torch.arange(self.max_tokens, dtype=torch.int64, device=device).unsqueeze(1)
-        self._ones = torch.ones(self.max_tokens * self.top_k, dtype=torch.int64, device=device)
+        if self.ids is None:  # the forward counts
+            self.real_tokens = torch.zeros(1, dtype=torch.int64, device=device)  # 0: nothing counts
+            self._rows = torch.arange(self.max_tokens, dtype=torch.int64, device=device).unsqueeze(1)
+            self._ones = torch.ones(self.max_tokens * self.top_k, dtype=torch.int64, device=device)
+        else:  # count_rows counts, from the ids: layer l's expert e is column l * (E + 1) + e of the flat counters
+            # int32: adding it to the uint8/int16 ids makes the index in one call
+            self._column_of_layer = torch.arange(layers, dtype=torch.int32, device=device).view(1, layers, 1) * (
+                self.num_experts + 1)
+            # one, as many times as a step has ids (stride 0: no memory)
+            self._ones = torch.ones(1, dtype=torch.int64, device=device).expand(self.max_tokens * layers * self.top_k)
 
     def set_real_tokens(self, num_tokens: int) -> None:
-        """The next forwards count their first ``num_tokens`` rows (0: none)."""
-        if num_tokens != self._real_tokens_set:
+        """The next forwards count their first ``num_tokens`` rows (0: none); nothing
+        to do where the forward does not count."""
+        if self.real_tokens is not None and num_tokens != self._real_tokens_set:
             self.real_tokens.fill_(num_tokens)
             self._real_tokens_set = num_tokens
+
+    def count_rows(self, num_tokens: int) -> None:
+        """After a counted step's forward: add its first ``num_tokens`` rows of ids to
+        the counters (nothing to do where the forward counted them itself)."""
+        if self.real_tokens is not None:
+            return
+        n = min(num_tokens, self.max_tokens)
+        columns = torch.add(self.ids[:n], self._column_of_layer).view(-1)  # two torch calls a step
+        self.counts.view(-1).index_add_(0, columns, self._ones[: columns.numel()])
 
     def restart_counts(self) -> None:
         self.counts.zero_()
@@ -110,18 +136,11 @@ class RoutingBuffers:
         return [layer for layer, never in zip(self.layers, unwritten.tolist()) if never]
 
     def ids_writer(self, slot: int) -> Callable[[torch.Tensor], None]:
-        write_ids = None if self.ids is None else _row_writer(self.ids[:, slot], self.max_tokens)
-        if self.counts is None:
-            return write_ids
-        count = self._counter(slot)
-        if write_ids is None:
-            return count
-
-        def write(values: torch.Tensor) -> None:
-            write_ids(values)
-            count(values)
-
-        return write
+        """What a layer's forward does with its router's ids: keep them, or (counts
+        alone) count them."""
+        if self.ids is not None:
+            return _row_writer(self.ids[:, slot], self.max_tokens)
+        return None if self.counts is None else self._counter(slot)
 
     def _counter(self, slot: int) -> Callable[[torch.Tensor], None]:
         counts, real_tokens, rows, ones = self.counts[slot], self.real_tokens, self._rows, self._ones

@@ -116,7 +116,7 @@ class StepRecorder:
         n = scheduled.tokens
         if not n:
             return None
-        if self.counts_only:  # the forward adds the step's real tokens to the device counters
+        if self.counts_only:  # counts alone: the forward adds the step's real tokens to the device counters
             if self._window is None:
                 self._window = _Window(self.steps, time.monotonic())
                 self.buffers.restart_counts()
@@ -151,6 +151,7 @@ class StepRecorder:
         if not self._checked_capture:
             self._check_capture(n)
         if self.counts_only:
+            self.buffers.count_rows(n)
             self._count(step, n, start_ns, end_ns, self._layout(scheduled, None, self._window.layouts))
             return
         if not self.exporter.has_room():
@@ -174,7 +175,7 @@ class StepRecorder:
                               scheduled.running_computed, scheduled.new_computed)
 
     def _count(self, step: int, n: int, start_ns: int, end_ns: int, layout: tuple) -> None:
-        """Counts mode: the forward added the step to the device counters; its layout
+        """Counts mode: the step is on the device counters; its layout
         alone goes on (requests' token counts), the counters only once per window."""
         self._window.add(step, n, start_ns, end_ns)
         self._post(Step(-1, [], NO_MARK, step, start_ns, end_ns, self.layers, True, self.control_version,
