@@ -189,8 +189,6 @@ def bench_vllm(args, work: Path) -> dict:
     inside each), generating the same batch in turns; each compared with `off` turn by
     turn, and `off2` says how far two identical engines differ."""
     from otel_moe import schema
-    from otel_moe.report import read
-    from tools.verify import exactness_problems
 
     modes = args.modes.split(",")
     processes = list(dict.fromkeys(engine_of(m) for m in modes))  # engine processes, in the modes' order
@@ -286,10 +284,9 @@ def bench_vllm(args, work: Path) -> dict:
                 e.proc.kill()
         collector.stop()
 
-    spans = [s for s in read.iter_collector_spans([str(work / "collected")]) if s.name == schema.STEP_SPAN]
-    records = [row for s in spans if s.resource.get(schema.RUN_ID) == "bench-tokens" for row in read.decode_step(s).token_rows()]
-    problems = exactness_problems(records, outputs["tokens"], list(range(args.layers))) if "tokens" in modes else []
-    switched = switched_exactness(spans, outputs.get(SWITCHED_ENGINE), switched_turns, args.layers)
+    spans, coverage = step_spans(work / "collected", ("tokens", SWITCHED_ENGINE))
+    problems = coverage["tokens"].problems(outputs["tokens"], list(range(args.layers))) if "tokens" in modes else []
+    switched = switched_exactness(coverage[SWITCHED_ENGINE], outputs.get(SWITCHED_ENGINE), switched_turns, args.layers)
     dropped = [int(s.attributes.get(schema.DROPPED_STEPS, 0)) for s in spans]
     summary = summarize(samples)
     if summary["noise"]["noisy"]:
@@ -320,7 +317,8 @@ def bench_vllm(args, work: Path) -> dict:
         "metrics": _metrics_totals(work / "collected", outputs, args.layers,
                                    json.loads((Path(model) / "config.json").read_text())["num_experts_per_tok"]),
         "sink": "otlp (gRPC) to the embedded collector on the same machine",
-        "exactness": {"records": len(records), "problems": problems[:10], "exact": not problems if "tokens" in modes else None},
+        "exactness": {"records": coverage["tokens"].records, "problems": problems[:10],
+                      "exact": not problems if "tokens" in modes else None},
         "switched_exactness": switched,
         "dropped_steps_max": max(dropped, default=0), "collector_peak_rss_mib": round(collector_peak / 1024, 1),
         "profile": profiles,
@@ -330,14 +328,34 @@ def bench_vllm(args, work: Path) -> dict:
     }
 
 
-def switched_exactness(spans: list, outputs: Optional[list], switched_turns: list[tuple[str, int]],
+def step_spans(folder: Path, checked: tuple[str, ...]) -> tuple[list, dict]:
+    """One streaming pass over the collected spans: each ``moe.step`` span kept with only
+    the attributes the timing figures read, and the spans of each engine in ``checked``
+    fed to its exactness check (a GPU run's ~100 M records never held at once)."""
+    from otel_moe import schema
+    from otel_moe.report import read
+    from tools.verify import StepCoverage
+
+    kept_attributes = (schema.STEP_INDEX, schema.STEP_LAST_INDEX, schema.ENGINE_THREAD_NS, schema.DROPPED_STEPS)
+    coverage = {mode: StepCoverage() for mode in checked}
+    checked_runs = {run_id(mode): coverage[mode] for mode in checked}
+    spans = []
+    for span in read.iter_collector_spans([str(folder)]):
+        if span.name != schema.STEP_SPAN:
+            continue
+        check = checked_runs.get(span.resource.get(schema.RUN_ID))
+        if check is not None:
+            check.add(read.decode_step(span))
+        spans.append(read.Span(span.name, {schema.RUN_ID: span.resource.get(schema.RUN_ID)},
+                               {k: span.attributes[k] for k in kept_attributes if k in span.attributes},
+                               span.start_ns, span.end_ns, []))
+    return spans, coverage
+
+
+def switched_exactness(coverage, outputs: Optional[list], switched_turns: list[tuple[str, int]],
                        layers: int) -> Optional[dict]:
     """The switched engine's records against the outputs of its recording turns alone (its
     outputs come turn by turn, in order): its paused turns must have recorded nothing."""
-    from otel_moe import schema
-    from otel_moe.report import read
-    from tools.verify import exactness_problems
-
     if outputs is None:
         return None
     recorded, at = [], 0
@@ -345,10 +363,8 @@ def switched_exactness(spans: list, outputs: Optional[list], switched_turns: lis
         if SWITCHED[mode]["recording"]:
             recorded.extend(outputs[at: at + prompts])
         at += prompts
-    records = [row for s in spans if s.resource.get(schema.RUN_ID) == run_id(SWITCHED_ENGINE)
-               for row in read.decode_step(s).token_rows()]
-    problems = exactness_problems(records, recorded, list(range(layers)))
-    return {"records": len(records), "problems": problems[:10], "exact": not problems}
+    problems = coverage.problems(recorded, list(range(layers)))
+    return {"records": coverage.records, "problems": problems[:10], "exact": not problems}
 
 
 def within_process(samples: dict[str, list[float]]) -> dict:
