@@ -14,10 +14,12 @@ float32 without naming their dtype):
 from __future__ import annotations
 
 import base64
+import binascii
 import re
 from typing import Any, Optional, Union
 
 import numpy as np
+import pybase64
 
 from otel_moe.layer_ranges import format_ranges, parse_ranges
 
@@ -169,13 +171,23 @@ def decode_request_ids(value: Any) -> list:
     return value.split("\n") if isinstance(value, str) else list(value)
 
 
+def b64decode(text: str) -> bytes:
+    """The bytes of an OTLP/JSON ``bytesValue``, as ``base64.b64decode`` gives them: by
+    pybase64's SIMD decoder (~8x faster, most of a report's reading) when the text is
+    strict base64, as every OTLP/JSON writer makes it, else by the standard library's."""
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return base64.b64decode(text)
+
+
 def encode_u32(values: np.ndarray) -> bytes:
     return np.ascontiguousarray(values, dtype=U32).tobytes()
 
 
 def decode_u32(data: Union[bytes, str]) -> np.ndarray:
     if isinstance(data, str):
-        data = base64.b64decode(data)
+        data = b64decode(data)
     return np.frombuffer(data, dtype=U32).astype(np.int64)
 
 
@@ -198,7 +210,7 @@ def decode_counts(attributes: dict) -> np.ndarray:
 def decode_array(data: Union[bytes, str], dtype: str, top_k: int) -> np.ndarray:
     """Bytes (or their base64, as OTLP/JSON writes them) -> [tokens, top_k]."""
     if isinstance(data, str):
-        data = base64.b64decode(data)
+        data = b64decode(data)
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(-1, top_k)
 
 

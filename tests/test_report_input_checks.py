@@ -192,3 +192,37 @@ def test_summary_into_a_closed_pipe_is_quiet(tmp_path):
     proc.stdout.close()  # the reader (`| head`) is gone before the first line
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("raw", [b'{"a": [1, 2.5, "x"], "b": {"c": null}}', b'{"a": NaN}', b'[1e400]', b'"\\ud800"',
+                                 b'{"a": 1, "a": 2}', b"12345678901234567890123"])
+def test_lines_read_as_json_loads_reads_them(raw):
+    # msgspec reads what it can; json.loads what it refuses: the same values either way
+    import math
+
+    from otel_moe.report.read import parse_line
+
+    got, want = parse_line(raw), json.loads(raw)
+    assert repr(got) == repr(want) or (isinstance(want, dict) and math.isnan(got["a"]) and math.isnan(want["a"]))
+
+
+@pytest.mark.parametrize("raw", [b'{"a": 1} x', b"{", b""])
+def test_lines_json_loads_refuses_are_refused_with_its_error(raw):
+    from otel_moe.report.read import parse_line
+
+    with pytest.raises(json.JSONDecodeError):
+        parse_line(raw)
+
+
+@pytest.mark.parametrize("text", ["AAECAwQF", "AAEC\nAwQF", "AA EC AwQF", "AAECAw==", "", "AAECAw"])
+def test_base64_reads_as_the_standard_library_reads_it(text):
+    import base64
+    import binascii
+
+    try:
+        want = base64.b64decode(text)
+    except binascii.Error:
+        with pytest.raises(binascii.Error):
+            schema.b64decode(text)
+        return
+    assert schema.b64decode(text) == want

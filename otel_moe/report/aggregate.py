@@ -141,11 +141,14 @@ class LayerStats:
         if self.cooccurrence is not None and ids.shape[1] > 1:
             k = ids.shape[1]
             a, b = np.triu_indices(k, 1)
-            # ids arrive as narrow as the wire keeps them (uint8 up to 256 experts), where lo * e
-            # would wrap: uint16 holds every pair index of up to 256 experts (e * e <= 65536)
-            lo = np.minimum(ids[:, a], ids[:, b]).astype(np.uint16)
-            hi = np.maximum(ids[:, a], ids[:, b]).astype(np.uint16)
-            pairs = (lo * e + hi).ravel()
+            # Each pair of a token's ids as they come (x, y) -> x * e + y; flush_pairs folds
+            # (x, y) and (y, x) together, so no min/max here. ids arrive as narrow as the wire
+            # keeps them (uint8 up to 256 experts), where x * e would wrap: uint16 holds every
+            # pair index of up to 256 experts (e * e <= 65536).
+            pairs = ids[:, a].astype(np.uint16)
+            pairs *= e
+            np.add(pairs, ids[:, b], out=pairs, casting="unsafe")  # ids < e: JSONL's int64 ones too
+            pairs = pairs.ravel()
             self._pairs.append(pairs)
             self._pairs_len += len(pairs)
             if self._pairs_len >= PAIR_BUFFER:
@@ -154,7 +157,9 @@ class LayerStats:
     def flush_pairs(self) -> None:
         if self._pairs and self.cooccurrence is not None:
             e = self.num_experts
-            self.cooccurrence += np.bincount(np.concatenate(self._pairs), minlength=e * e).reshape(e, e)
+            ordered = np.bincount(np.concatenate(self._pairs), minlength=e * e).reshape(e, e)
+            # {x, y} in the upper triangle (x < y); a token that repeats an id keeps it on the diagonal
+            self.cooccurrence += np.triu(ordered + ordered.T, 1) + np.diag(np.diag(ordered))
         self._pairs, self._pairs_len = [], 0
 
 

@@ -4,7 +4,6 @@ record is checked (``validate``) and a bad one skipped and counted by reason."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable, Iterator, Optional
 
@@ -61,6 +60,9 @@ class Latency:
     queue_s: Optional[float]
     completion_tokens: Optional[int]
     trace_id: str = ""  # the request's trace (otel-moe's moe.request is in it too, when sampled)
+
+
+READ_BUFFER = 1 << 20  # a collector's lines are megabytes: fewer, larger reads than the default 8 KiB
 
 
 def input_files(paths: list[str]) -> list[str]:
@@ -207,12 +209,12 @@ def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] =
     metrics = MetricsDeltas(stats)
     for file in input_files(paths):
         jsonl: Optional[JsonlSteps] = None
-        with open(file, "rb") as f:
+        with open(file, "rb", buffering=READ_BUFFER) as f:
             for raw in f:
                 on_bytes(len(raw))
                 stats.lines += 1
                 try:
-                    item = json.loads(raw)
+                    item = read.parse_line(raw)
                 except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
                     stats.bad_lines += 1
                     continue
