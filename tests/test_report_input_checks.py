@@ -226,3 +226,19 @@ def test_base64_reads_as_the_standard_library_reads_it(text):
             schema.b64decode(text)
         return
     assert schema.b64decode(text) == want
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_file_lines_are_the_lines_iterating_the_file_gives(tmp_path, monkeypatch, chunk):
+    # lines longer than a read, ending at a read's edge, empty ones, and a last line without newline
+    from otel_moe.report import read
+
+    monkeypatch.setattr(read, "READ_CHUNK", chunk)
+    data = b'{"a": 1}\n\n' + b"x" * 20 + b"\n" + b"abcdef\n" + b"tail without newline"
+    path = tmp_path / "lines.json"
+    for content in (data, data + b"\n", b"", b"\n", b"one"):
+        path.write_bytes(content)
+        with open(path, "rb") as f:
+            got = [bytes(line) for line in read.file_lines(f)]
+        with open(path, "rb") as f:
+            assert got == list(f)

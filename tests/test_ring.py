@@ -210,6 +210,14 @@ def test_with_ids_kept_the_forward_only_writes_and_each_counted_step_adds_its_re
     forward(5)  # a dummy run between steps
     assert torch.equal(buffers.counts[:, :num_experts].cpu(), expected)
     assert int(buffers.counts[:, num_experts].sum()) == 0 and int(expected.sum()) == (4 + 1 + 6) * 3 * 2
+    # a layer no router writes (a monolithic MoE kernel): its rows count in the spare column
+    # (at exactly 256 experts uint8's fill, 255, is an expert) and never past the counters
+    unwritten = RoutingBuffers([0, 3], max_tokens=6, top_k=2, num_experts=num_experts, device=device)
+    unwritten.enable_counts()
+    unwritten.ids_writer(0)(torch.zeros((6, 2), dtype=torch.int64, device=device))
+    unwritten.count_rows(6)
+    fill = min(num_experts, 255 if num_experts <= 256 else 32767)
+    assert unwritten.counts[0, 0] == 12 and unwritten.counts[1, fill] == 12 and int(unwritten.counts.sum()) == 24
     buffers.restart_counts()
     assert int(buffers.counts.sum()) == 0
 

@@ -62,9 +62,6 @@ class Latency:
     trace_id: str = ""  # the request's trace (otel-moe's moe.request is in it too, when sampled)
 
 
-READ_BUFFER = 1 << 20  # a collector's lines are megabytes: fewer, larger reads than the default 8 KiB
-
-
 def input_files(paths: list[str]) -> list[str]:
     files = []
     for path in paths:
@@ -209,8 +206,8 @@ def stream(paths: list[str], stats: LineStats, on_bytes: Callable[[int], None] =
     metrics = MetricsDeltas(stats)
     for file in input_files(paths):
         jsonl: Optional[JsonlSteps] = None
-        with open(file, "rb", buffering=READ_BUFFER) as f:
-            for raw in f:
+        with open(file, "rb") as f:
+            for raw in read.file_lines(f):
                 on_bytes(len(raw))
                 stats.lines += 1
                 try:

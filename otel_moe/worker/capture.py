@@ -41,8 +41,8 @@ Invariants:
         nothing.
       - with ``ids`` (live control, which may switch between the forms): the forward
         writes the ids alone, and the engine thread adds a counted step's real rows
-        to the counters after its forward (``count_rows``: a few kernels a step, on
-        the same stream). A layer's forward is then tokens mode's two copies,
+        to the counters after its forward (``count_rows``: three kernels a step, on
+        the same stream; an id no router wrote goes to the last column). A layer's forward is then tokens mode's two copies,
         recording or paused: counting in it would add ~3 kernels to every layer of
         every step CUDA graphs replay, paused steps included.
 """
@@ -119,7 +119,11 @@ class RoutingBuffers:
         if self.real_tokens is not None:
             return
         n = min(num_tokens, self.max_tokens)
-        columns = torch.add(self.ids[:n], self._column_of_layer).view(-1)  # two torch calls a step
+        # A row no router wrote holds not_captured(): clamped into the spare column, as an index
+        # out of range would stop the engine on a GPU (a device assert). (At exactly 256 experts
+        # uint8's 255 is an expert: layers_never_written tells.)
+        ids = self.ids[:n].clamp(0, min(self.num_experts, not_captured(self.ids.dtype)))
+        columns = torch.add(ids, self._column_of_layer).view(-1)  # int32, from uint8 or int16
         self.counts.view(-1).index_add_(0, columns, self._ones[: columns.numel()])
 
     def restart_counts(self) -> None:
