@@ -148,11 +148,14 @@ class LayerStats:
             pairs = ids[:, a].astype(np.uint16)
             pairs *= e
             np.add(pairs, ids[:, b], out=pairs, casting="unsafe")  # ids < e: JSONL's int64 ones too
-            pairs = pairs.ravel()
-            self._pairs.append(pairs)
-            self._pairs_len += len(pairs)
-            if self._pairs_len >= PAIR_BUFFER:
-                self.flush_pairs()
+            self.add_pairs(pairs.ravel())
+
+    def add_pairs(self, pairs: np.ndarray) -> None:
+        """Pair indices x * e + y of a step's tokens, counted when enough have come."""
+        self._pairs.append(pairs)
+        self._pairs_len += len(pairs)
+        if self._pairs_len >= PAIR_BUFFER:
+            self.flush_pairs()
 
     def flush_pairs(self) -> None:
         if self._pairs and self.cooccurrence is not None:
@@ -175,6 +178,15 @@ def position_rows(prefill: np.ndarray, positions: np.ndarray) -> np.ndarray:
     power-of-two bucket."""
     bucket = np.minimum(np.frexp(positions.astype(np.float64))[1], POSITION_BUCKETS - 1)
     return (np.where(prefill, 0, POSITION_BUCKETS) + bucket).astype(np.int64)
+
+
+def _weight_histograms(values: np.ndarray) -> np.ndarray:
+    """_weight_histogram of each row of values [L, n] -> [L, WEIGHT_BINS]."""
+    index = (values * np.float64(WEIGHT_BINS_PER_UNIT)).astype(np.int64)
+    np.minimum(index, WEIGHT_BINS - 1, out=index)
+    np.maximum(index, 0, out=index)
+    index += np.arange(len(values))[:, None] * WEIGHT_BINS
+    return np.bincount(index.ravel(), minlength=len(values) * WEIGHT_BINS).reshape(len(values), WEIGHT_BINS)
 
 
 def _weight_histogram(values: np.ndarray) -> np.ndarray:
@@ -304,6 +316,61 @@ class RunStats:
                 self.routing.add(request_rows, layer, e, per_request)
         acc = self._step_counts.get(layer)
         self._step_counts[layer] = counts.astype(np.int64) if acc is None else acc + counts
+
+    def add_token_layers(self, layers: list[int], num_experts: int, counts: list[np.ndarray], ids: np.ndarray,
+                         weights: np.ndarray, request_rows: Optional[np.ndarray], request_of: np.ndarray,
+                         prefill: np.ndarray, positions: np.ndarray, num_tokens: int) -> bool:
+        """``add_layer`` for every layer of a step at once, where every layer routed the same
+        tokens (ids, weights: [L, n, K]): one set of array operations for all of them, where
+        a layer at a time costs more in calls than in counting. False (nothing added) where a
+        layer's statistics are wider than ``num_experts``: add them a layer at a time."""
+        stats = [self.layer(layer, num_experts) for layer in layers]
+        if any(s.num_experts != num_experts for s in stats):
+            return False
+        L, n, k = ids.shape
+        e = num_experts
+        self.modes.add("tokens")
+        self.top_k = max(self.top_k, k)
+        if self._rows_of[0] is not positions:
+            self._rows_of = (positions, position_rows(prefill, positions))
+        rows = self._rows_of[1]
+        layer_of = np.arange(L)[:, None, None]
+        shape = stats[0].by_position.shape
+        by_position = np.bincount(((layer_of * (2 * POSITION_BUCKETS) + rows[None, :, None]) * e + ids).ravel(),
+                                  minlength=L * stats[0].by_position.size).reshape(L, *shape)
+        by_rank = np.ascontiguousarray(weights.transpose(2, 0, 1), dtype=np.float32).reshape(k, L * n)
+        top1, total = by_rank.max(axis=0).reshape(L, n), by_rank.sum(axis=0).reshape(L, n)
+        top1_sums, total_sums = top1.sum(axis=1).tolist(), total.sum(axis=1).tolist()
+        top1_hist, total_hist = _weight_histograms(top1), _weight_histograms(total)
+        pairs = None
+        if k > 1 and all(s.cooccurrence is not None for s in stats):
+            a, b = _pairs_of(k)
+            pairs = ids[:, :, a].astype(np.uint16)  # as add_tokens makes them, every layer's at once
+            pairs *= e
+            np.add(pairs, ids[:, :, b], out=pairs, casting="unsafe")
+            pairs = pairs.reshape(L, -1)
+        per_request = None
+        if request_rows is not None and len(request_rows):
+            r = len(request_rows)
+            per_request = np.bincount(((layer_of * r + request_of[None, :, None]) * e + ids).ravel(),
+                                      minlength=L * r * e).reshape(L, r, e)
+        for i, (layer, s, c) in enumerate(zip(layers, stats, counts)):
+            s.counts[: len(c)] += c
+            s.tokens += num_tokens
+            s.by_position += by_position[i]
+            if n:
+                s.top1_weight_sum += top1_sums[i]
+                s.weight_sum += total_sums[i]
+                s.weighted_tokens += n
+                s.top1_hist += top1_hist[i]
+                s.topk_sum_hist += total_hist[i]
+            if pairs is not None:
+                s.add_pairs(pairs[i])
+            if per_request is not None:
+                self.routing.add(request_rows, layer, e, per_request[i])
+            acc = self._step_counts.get(layer)
+            self._step_counts[layer] = c.astype(np.int64) if acc is None else acc + c
+        return True
 
     def request_rows(self, request_ids: list) -> np.ndarray:
         """Each request's row in self.routing (-1: not kept), once per step for all its layers."""

@@ -88,9 +88,28 @@ def _add_step(run: RunStats, step: StepRouting) -> None:
         run.begin_step(step.step, step.layers[0].num_tokens)
     run.add_request_tokens(step.request_ids, step.request_tokens, step.prefill_tokens)
     rows = run.request_rows(step.request_ids) if any(lb.request_of is not None for lb in step.layers) else None
+    if _same_tokens(step.layers) and run.add_token_layers(
+            [lb.layer for lb in step.layers], step.layers[0].num_experts, [lb.counts for lb in step.layers],
+            np.stack([lb.ids for lb in step.layers]), np.stack([lb.weights for lb in step.layers]), rows,
+            step.layers[0].request_of, step.layers[0].prefill, step.layers[0].positions, step.layers[0].num_tokens):
+        return
     for lb in step.layers:
         run.add_layer(lb.layer, lb.num_experts, lb.counts, lb.ids, lb.weights, rows if lb.request_of is not None else None,
                       lb.request_of, lb.prefill, lb.positions, lb.num_tokens)
+
+
+def _same_tokens(layers: list) -> bool:
+    """Every layer of the step routed the same tokens, as a collector's step span lays them
+    out (one request_of, positions and phase for all): RunStats can add them at once."""
+    if len(layers) < 2:
+        return False
+    first = layers[0]
+    if first.ids is None or first.weights is None or first.request_of is None or first.positions is None:
+        return False
+    return all(lb.ids is not None and lb.weights is not None and lb.ids.shape == first.ids.shape
+               and lb.ids.dtype == first.ids.dtype and lb.weights.shape == first.ids.shape
+               and lb.num_experts == first.num_experts and lb.request_of is first.request_of
+               and lb.positions is first.positions and lb.prefill is first.prefill for lb in layers)
 
 
 def _attach_latencies(runs: dict[str, RunStats], latencies: list[Latency], stats: LineStats) -> None:
