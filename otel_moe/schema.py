@@ -153,10 +153,11 @@ def decode_ids(data: Union[bytes, str], dtype: str, top_k: int) -> np.ndarray:
 
 
 def decode_weights(data: Union[bytes, str], dtype: str, top_k: int) -> np.ndarray:
-    """-> float32 [tokens, top_k], whichever dtype they were sent in."""
+    """-> [tokens, top_k] in the dtype they were sent in (float16 or float32: every float16
+    is a float32, so readers widen where they compute, and a step's weights stay half the size)."""
     if dtype not in READABLE_WEIGHTS_DTYPES:
         raise ValueError(f"expert weights dtype {dtype!r} is not one of {READABLE_WEIGHTS_DTYPES}")
-    return decode_array(data, dtype, top_k).astype(np.float32)
+    return decode_array(data, dtype, top_k)
 
 
 def encode_request_ids(ids: list[str]) -> Union[str, list[str]]:

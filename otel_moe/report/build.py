@@ -7,9 +7,10 @@ import numpy as np
 
 from otel_moe.report import analyses
 from otel_moe.report.aggregate import RunStats
-from otel_moe.report.inputs import Latency, MetricsWindow, RequestTally, StepRouting, input_files, stream, unexpected
+from otel_moe.report.inputs import Latency, MetricsWindow, RequestTally, StepRouting, input_files, unexpected
 from otel_moe.report.profile import ProfileJoin
 from otel_moe.report.read import LineStats, SchemaError
+from otel_moe.report.reader_process import read_items
 
 SUMMARY_SCHEMA = "otel-moe-report/2"
 
@@ -27,7 +28,7 @@ def aggregate(paths: list[str], stats: LineStats, on_bytes: Optional[Callable[[i
     windows: list[StepRouting] = []
     tallies: list[RequestTally] = []
     found: set[str] = set()
-    for item in stream(paths, stats, on_bytes=on_bytes or (lambda n: None)):
+    for item in read_items(paths, stats, on_bytes=on_bytes or (lambda n: None)):
         if isinstance(item, Latency):
             latencies.append(item)
             continue
