@@ -27,8 +27,12 @@ def steps(num_experts: int, top_k: int, layers: int, seed: int):
 def test_a_step_s_layers_at_once_add_what_they_add_one_by_one(num_experts, top_k):
     layers = [0, 2, 5]
     at_once, one_by_one = RunStats(), RunStats()
+    imbalance = {layer: ([], []) for layer in layers}  # each step's max / mean and std / mean, a layer at a time
     for step, request_ids, tokens, request_of, positions, prefill, ids, weights in steps(num_experts, top_k, 3, num_experts):
         counts = [np.bincount(i.ravel().astype(np.int64), minlength=num_experts) for i in ids]
+        for layer, c in zip(layers, counts):
+            imbalance[layer][0].append(float(c.max() / c.mean()))
+            imbalance[layer][1].append(float(c.std() / c.mean()))
         for run in (at_once, one_by_one):
             run.begin_step(step, len(request_of))
             run.add_request_tokens(request_ids, tokens, np.zeros(len(tokens), np.int64))
@@ -50,7 +54,8 @@ def test_a_step_s_layers_at_once_add_what_they_add_one_by_one(num_experts, top_k
             assert np.array_equal(a.cooccurrence, b.cooccurrence) and a.cooccurrence.sum() > 0
         assert (a.tokens, a.weighted_tokens, a.top1_weight_sum, a.weight_sum) == (b.tokens, b.weighted_tokens,
                                                                                   b.top1_weight_sum, b.weight_sum)
-        assert a.max_over_mean.y == b.max_over_mean.y and a.cv.y == b.cv.y
+        assert a.max_over_mean.y == b.max_over_mean.y == imbalance[layer][0]
+        assert a.cv.y == b.cv.y == imbalance[layer][1]
         assert a.counts.sum() == a.tokens * top_k and a.by_position.sum() == a.tokens * top_k
     assert np.array_equal(at_once.routing.counts, one_by_one.routing.counts) and at_once.routing.counts.sum() > 0
     assert at_once.top_k == one_by_one.top_k == top_k and at_once.modes == one_by_one.modes == {"tokens"}

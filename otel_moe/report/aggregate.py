@@ -391,13 +391,19 @@ class RunStats:
 
     def flush_step(self) -> None:
         values = {}
-        for layer, counts in self._step_counts.items():
-            mean = counts.mean()
+        layers = list(self._step_counts)
+        if len({len(c) for c in self._step_counts.values()}) == 1:  # every layer's at once, row by row as below
+            table = np.stack(list(self._step_counts.values()))
+            means, maxes, stds = table.mean(axis=1).tolist(), table.max(axis=1).tolist(), table.std(axis=1).tolist()
+        else:
+            counts = list(self._step_counts.values())
+            means, maxes, stds = [c.mean() for c in counts], [c.max() for c in counts], [c.std() for c in counts]
+        for layer, mean, most, std in zip(layers, means, maxes, stds):
             if mean > 0:
                 stats = self.layers[layer]
-                values[layer] = float(counts.max() / mean)
+                values[layer] = float(most / mean)
                 stats.max_over_mean.add(self._step_key, values[layer])
-                stats.cv.add(self._step_key, float(counts.std() / mean))
+                stats.cv.add(self._step_key, float(std / mean))
         if self._step_counts:
             self.grid.add(self._step_key, self._step_tokens, values)
         self._step_counts = {}
