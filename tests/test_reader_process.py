@@ -72,3 +72,23 @@ def test_a_consumer_that_stops_early_leaves_no_reader(tmp_path, monkeypatch):
     assert [p.name for p in multiprocessing.active_children()] == ["otel-moe-report-reader"]
     items.close()
     assert multiprocessing.active_children() == []
+
+
+def test_a_process_running_other_threads_reads_in_place(tmp_path, monkeypatch):
+    # forking a process with threads may copy a held lock into the child: read in place
+    import multiprocessing
+    import threading
+
+    folder = _inputs(tmp_path)
+    monkeypatch.setattr(reader_process, "PIPELINE_MIN_BYTES", 0)
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        items = reader_process.read_items([str(folder)], LineStats())
+        next(items)
+        assert multiprocessing.active_children() == []
+        items.close()
+    finally:
+        release.set()
+        other.join()

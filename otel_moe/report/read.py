@@ -95,9 +95,6 @@ class StepSpan:
                 }
 
 
-_decode_json = msgspec.json.Decoder().decode
-
-
 READ_CHUNK = 16 << 20
 
 
@@ -127,6 +124,9 @@ def file_lines(f: BinaryIO) -> Iterator[memoryview]:
             else:
                 yield view[start:end + 1]
             start = end + 1
+
+
+_decode_json = msgspec.json.Decoder().decode
 
 
 def parse_line(raw):

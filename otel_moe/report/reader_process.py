@@ -1,15 +1,17 @@
 """The report's input read in a second process: parsing the JSON lines and decoding
 their arrays (a third of the report's CPU on a collector's files) runs beside the
 aggregation, which stays in one process and takes the items in the input's order, so
-the result is the same as reading in place. The pipe between them holds at most one
-message, so a slow aggregation holds the reader back: memory stays bounded.
+the result is the same as reading in place. The pipe between them holds ~1 MiB (about
+a step), so a slow aggregation holds the reader back: memory stays bounded.
 
 Inputs under PIPELINE_MIN_BYTES are read in place (a process costs more than it saves),
-and so is everything where processes cannot fork."""
+and so is everything where the process cannot fork, or cannot fork safely (it runs
+other threads: a caller's, in a program that builds reports itself)."""
 from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from typing import Callable, Iterator
 
 from otel_moe.report.inputs import StepRouting, input_files, stream
@@ -24,7 +26,7 @@ def read_items(paths: list[str], stats: LineStats, on_bytes: Callable[[int], Non
     """``inputs.stream``'s items, in its order, with its counts added to ``stats`` and its
     errors raised here."""
     files = input_files(paths)  # a missing input fails here, before any process starts
-    if (sum(os.path.getsize(f) for f in files) < PIPELINE_MIN_BYTES
+    if (sum(os.path.getsize(f) for f in files) < PIPELINE_MIN_BYTES or threading.active_count() > 1
             or "fork" not in multiprocessing.get_all_start_methods()):
         yield from stream(paths, stats, on_bytes)
         return

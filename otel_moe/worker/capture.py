@@ -42,9 +42,10 @@ Invariants:
       - with ``ids`` (live control, which may switch between the forms): the forward
         writes the ids alone, and the engine thread adds a counted step's real rows
         to the counters after its forward (``count_rows``: three kernels a step, on
-        the same stream; an id no router wrote goes to the last column). A layer's forward is then tokens mode's two copies,
-        recording or paused: counting in it would add ~3 kernels to every layer of
-        every step CUDA graphs replay, paused steps included.
+        the same stream; an id no router wrote goes to the last column). A layer's
+        forward is then tokens mode's two copies, recording or paused: counting in it
+        would add ~3 kernels to every layer of every step CUDA graphs replay, paused
+        steps included.
 """
 from __future__ import annotations
 
